@@ -1,0 +1,31 @@
+# edgevlm set-up and main jobs. Every target creates or reuses the virtual environment in .venv.
+#   make demo   run the whole pipeline on the embedded default (train -> quantize -> export -> run -> bench)
+#   make test   run the default test suite (CPU, a few minutes on 2 cores)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP_EXTRA ?=
+STAMP  := $(VENV)/.edgevlm-installed
+
+.PHONY: demo test test-all venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_EXTRA) -c constraints.txt -e ".[export,bench,dev]"
+	@$(PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgevlm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,7 @@
+"""``python -m edgevlm`` = the ``edgevlm`` command."""
+
+import sys
+
+from edgevlm.cli import main
+
+sys.exit(main())
