@@ -81,7 +81,8 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
     d["edgevlm"] = {"name": cfg.name, "vision_config": asdict(v), "projector_tokens": cfg.projector_tokens,
                     "tokenizer": cfg.tokenizer, "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),
-                    "conv_template": cfg.conv_template}
+                    "conv_template": cfg.conv_template, "llm_name": c.name, "description": cfg.description,
+                    "hf_repo": cfg.hf_repo}
     return d
 
 
@@ -123,7 +124,8 @@ def from_hf_config(d: dict[str, Any], ckpt_dir: Path | str = ".", name: str | No
                         rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta") or 10000.0,
                         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                         bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
-                        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0)
+                        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0,
+                        name=d.get("edgevlm", {}).get("llm_name", ""))
     except KeyError as exc:
         raise CheckpointError(f"{ckpt_dir}/config.json lacks the field {exc}; is it a MobileVLM config?") from exc
     projector = str(d.get("mm_projector_type", "ldpnet"))
@@ -144,7 +146,8 @@ def from_hf_config(d: dict[str, Any], ckpt_dir: Path | str = ".", name: str | No
                       projector_type=projector, projector_tokens=ext.get("projector_tokens"),
                       image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
                       conv_template=ext.get("conv_template", "vicuna_v1"),
-                      tokenizer=ext.get("tokenizer", "llama"), **kwargs)
+                      tokenizer=ext.get("tokenizer", "llama"), description=ext.get("description", ""),
+                      hf_repo=ext.get("hf_repo", ""), **kwargs)
     return cfg
 
 
@@ -204,7 +207,8 @@ def _materialize_buffers(model: MobileVLM) -> None:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     llama = model.llm.model
-    llama.rotary_emb = LlamaRotaryEmbedding(config=model.llm.config, device="cpu")
+    with torch.device("cpu"):
+        llama.rotary_emb = LlamaRotaryEmbedding(config=model.llm.config)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta and name.endswith("position_ids"):
             owner = model.get_submodule(name.rsplit(".", 1)[0])
