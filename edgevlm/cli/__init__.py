@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
+import inspect as _pyinspect  # aliased: the `inspect` command module would shadow the name
 import logging
 import os
 import pkgutil
@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser"]
 
 def _doc_parts(fn: Callable) -> tuple[str, str, dict[str, str]]:
     """(summary, long description, {param: help}) from a Google-style docstring."""
-    doc = inspect.getdoc(fn) or ""
+    doc = _pyinspect.getdoc(fn) or ""
     lines = doc.splitlines()
     summary = lines[0] if lines else ""
     body: list[str] = []
@@ -71,10 +71,10 @@ def _unwrap_optional(tp: Any) -> Any:
 def _add_function(sub: argparse.ArgumentParser, fn: Callable) -> None:
     _, _, helps = _doc_parts(fn)
     hints = typing.get_type_hints(fn)
-    for name, param in inspect.signature(fn).parameters.items():
+    for name, param in _pyinspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints.get(name, str))
         flag = "--" + name.replace("_", "-")
-        required = param.default is inspect.Parameter.empty
+        required = param.default is _pyinspect.Parameter.empty
         default = None if required else param.default
         help_text = helps.get(name, "")
         if not required and default not in (None, False, [], ()):
