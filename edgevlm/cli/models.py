@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from edgevlm.config import format_count, get_model_config, model_names
 
@@ -35,13 +36,13 @@ def models(json_output: bool = False) -> None:
     table = Table(title="edgevlm models")
     for col in ("name", "params", "vision", "projector", "LLM", "visual tokens", "image", "LLM dims (d x L, heads, ffn)",
                 "context"):
-        table.add_column(col, justify="left" if col == "name" else "right")
+        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=col == "name")
     for r in rows:
         table.add_row(r["name"], format_count(r["params"]), format_count(r["params_vision"]),
                       f"{r['projector']} ({format_count(r['params_projector'])})", format_count(r["params_llm"]),
                       str(r["visual_tokens"]), f"{r['image_size']}px",
                       f"{r['llm_hidden']} x {r['llm_layers']}, {r['llm_heads']}h, {r['llm_ffn']}", str(r["context"]))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 COMMANDS = {"models": models}
