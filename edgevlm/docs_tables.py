@@ -63,8 +63,8 @@ GENERATORS: dict[str, Callable[[], str]] = {"models-table": models_table, "targe
 
 def render(text: str) -> str:
     for name, gen in GENERATORS.items():
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + gen() + m.group(2), text)
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + gen() + "\n" + m.group(2), text)
     return text
 
 
