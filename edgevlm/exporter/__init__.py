@@ -1,0 +1,1 @@
+"""Export to ONNX bundles: component specs, torch->ONNX, parity validation, TensorRT compatibility, build plans and engines."""
