@@ -32,10 +32,8 @@ def models_table() -> str:
 
 
 def targets_table() -> str:
-    try:
-        from edgevlm.targets import get_target, target_names
-    except ImportError:
-        return "_(target registry not available)_"
+    from edgevlm.targets import get_target, target_names
+
     rows = ["| target | kind | memory | compute capability | JetPack / TensorRT | precisions | DLA | default recipe |",
             "|---|---|---|---|---|---|---|---|"]
     for name in target_names():
@@ -50,11 +48,23 @@ def targets_table() -> str:
 
 
 def precisions_table() -> str:
-    try:
-        from edgevlm.quant.presets import precision_table_rows
-    except ImportError:
-        return "_(precision presets not available)_"
-    return precision_table_rows()
+    from edgevlm.errors import EdgeVLMError
+    from edgevlm.targets import PRECISION_PRESETS, get_target, target_names
+
+    def supported(target: str, preset: str) -> bool:
+        try:
+            get_target(target).recipe(preset)
+        except EdgeVLMError:
+            return False
+        return True
+
+    rows = ["| preset | vision + projector | embedding | decoder | lm_head | targets that support it |",
+            "|---|---|---|---|---|---|"]
+    for name, comp in PRECISION_PRESETS.items():
+        ok = [t for t in target_names() if supported(t, name)]
+        rows.append(f"| `{name}` | {comp['vision']} | {comp['embedding']} | {comp['decoder']} | {comp['lm_head']} | "
+                    f"{len(ok)} of {len(target_names())} |")
+    return "\n".join(rows)
 
 
 GENERATORS: dict[str, Callable[[], str]] = {"models-table": models_table, "targets-table": targets_table,
