@@ -1,0 +1,121 @@
+"""``edgevlm export``: a model (checkpoint or random init) -> a validated ONNX bundle (vision + embed + decoder).
+
+    edgevlm export --model tiny-ldpnetv2 --random-init --out out/tiny          # seconds
+    edgevlm export --model mobilevlm-1.7b --random-init --out out/mvlm17       # minutes, ~7 GB of fp32 weights
+    edgevlm export --checkpoint runs/ft/checkpoint --target jetson-orin-nano --out out/ft-orin
+
+This module imports nothing heavy; torch / onnx load when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def default_out(model: str | None, checkpoint: str | None, random_init: bool, target: str, precision: str) -> Path:
+    """``bundles/{model}[-random-init]-{target}-{precision}`` (a name that cannot hide that the weights are random)."""
+    name = model or (Path(checkpoint).resolve().name if checkpoint else "model")
+    parts = [name] + (["random-init"] if random_init else []) + [target, precision]
+    return Path("bundles") / re.sub(r"[^A-Za-z0-9._@+-]+", "_", "-".join(parts))
+
+
+def export(model: str | None = None, checkpoint: str | None = None, random_init: bool = False,
+           out: str | None = None, target: str = "cpu", precision: str = "fp32", opset: int = 20,
+           overwrite: bool = False, skip_parity: bool = False, seed: int = 0, json_output: bool = False) -> int:
+    """Export a model to an ONNX bundle and validate it against PyTorch with ONNX Runtime.
+
+    Writes vision.onnx (pixel values -> image embeddings), embed_tokens.npy (token embedding table),
+    decoder.onnx (inputs_embeds + KV cache -> last-position logits + presents), the tokenizer and manifest.json,
+    atomically: an export that fails (or is interrupted) leaves nothing at --out. Exactly one of --checkpoint and
+    --random-init is required; random-init bundles carry a stand-in tokenizer and are for latency / memory work.
+
+    Args:
+        model: registry name (see `edgevlm models`); optional with --checkpoint (checked against it when given).
+        checkpoint: MobileVLM checkpoint directory (config.json, safetensors, tokenizer files).
+        random_init: random weights (seeded by --seed) instead of a checkpoint.
+        out: bundle directory (default: bundles/{model}[-random-init]-{target}-{precision}).
+        target: target profile (see `edgevlm targets`); TensorRT targets get the standard-ops / opset check.
+        precision: fp32 or fp16 (per component: "fp16,vision=fp32"); int8 / int4 come with quantization.
+        opset: ONNX opset (TensorRT 10.x / JetPack 6 parses <= 20).
+        overwrite: replace an existing bundle at --out.
+        skip_parity: do not validate the graphs against PyTorch (faster; the manifest says so).
+        seed: seed of the random weights, the stand-in tokenizer and the parity inputs.
+        json_output: print the result as one JSON line instead of a summary.
+    """
+    from edgevlm.errors import ConfigError
+
+    if (checkpoint is None) == (not random_init):
+        raise ConfigError("pass exactly one of --checkpoint DIR (trained weights) and --random-init (random weights "
+                          "for latency and memory work)" + ("; got both" if checkpoint and random_init else ""))
+    if random_init and not model:
+        raise ConfigError("--random-init needs --model NAME (see `edgevlm models`)")
+    if model:
+        from edgevlm.config import get_model_config
+
+        get_model_config(model)                           # unknown name -> ConfigError listing the known ones
+    from edgevlm.targets import get_target
+
+    tgt = get_target(target)
+    out_path = Path(out) if out else default_out(model, checkpoint, random_init, tgt.label, precision)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgevlm.exporter.bundle_export import STAGES, export_bundle
+
+    console = Console(stderr=json_output)
+    label = " [bold red](random-init)[/]" if random_init else ""
+    console.print(f"exporting [bold]{model or checkpoint}[/]{label} for [bold]{tgt.label}[/] ({precision}, opset "
+                  f"{opset}) -> {out_path}")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=len(STAGES))
+
+        def progress(stage: str, event: str, seconds: float | None) -> None:
+            name = STAGES.get(stage, stage)
+            if event == "start":
+                bar.update(task, description=name)
+            elif event == "done":
+                bar.console.print(f"  [green]done[/] {name:<24} {seconds:7.1f} s")
+                bar.advance(task)
+            else:
+                bar.console.print(f"  [dim]skip {name}[/]")
+                bar.advance(task)
+
+        path = export_bundle(model, out_path, checkpoint=checkpoint, random_init=random_init, target=tgt,
+                             precision=precision, opset=opset, overwrite=overwrite, parity=not skip_parity,
+                             seed=seed, progress=progress)
+
+    from edgevlm.bundle import read_bundle
+
+    b = read_bundle(path, verify_hashes=False)
+    m = b.manifest
+    par = {n: c.get("parity", {}) for n, c in m["components"].items() if "parity" in c}
+    summary = {"bundle": str(path), "model": m["model"]["name"], "random_init": b.random_init,
+               "target": m["target"]["label"], "precision": m["precision"], "size_bytes": b.total_size,
+               "tokenizer_stand_in": bool(m["tokenizer"].get("stand_in")),
+               "parity": {n: None if p.get("skipped") else {"max_abs_diff": p["max_abs_diff"], "cosine": p["cosine"]}
+                          for n, p in par.items()},
+               "timings_s": m["export"]["timings_s"], "peak_rss_bytes": m["export"]["peak_rss_bytes"]}
+    if json_output:
+        print(json.dumps(summary))
+        return 0
+    tag = " [bold red]RANDOM-INIT (random weights, stand-in tokenizer: latency/memory work only)[/]" \
+        if b.random_init else ""
+    console.print(f"[bold green]bundle written[/]: {path} ({b.total_size / 2**20:.1f} MiB){tag}")
+    for n, p in par.items():
+        if p.get("skipped"):
+            console.print(f"  parity {n:<8} skipped")
+        else:
+            console.print(f"  parity {n:<8} max |diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.1e}), "
+                          f"cosine {p['cosine']:.7f}")
+    console.print(f"  total {m['export']['timings_s'].get('total', 0):.1f} s, peak RSS "
+                  f"{m['export']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    sys.stdout.flush()
+    return 0
+
+
+COMMANDS = {"export": export}

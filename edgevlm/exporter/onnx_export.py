@@ -1,0 +1,459 @@
+"""torch -> ONNX for the bundle's graphs (``torch.onnx.export(dynamo=True)``), plus reading facts back from a graph.
+
+* ``export_vision``: ``MobileVLM.encode_images`` (CLIP tower + projector) -> ``vision.onnx`` (dynamic batch).
+* ``export_decoder``: ``LlamaForCausalLM`` with explicit flat past KV (Optimum naming, see ``spec.decoder_spec``),
+  last-position logits only (``logits_to_keep=1``: a prefill never computes seq x vocab logits), dynamic
+  batch / seq / past_seq. Traced with every dynamic dim >= 2 (torch.export specializes 0 and 1); the graph still
+  runs with past_seq = 0 and seq = 1 (checked by the tests).
+* ``save_embed_table``: the ``[vocab, D]`` token-embedding table as ``.npy`` (the runtime memory-maps and gathers).
+
+After saving, each graph is post-processed in place (graph proto only; weights stay in the external data file):
+graph I/O dims are renamed to the spec's symbolic names and checked (a dim the spec wants dynamic but the exporter
+specialized raises ``ExportError``), and non-finite constants (``-inf`` masks; TensorRT fp16 needs finite ones) are
+replaced by the dtype's finite extreme. ``graph_io`` / ``op_histogram`` / ``external_data_files`` read the facts the
+manifest records, from the saved file, without loading the weights.
+
+    >>> export_vision(model, "out/vision.onnx", opset=20)     # + out/vision.onnx.data
+    >>> export_decoder(model, "out/decoder.onnx", opset=20)   # + out/decoder.onnx.data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from edgevlm.errors import ConfigError, ExportError
+from edgevlm.exporter import spec as S
+
+log = logging.getLogger(__name__)
+
+#: ONNX domains that are standard (not contrib ops).
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16", 17: "float8e4m3fn",
+                21: "uint4", 22: "int4"}
+
+
+# ---- torch modules that define the graphs -----------------------------------------------------------------------
+def _wrappers():
+    """Module classes, defined lazily so that importing this module does not import torch."""
+    import torch
+    from transformers import DynamicCache
+
+    class VisionEncoder(torch.nn.Module):
+        """``pixel_values [B, 3, S, S]`` -> ``image_embeds [B, V, D]`` (``MobileVLM.encode_images``)."""
+
+        def __init__(self, vlm) -> None:
+            super().__init__()
+            self.vlm = vlm
+
+        def forward(self, pixel_values):
+            return self.vlm.encode_images(pixel_values)                          # [B, V, D]
+
+    class DecoderWithPast(torch.nn.Module):
+        """Flat-tensor decoder step: (embeds, mask, positions, past) -> (last logits, presents)."""
+
+        def __init__(self, llm) -> None:
+            super().__init__()
+            self.llm = llm
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+            cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past_key_values], config=self.llm.config)
+            out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)  # logits [B, 1, vocab]
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]                           # [B, H_kv, past + seq, hd]
+            return (out.logits, *presents)
+
+    return VisionEncoder, DecoderWithPast
+
+
+def decoder_module(model):
+    """The ``DecoderWithPast`` wrapper around ``model.llm`` (eval, shares the weights)."""
+    return _wrappers()[1](model.llm).eval()
+
+
+def vision_module(model):
+    return _wrappers()[0](model).eval()
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (torchvision op registration, axis-rename notes, pytree FutureWarnings)."""
+    names = ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._onnx_program",
+             "torch.onnx", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r".*TracerWarning.*")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def release_exporter_state() -> int:
+    """Drop the references onnxscript's rewriter keeps to the last graph it matched.
+
+    The module-level rewrite rules (``onnxscript.rewriter.rules.*``) store the graph, the current node and the last
+    match on their matcher (``SimplePatternMatcher._graph`` ...): after an export that graph, and through its
+    initializers every weight of the exported model, stays alive. For a 1.7B model that is 7 GB kept until the next
+    export. Returns the number of matchers reset.
+    """
+    import sys
+
+    reset = 0
+    seen: set[int] = set()
+
+    def clear(rule: Any) -> None:
+        nonlocal reset
+        matcher = getattr(rule, "_matcher", None)
+        if matcher is None or id(matcher) in seen:
+            return
+        seen.add(id(matcher))
+        state = getattr(matcher, "__dict__", {})
+        for attr in ("_graph", "_current_node", "_tracer"):
+            if state.get(attr) is not None:
+                state[attr] = None
+        if "_match" in state:
+            try:
+                state["_match"] = type(state["_match"])()
+            except TypeError:
+                state["_match"] = None
+        reset += 1
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("onnxscript.") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if hasattr(value, "_matcher"):
+                clear(value)
+            elif hasattr(value, "rules") and isinstance(getattr(value, "rules", None), (list, tuple)):
+                for rule in value.rules:
+                    clear(rule)
+            elif isinstance(value, (list, tuple)) and value and hasattr(value[0], "_matcher"):
+                for rule in value:
+                    clear(rule)
+    return reset
+
+
+def _check_model(model) -> None:
+    import torch
+
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise ConfigError(f"export traces a float32 model on the CPU, got {p.dtype} on {p.device}; call "
+                          f"model.float().cpu() first (precision recipes are applied to the exported graphs)")
+
+
+def _export(module, args: tuple, kwargs: dict | None, path: Path, *, dynamic_shapes, input_names: list[str],
+            output_names: list[str], opset: int, external_data: bool, what: str) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                                        input_names=input_names, output_names=output_names, opset_version=opset,
+                                        dynamo=True, external_data=external_data, verbose=False, optimize=True)
+            if program is None:                               # pragma: no cover - dynamo=True always returns one
+                raise ExportError(f"torch.onnx.export returned no program for the {what}")
+            program.save(str(path), external_data=external_data)
+            del program
+    except ExportError:
+        raise
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError, ValueError, TypeError, AssertionError,
+            NotImplementedError, KeyError, AttributeError, IndexError) as exc:
+        # The exporter raises many unrelated types (torch.export / dynamo / onnxscript): report them uniformly.
+        raise ExportError(f"exporting the {what} to ONNX failed ({type(exc).__name__}: {str(exc)[:2000]}). "
+                          f"Re-run with EDGEVLM_TRACEBACK=1 for the full trace; a torch.export failure usually "
+                          f"names the model line it could not trace") from exc
+    finally:
+        release_exporter_state()
+
+
+@dataclass
+class ExportedGraph:
+    """A saved graph and what post-processing did to it (``mask_constants_replaced``, ``mask_value``)."""
+
+    path: Path
+    report: dict[str, Any]
+
+
+def export_vision(model, path: str | os.PathLike, *, opset: int = S.DEFAULT_OPSET, external_data: bool = True,
+                  batch: int = S.EXAMPLE_BATCH) -> "ExportedGraph":
+    """Export ``model.encode_images`` to ``path`` (+ ``path.data``)."""
+    _check_model(model)
+    S.check_opset(opset)
+    cfg = model.cfg
+    spec = S.vision_spec(cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        _export(vision_module(model), S.vision_example_inputs(cfg, batch), None, Path(path),
+                dynamic_shapes=S.vision_dynamic_shapes(), input_names=spec.input_names,
+                output_names=spec.output_names, opset=opset, external_data=external_data, what="vision encoder")
+    finally:
+        model.train(was_training)
+    return ExportedGraph(Path(path), finalize_graph(path, spec))
+
+
+def export_decoder(model, path: str | os.PathLike, *, opset: int = S.DEFAULT_OPSET,
+                   external_data: bool = True) -> "ExportedGraph":
+    """Export the decoder with explicit past KV to ``path`` (+ ``path.data``)."""
+    _check_model(model)
+    S.check_opset(opset)
+    cfg = model.cfg
+    spec = S.decoder_spec(cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        _export(decoder_module(model), (), S.decoder_example_inputs(cfg), Path(path),
+                dynamic_shapes=S.decoder_dynamic_shapes(cfg.llm.num_layers), input_names=spec.input_names,
+                output_names=spec.output_names, opset=opset, external_data=external_data, what="decoder")
+    finally:
+        model.train(was_training)
+    return ExportedGraph(Path(path), finalize_graph(path, spec))
+
+
+def save_embed_table(model, path: str | os.PathLike, dtype: str = "float32") -> dict[str, Any]:
+    """Write the ``[vocab, D]`` token-embedding table as ``.npy``; returns its manifest entry (``spec.embed_entry``)."""
+    import torch
+
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"embedding table dtype '{dtype}' unsupported; use float32 or float16")
+    with torch.no_grad():
+        w = model.llm.get_input_embeddings().weight.detach()
+        arr = w.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
+    entry = S.embed_entry(model.cfg, dtype, path.name)
+    if list(arr.shape) != entry["shape"]:
+        raise ExportError(f"embedding table has shape {list(arr.shape)}, expected {entry['shape']} from the config")
+    return entry
+
+
+# ---- graph facts (no weights loaded) ----------------------------------------------------------------------------
+def _load(path: str | os.PathLike):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _dims(value_info) -> list[int | str]:
+    out: list[int | str] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append("?")
+    return out
+
+
+def _io_entry(value_info) -> dict[str, Any]:
+    et = value_info.type.tensor_type.elem_type
+    return {"name": value_info.name, "dtype": _ONNX_DTYPES.get(et, str(et)), "shape": _dims(value_info)}
+
+
+def graph_io(path_or_model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(inputs, outputs)``: every graph I/O as ``{"name", "dtype", "shape"}`` read back from the ONNX file."""
+    m = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    inits = {i.name for i in m.graph.initializer}
+    return ([_io_entry(v) for v in m.graph.input if v.name not in inits], [_io_entry(v) for v in m.graph.output])
+
+
+def _all_nodes(graph) -> Iterator[Any]:
+    import onnx
+
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def op_histogram(path_or_model) -> dict[str, int]:
+    """``{op: count}`` over all nodes (subgraphs included); non-standard ops are written ``domain::Op``."""
+    m = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    c: Counter[str] = Counter()
+    for n in _all_nodes(m.graph):
+        c[n.op_type if n.domain in STANDARD_DOMAINS else f"{n.domain}::{n.op_type}"] += 1
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def uses_contrib_ops(path_or_model) -> bool:
+    return any("::" in op for op in op_histogram(path_or_model))
+
+
+def opset_of(path_or_model) -> int:
+    m = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    return max((o.version for o in m.opset_import if o.domain in STANDARD_DOMAINS), default=0)
+
+
+def external_data_files(path_or_model) -> list[str]:
+    """Relative locations of the external data files the graph references."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    m = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    files = set()
+    for t in _get_all_tensors(m):
+        if t.data_location == 1:                              # TensorProto.EXTERNAL
+            for kv in t.external_data:
+                if kv.key == "location":
+                    files.add(kv.value)
+    return sorted(files)
+
+
+# ---- post-processing of the saved graph proto -------------------------------------------------------------------
+def _iter_small_float_tensors(m) -> Iterator[Any]:
+    """Inline float tensors of the graph: initializers (not external) and Constant/attribute tensors."""
+    import onnx
+
+    def from_graph(g):
+        for t in g.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                yield t
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from from_graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        yield from from_graph(sub)
+
+    for t in from_graph(m.graph):
+        if t.data_type in (1, 10, 11, 16):                   # float32, float16, float64, bfloat16
+            yield t
+
+
+def nonfinite_constants(path_or_model) -> list[str]:
+    """Names of inline constants holding inf / nan (TensorRT fp16 needs finite mask constants)."""
+    from onnx import numpy_helper
+
+    m = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    bad = []
+    for t in _iter_small_float_tensors(m):
+        if t.data_type == 16:
+            continue
+        a = numpy_helper.to_array(t)
+        if a.size and not np.isfinite(a).all():
+            bad.append(t.name or "<constant>")
+    return bad
+
+
+#: What ``-inf`` / float-lowest mask constants become: finite in fp16 (fp16 lowest + a score would overflow to
+#: -inf), and exp(-1e4) underflows to exactly 0 in fp32 and fp16, so fp32 results do not change.
+MASK_VALUE = -1.0e4
+_EXTREME = 3.0e38                                            # |x| >= this in float32 = finfo.min/max territory
+
+
+def _sanitize_nonfinite(m) -> int:
+    """Replace mask-style constants in inline float tensors: ``-inf`` and float32 lowest (HF's ``finfo.min`` causal
+    mask) become ``MASK_VALUE``; ``+inf`` becomes the dtype's finite max. NaN is an error. Returns the count of
+    tensors changed. (TensorRT fp16: -inf / finfo.min overflow and fully masked rows give NaN.)"""
+    from onnx import numpy_helper
+
+    replaced = 0
+    for t in _iter_small_float_tensors(m):
+        if t.data_type == 16:
+            continue
+        a = numpy_helper.to_array(t)
+        if not a.size:
+            continue
+        neg = np.isneginf(a) | (np.isfinite(a) & (a.astype(np.float64) <= -_EXTREME))
+        pos = np.isposinf(a)
+        if not (neg.any() or pos.any() or np.isnan(a).any()):
+            continue
+        if np.isnan(a).any():
+            raise ExportError(f"the exported graph holds a NaN constant ('{t.name}'); this is an exporter bug, "
+                              f"report it with the model name")
+        fixed = np.where(neg, MASK_VALUE, np.where(pos, np.finfo(a.dtype).max, a)).astype(a.dtype)
+        t.CopyFrom(numpy_helper.from_array(fixed, t.name))
+        replaced += 1
+    return replaced
+
+
+def _apply_spec_dims(m, spec: S.ComponentSpec) -> None:
+    """Rename the graph I/O's symbolic dims to the spec's names; verify names, order, dtypes and static dims."""
+    inits = {i.name for i in m.graph.initializer}
+    graph_inputs = [v for v in m.graph.input if v.name not in inits]
+    for kind, values, specs in (("input", graph_inputs, spec.inputs), ("output", list(m.graph.output), spec.outputs)):
+        names = [v.name for v in values]
+        if names != [t.name for t in specs]:
+            raise ExportError(f"{spec.name}: exported graph {kind}s are {names}, expected {[t.name for t in specs]}")
+        for v, t in zip(values, specs):
+            dt = _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")
+            if dt != t.dtype:
+                raise ExportError(f"{spec.name}: {kind} '{v.name}' is {dt}, expected {t.dtype}")
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) != len(t.shape):
+                raise ExportError(f"{spec.name}: {kind} '{v.name}' has rank {len(dims)}, expected {len(t.shape)}")
+            for d, want in zip(dims, t.shape):
+                if isinstance(want, str):
+                    if d.HasField("dim_value"):
+                        raise ExportError(
+                            f"{spec.name}: {kind} '{v.name}' dim '{want}' was specialized to {d.dim_value} by the "
+                            f"exporter; it must stay dynamic (example inputs need every dynamic dim >= 2)")
+                    d.dim_param = want
+                elif d.HasField("dim_value") and d.dim_value != want:
+                    raise ExportError(f"{spec.name}: {kind} '{v.name}' has a dim {d.dim_value}, expected {want}")
+                elif not d.HasField("dim_value"):
+                    d.dim_value = want
+
+
+def finalize_graph(path: str | os.PathLike, spec: S.ComponentSpec) -> dict[str, Any]:
+    """Normalize a saved graph in place: I/O dims to the spec, non-finite constants sanitized. Returns a report."""
+    import onnx
+
+    m = _load(path)
+    _apply_spec_dims(m, spec)
+    replaced = _sanitize_nonfinite(m)
+    if replaced:
+        log.debug("%s: replaced %d mask constant(s) (-inf / float lowest -> %g; TensorRT fp16 needs finite masks)",
+                  spec.file, replaced, MASK_VALUE)
+    m.doc_string = f"edgevlm {spec.name} graph"
+    onnx.save(m, str(path))                                 # external data references are kept as they are
+    return {"mask_constants_replaced": replaced, "mask_value": MASK_VALUE}
+
+
+def graph_entry(path: str | os.PathLike, *, precision: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry of an ONNX component (file/external data paths relative to the graph's directory)."""
+    m = _load(path)
+    inputs, outputs = graph_io(m)
+    ops = op_histogram(m)
+    return {"file": Path(path).name, "kind": "onnx", "external_data": external_data_files(m),
+            "opset": opset_of(m), "ir_version": int(m.ir_version), "precision": precision, "recipe": recipe,
+            "inputs": inputs, "outputs": outputs, "contrib_ops": any("::" in op for op in ops),
+            "domains": sorted({o.domain or "ai.onnx" for o in m.opset_import}),
+            "nonfinite_constants": len(nonfinite_constants(m)), "op_histogram": ops,
+            "num_nodes": sum(ops.values())}
+
+
+__all__ = ["ExportedGraph", "MASK_VALUE", "export_vision", "export_decoder", "save_embed_table", "graph_io", "op_histogram", "uses_contrib_ops",
+           "external_data_files", "nonfinite_constants", "finalize_graph", "graph_entry", "decoder_module",
+           "vision_module", "opset_of", "STANDARD_DOMAINS"]
