@@ -1,0 +1,712 @@
+"""``edgevlm verify BUNDLE``: is this bundle sound, and do its engines agree with its ONNX graphs? Torch-free: it
+runs on the device (numpy + ONNX Runtime; ``onnx`` for the TensorRT graph check; TensorRT + cuda-python for the
+engine comparison when present).
+
+    >>> from edgevlm.exporter.verify import verify_bundle
+    >>> report = verify_bundle("out/bundle-orin", samples=2, seed=0)
+    >>> report.passed, [c.name for c in report.failures]
+
+    edgevlm verify out/bundle-orin [--json-output] [--samples 2] [--seed 0] [--engines auto|skip|require]
+
+Checks (each a row: name, status pass / warn / skip / fail, detail):
+
+* ``manifest``, ``sha256``: ``read_bundle`` (schema, paths, sizes) and every file's hash;
+* ``onnx:<component>``: each ONNX graph loads in ONNX Runtime (CPU EP) and its I/O names, dtypes and dims match
+  the manifest (a static dim must be equal, a symbolic one symbolic); ``embed``: the table's shape and dtype;
+* ``run:vision``: random pixel values -> ``[1, V, D]``, finite; ``run:decoder``: a prefill of the image embeddings
+  plus random text rows with zero-length pasts (per the manifest's ``kv_cache`` block), then one decode step fed
+  the presents -> logits / presents of the right shapes, finite; ``run:kv-consistency``: the decode step's logits
+  equal a prefill of all T + 1 tokens (the KV cache carries the context); ``--samples`` random inputs each;
+* TensorRT targets: ``trt:compat:<component>`` (``trt_compat.check_tensorrt_compat`` for the target's TensorRT:
+  errors fail, warnings are listed), ``trt:build-plan`` (``build_plan.json`` loads, matches the manifest's copy,
+  the target's TensorRT version, and the graphs' real input names / static dims), ``trt:build-script``
+  (``build_engines.sh`` builds every planned engine with the plan's trtexec arguments and version check);
+* ``engine:<component>``: for engines recorded in ``manifest["tensorrt"]["engines"]`` (by ``edgevlm
+  build-engine``): the file is hash-listed; with TensorRT + a GPU here each engine runs on the same inputs as ONNX
+  Runtime and is compared (max |diff|, cosine) against the component's parity tolerance, loosened for TF32 / fp16 /
+  int8 engines. Without them: "skipped: no TensorRT/GPU here; run `edgevlm verify` on the device".
+
+`edgevlm verify` exits 1 when a check fails (an unreadable bundle is a failed `manifest` check).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from edgevlm.errors import BundleError, EdgeVLMError, MissingDependency
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Check", "VerifyReport", "verify_bundle", "print_report", "engine_tolerance", "ENGINE_MODES"]
+
+PASS, WARN, SKIP, FAIL = "pass", "warn", "skip", "fail"
+ENGINE_MODES = ("auto", "skip", "require")
+ON_DEVICE = "run `edgevlm verify` on the device"
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
+_TEXT_TOKENS = 8                     # random text rows appended to the image embeddings in the decoder run
+
+
+@dataclass
+class Check:
+    name: str
+    status: str                      # pass | warn | skip | fail
+    detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "data": self.data}
+
+
+@dataclass
+class VerifyReport:
+    """Every check's result. ``passed`` is False when any check failed (warnings and skips do not fail)."""
+
+    bundle: str
+    checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check '{name}'; checks: {', '.join(c.name for c in self.checks)}")
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, SKIP, FAIL)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "passed": self.passed, "counts": self.counts(),
+                "seconds": round(self.seconds, 3), "checks": [c.to_dict() for c in self.checks]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------------
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        raise BundleError("bfloat16 graph I/O cannot be fed from numpy; export with float32/float16 I/O")
+    return np.dtype(name)
+
+
+def _stats(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    """(max |diff|, cosine, max |ref|) in float64."""
+    from edgevlm.exporter.spec import cosine
+
+    r, g = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    diff = float(np.max(np.abs(r - g))) if r.size else 0.0
+    return diff, cosine(r, g), float(np.max(np.abs(r))) if r.size else 0.0
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    return "; ".join(items[:limit]) + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _plan_key(plan) -> str:
+    """A plan's content independent of dict key order (manifest.json is written with sorted keys, which reorders
+    the profile shapes) and without the derived trtexec arguments."""
+    d = plan.to_dict()
+    for e in d["engines"]:
+        e.pop("trtexec", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def engine_tolerance(component: Mapping[str, Any], engine: Mapping[str, Any], kind: str):
+    """The ``spec.Tolerance`` an engine output must meet against ONNX Runtime: the component's parity tolerance
+    (manifest ``parity.tolerances[kind]``, else the precision default), loosened for the engine's arithmetic:
+    fp32 engines may use TF32 (TensorRT's default on Ampere+), fp16/bf16 engines round every layer, int8/int4/fp8
+    engines are judged by cosine."""
+    from edgevlm.exporter.spec import FP16_TOLERANCES, FP32_TOLERANCES, Tolerance
+
+    base = None
+    tol = (component.get("parity") or {}).get("tolerances") if isinstance(component.get("parity"), Mapping) else None
+    if isinstance(tol, Mapping) and isinstance(tol.get(kind), Mapping):
+        t = tol[kind]
+        base = Tolerance(float(t.get("max_abs", 1e-4)), bool(t.get("relative", False)), t.get("min_cosine"))
+    precs = {str(p) for p in (engine.get("precision_flags") or [])}
+    prec = component.get("precision", "fp32")
+    precs |= set(prec.values()) if isinstance(prec, Mapping) else {str(prec)}
+    ref16 = FP16_TOLERANCES.vision if kind == "vision" else FP16_TOLERANCES.logits
+    ref32 = FP32_TOLERANCES.vision if kind == "vision" else FP32_TOLERANCES.logits
+    base = base or (ref16 if precs & {"fp16", "bf16"} else ref32)
+    if precs & {"int8", "int4", "fp8", "fp4"}:
+        return Tolerance(max(base.max_abs, 0.5), True, 0.98)
+    if precs & {"fp16", "bf16"}:
+        return Tolerance(max(base.max_abs, ref16.max_abs * 2), True,
+                         min(base.min_cosine or 1.0, 0.998))
+    return Tolerance(max(base.max_abs * 10, 1e-3), True, min(base.min_cosine or 1.0, 0.9999))
+
+
+class _Verifier:
+    def __init__(self, path: Path, samples: int, seed: int, engines: str, threads: int | None) -> None:
+        self.path, self.samples, self.seed, self.engines = path, samples, seed, engines
+        self.threads = threads or max(1, min(2, os.cpu_count() or 1))
+        self.report = VerifyReport(str(path))
+        self.bundle: Any = None
+        self.sessions: dict[str, Any] = {}
+        self.sample: dict[str, Any] = {}        # first sample's inputs/outputs, reused by the engine comparison
+        self.table: Any = None                  # the embedding table (memory-mapped), when it loads
+
+    def add(self, name: str, status: str, detail: str = "", **data: Any) -> Check:
+        c = Check(name, status, detail, data)
+        self.report.checks.append(c)
+        log.debug("%s: %s %s", name, status, detail)
+        return c
+
+    def guard(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one check; an exception becomes a failed check with its message (a verifier reports, it does not
+        stop at the first problem)."""
+        try:
+            return fn()
+        except MissingDependency as exc:
+            hint = f" (pip install {exc.package} is enough for this check)" if exc.package == "onnx" else ""
+            self.add(name, SKIP, f"skipped: {exc}{hint}")
+        except Exception as exc:  # noqa: BLE001 - ORT/onnx raise their own types; each becomes a failed row
+            msg = str(exc) if isinstance(exc, EdgeVLMError) else f"{type(exc).__name__}: {exc}"
+            self.add(name, FAIL, msg)
+        return None
+
+    # -- (a) bundle ------------------------------------------------------------------------------------------------
+    def read(self) -> bool:
+        from edgevlm.bundle import read_bundle
+
+        try:
+            self.bundle = read_bundle(self.path, verify_hashes=True)
+        except BundleError as exc:
+            try:
+                self.bundle = read_bundle(self.path, verify_hashes=False)
+            except BundleError as exc2:
+                self.add("manifest", FAIL, str(exc2))
+                return False
+            self.add("manifest", PASS, self._summary())
+            self.add("sha256", FAIL, str(exc))
+            return True
+        self.add("manifest", PASS, self._summary())
+        self.add("sha256", PASS, f"all {len(self.bundle.files)} files match the manifest")
+        return True
+
+    def _summary(self) -> str:
+        b = self.bundle
+        tgt = b.manifest.get("target") or {}
+        return (f"schema {b.schema_version}, model {b.model_config.name}, target {tgt.get('name', '?')} "
+                f"({tgt.get('backend', '?')}), {len(b.files)} files, {b.total_size / 2**20:.1f} MiB")
+
+    # -- (b) graphs load, I/O matches ------------------------------------------------------------------------------
+    def load_graphs(self) -> None:
+        from edgevlm.bundle import load_embedding_table
+
+        comps = self.bundle.manifest["components"]
+        order = [n for n in ("vision", "embed", "decoder") if n in comps] + [n for n in comps
+                                                                            if n not in ("vision", "embed", "decoder")]
+        for name, entry in ((n, comps[n]) for n in order):
+            kind = entry.get("kind", "table" if str(entry.get("file", "")).endswith(".npy") else "onnx")
+            if kind == "table":
+                self.guard("embed" if name == "embed" else f"table:{name}", lambda n=name: self._table(n))
+            elif str(entry.get("file", "")).endswith(".onnx"):
+                self.guard(f"onnx:{name}", lambda n=name, e=entry: self._session(n, e))
+        self.table = None
+        if "embed" in self.bundle.manifest["components"]:
+            try:
+                self.table = load_embedding_table(self.bundle)
+            except BundleError:
+                self.table = None
+
+    def _table(self, name: str) -> None:
+        from edgevlm.bundle import load_embedding_table
+
+        t = load_embedding_table(self.bundle, name)
+        cfg = self.bundle.model_config
+        want = (cfg.llm.vocab_size, cfg.llm.hidden_size)
+        if tuple(t.shape) != want:
+            raise BundleError(f"embedding table is {list(t.shape)}, the model needs {list(want)} (vocab, hidden)")
+        self.add("embed" if name == "embed" else f"table:{name}", PASS, f"{t.dtype} {list(t.shape)}")
+
+    def _session(self, name: str, entry: Mapping[str, Any]) -> None:
+        from edgevlm.runtime.backends import import_ort
+
+        ort = import_ort()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(str(self.bundle.component_path(name)), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
+        seconds = time.perf_counter() - t0
+        problems = []
+        for direction, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+            declared = {i["name"]: i for i in entry.get(direction) or [] if isinstance(i, Mapping) and "name" in i}
+            got = {a.name: a for a in actual}
+            for n in sorted(set(got) - set(declared)):
+                problems.append(f"graph {direction[:-1]} '{n}' is not in the manifest")
+            for n in sorted(set(declared) - set(got)):
+                problems.append(f"manifest {direction[:-1]} '{n}' is not in the graph")
+            for n in set(got) & set(declared):
+                a, d = got[n], declared[n]
+                dt = _ORT_TYPES.get(a.type, a.type)
+                if d.get("dtype") and d["dtype"] != dt:
+                    problems.append(f"'{n}': graph dtype {dt}, manifest {d['dtype']}")
+                shape, want = list(a.shape or []), list(d.get("shape") or [])
+                if len(shape) != len(want):
+                    problems.append(f"'{n}': graph rank {len(shape)} {shape}, manifest {want}")
+                    continue
+                for k, (g, m) in enumerate(zip(shape, want)):
+                    if isinstance(m, int) and g != m:
+                        problems.append(f"'{n}' dim {k}: graph {g}, manifest {m}")
+                    elif isinstance(m, str) and isinstance(g, int):
+                        problems.append(f"'{n}' dim {k}: graph has the static size {g}, manifest says '{m}'")
+        self.sessions[name] = sess
+        n_in, n_out = len(sess.get_inputs()), len(sess.get_outputs())
+        if problems:
+            self.add(f"onnx:{name}", FAIL, "I/O differs from the manifest: " + _short(problems)
+                     + " (re-export the bundle)", problems=problems)
+        else:
+            self.add(f"onnx:{name}", PASS, f"loads in ONNX Runtime (CPU, {seconds:.2f} s); {n_in} inputs / {n_out} "
+                     f"outputs match the manifest (names, dtypes, dims)")
+
+    # -- (c) run ---------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        if "vision" in self.sessions:
+            self.guard("run:vision", self._run_vision)
+        else:
+            self.add("run:vision", SKIP, "skipped: the vision graph did not load")
+        if "decoder" in self.sessions:
+            self.guard("run:decoder", self._run_decoder)
+        else:
+            self.add("run:decoder", SKIP, "skipped: the decoder graph did not load")
+
+    def _io(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        s = self.sessions[name]
+        return {i.name: i for i in s.get_inputs()}, {o.name: o for o in s.get_outputs()}
+
+    def _pixels(self, rng: np.random.Generator) -> np.ndarray:
+        ins, _ = self._io("vision")
+        (name, info), = ins.items()
+        s = self.bundle.model_config.vision.image_size
+        return rng.standard_normal((1, 3, s, s)).astype(_np_dtype(_ORT_TYPES.get(info.type, "float32")))
+
+    def _run_vision(self) -> None:
+        sess = self.sessions["vision"]
+        ins, outs = self._io("vision")
+        if len(ins) != 1 or len(outs) != 1:
+            raise BundleError(f"the vision graph must have one input and one output, got {list(ins)} -> {list(outs)}")
+        cfg = self.bundle.model_config
+        want = [1, self.bundle.visual_tokens, cfg.llm.hidden_size]
+        for i in range(self.samples):
+            pv = self._pixels(np.random.default_rng(self.seed + i))
+            out = sess.run(None, {next(iter(ins)): pv})[0]
+            if list(out.shape) != want:
+                raise BundleError(f"vision output {list(out.shape)}, expected {want} ([1, visual tokens, hidden])")
+            if not np.all(np.isfinite(out)):
+                raise BundleError(f"vision output has {int(np.sum(~np.isfinite(out)))} non-finite values (sample {i})")
+            if i == 0:
+                self.sample.update(pixel_values=pv, image_embeds=out)
+        self.add("run:vision", PASS, f"{self.samples} random image(s) -> {want}, finite")
+
+    def _decoder_names(self):
+        from edgevlm.runtime.kv_cache import KVSpec
+
+        entry = self.bundle.component("decoder")
+        kv = KVSpec.from_manifest(entry.get("kv_cache"))
+        ins, outs = self._io("decoder")
+        present = set(kv.present_names())
+        logits = [n for n in outs if n not in present]
+        if len(logits) != 1:
+            raise BundleError(f"the decoder must have one logits output besides the presents, got {sorted(outs)}")
+        return kv, ins, outs, logits[0]
+
+    def _feeds(self, kv, ins, embeds: np.ndarray, past: list[np.ndarray] | None, past_len: int) -> dict[str, Any]:
+        t = embeds.shape[1]
+        dt = lambda n: _np_dtype(_ORT_TYPES.get(ins[n].type, "float32"))  # noqa: E731
+        feeds = {"inputs_embeds": embeds.astype(dt("inputs_embeds"))}
+        if "attention_mask" in ins:
+            feeds["attention_mask"] = np.ones((1, past_len + t), dt("attention_mask"))
+        if "position_ids" in ins:
+            feeds["position_ids"] = np.arange(past_len, past_len + t, dtype=dt("position_ids"))[None]
+        for j, name in enumerate(kv.past_names()):
+            feeds[name] = (np.zeros(kv.shape(0), dt(name)) if past is None else past[j])
+        unknown = set(ins) - set(feeds)
+        if unknown:
+            raise BundleError(f"decoder inputs {sorted(unknown)} are not part of the runtime contract "
+                              f"(inputs_embeds, attention_mask, position_ids, past KV per kv_cache)")
+        return feeds
+
+    def _embed_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        cfg = self.bundle.model_config
+        if self.table is not None:
+            ids = rng.integers(0, self.table.shape[0], n)
+            return np.asarray(self.table[ids], np.float32)
+        return (rng.standard_normal((n, cfg.llm.hidden_size)) * 0.02).astype(np.float32)
+
+    def _run_decoder(self) -> None:
+        sess = self.sessions["decoder"]
+        kv, ins, outs, logits_name = self._decoder_names()
+        cfg = self.bundle.model_config
+        entry = self.bundle.component("decoder")
+        ctx = int(cfg.context_length)
+        vocab = int(cfg.llm.vocab_size)
+        out_names = [logits_name, *kv.present_names()]
+        last_only = entry.get("logits") == "last_position"
+        worst_diff, worst_cos, worst_rel = 0.0, 1.0, 0.0
+        t = 0
+        for i in range(self.samples):
+            rng = np.random.default_rng(self.seed + 1000 + i)
+            vision_ok = "image_embeds" in self.sample           # else: random rows stand in for the image
+            if i == 0 or not vision_ok:
+                img = (self.sample["image_embeds"] if vision_ok
+                       else self._embed_rows(rng, self.bundle.visual_tokens)[None])
+            else:
+                img = self.sessions["vision"].run(None, {next(iter(self._io("vision")[0])): self._pixels(rng)})[0]
+            parts = [img[0].astype(np.float32)]
+            text = max(1, min(_TEXT_TOKENS, ctx - 2 - sum(p.shape[0] for p in parts)))
+            parts.append(self._embed_rows(rng, text))
+            embeds = np.concatenate(parts)[None]                                  # [1, T, D]
+            t = embeds.shape[1]
+            if t + 1 > ctx:
+                raise BundleError(f"the model context ({ctx}) is too short for a prefill of {t} + 1 tokens")
+            # prefill, zero-length pasts
+            res = sess.run(out_names, self._feeds(kv, ins, embeds, None, 0))
+            self._check_step(res, kv, t, 0, vocab, last_only, f"prefill (sample {i})")
+            logits, presents = res[0], res[1:]
+            tok = int(np.argmax(logits[0, -1]))
+            nxt = (np.asarray(self.table[min(tok, self.table.shape[0] - 1)], np.float32)[None, None]
+                   if self.table is not None else self._embed_rows(rng, 1)[None])
+            # one decode step fed the presents
+            res2 = sess.run(out_names, self._feeds(kv, ins, nxt, list(presents), t))
+            self._check_step(res2, kv, 1, t, vocab, last_only, f"decode step (sample {i})")
+            # the same context in one prefill
+            full = sess.run([logits_name], self._feeds(kv, ins, np.concatenate([embeds, nxt], axis=1), None, 0))[0]
+            diff, cos, absmax = _stats(full[0, -1], res2[0][0, -1])
+            rel = diff / max(1.0, absmax)
+            worst_diff, worst_cos, worst_rel = max(worst_diff, diff), min(worst_cos, cos), max(worst_rel, rel)
+            if i == 0:
+                self.sample.update(embeds=embeds, next_embed=nxt, prefill_logits=logits[0, -1].copy(),
+                                   decode_logits=res2[0][0, -1].copy())
+        self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (zero-length past) + one "
+                 f"decode step fed the presents; logits [1, {'1' if last_only else 'T'}, {vocab}], presents "
+                 f"{kv.shape(t)} -> {kv.shape(t + 1)}, finite")
+        precision = entry.get("precision", "fp32")
+        fp32 = precision == "fp32" or (isinstance(precision, Mapping) and set(precision.values()) == {"fp32"})
+        ok = worst_cos >= (0.9999 if fp32 else 0.99) and (worst_rel <= 1e-3 or not fp32)
+        self.add("run:kv-consistency", PASS if ok else FAIL,
+                 f"decode-step logits vs a prefill of all {t + 1} tokens: max |diff| {worst_diff:.2e}, cosine "
+                 f"{worst_cos:.6f}" + ("" if ok else " - the KV cache does not carry the context (check the "
+                                       "present/past wiring of the graph)"),
+                 max_abs_diff=worst_diff, cosine=worst_cos)
+
+    def _check_step(self, res: list[np.ndarray], kv, seq: int, past: int, vocab: int, last_only: bool,
+                    what: str) -> None:
+        logits, presents = res[0], res[1:]
+        want = [1, 1 if last_only else seq, vocab]
+        if list(logits.shape) != want:
+            raise BundleError(f"{what}: logits {list(logits.shape)}, expected {want}")
+        for name, p in zip(kv.present_names(), presents):
+            if list(p.shape) != kv.shape(past + seq):
+                raise BundleError(f"{what}: {name} {list(p.shape)}, expected {kv.shape(past + seq)}")
+        bad = [n for n, a in zip(["logits", *kv.present_names()], res) if not np.all(np.isfinite(a))]
+        if bad:
+            raise BundleError(f"{what}: non-finite values in {', '.join(bad)} (fp16 overflow or -inf masks?)")
+
+    # -- (d) TensorRT graph + plan checks ---------------------------------------------------------------------------
+    def is_tensorrt(self) -> bool:
+        m = self.bundle.manifest
+        tgt = m.get("target") or {}
+        return tgt.get("backend") == "tensorrt" or "tensorrt" in m or (self.bundle.root / "build_plan.json").exists()
+
+    def tensorrt(self) -> None:
+        from edgevlm.exporter.trt_plan import PLAN_FILE, BuildPlan
+
+        m = self.bundle.manifest
+        tgt = m.get("target") or {}
+        plan = None
+        try:
+            plan = BuildPlan.load(self.bundle.root / PLAN_FILE)
+        except BundleError as exc:
+            self.add("trt:build-plan", FAIL, f"{exc} (re-export the bundle with --target {tgt.get('name', '...')})")
+        version = str(tgt.get("tensorrt") or (plan.tensorrt if plan else "") or "")
+        comps = [n for n in self.sessions] + [n for n, e in m["components"].items()
+                                              if str(e.get("file", "")).endswith(".onnx") and n not in self.sessions]
+        for name in comps:
+            self.guard(f"trt:compat:{name}", lambda n=name: self._compat(n, version))
+        if plan is not None:
+            self.guard("trt:build-plan", lambda: self._plan(plan, version))
+            self.guard("trt:build-script", lambda: self._script(plan))
+        self._engines(plan)
+
+    def _compat(self, name: str, version: str) -> None:
+        from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+
+        if not version:
+            raise BundleError("the manifest's target names no TensorRT version")
+        issues = check_tensorrt_compat(self.bundle.component_path(name), version)
+        errors = [i for i in issues if i.severity == ERROR]
+        warnings = [i for i in issues if i.severity != ERROR]
+        data = {"errors": [str(i) for i in errors], "warnings": [str(i) for i in warnings]}
+        if errors:
+            self.add(f"trt:compat:{name}", FAIL, f"TensorRT {version} cannot parse it: "
+                     + _short([str(i) for i in errors], 4) + " (re-export for the TensorRT target)", **data)
+        elif warnings:
+            self.add(f"trt:compat:{name}", WARN, f"parsable by TensorRT {version}, {len(warnings)} warning(s): "
+                     + _short([str(i) for i in warnings], 4), **data)
+        else:
+            self.add(f"trt:compat:{name}", PASS, f"standard ONNX ops only, opset and Q/DQ fine for TensorRT {version}")
+
+    def _plan(self, plan, version: str) -> None:
+        from edgevlm.exporter.trt_plan import PLAN_FILE, BuildPlan, components_from_manifest
+        from edgevlm.targets import parse_trt_version
+
+        m = self.bundle.manifest
+        tgt = m.get("target") or {}
+        problems: list[str] = []
+        if PLAN_FILE not in self.bundle.files:
+            problems.append(f"{PLAN_FILE} is not listed in the manifest's files (not hash-protected)")
+        if version and parse_trt_version(plan.tensorrt) != parse_trt_version(version):
+            problems.append(f"the plan is for TensorRT {plan.tensorrt}, the manifest's target for {version}")
+        label = tgt.get("label") or tgt.get("name")
+        if label and plan.target != label and plan.target.split("@")[0] != tgt.get("name"):
+            problems.append(f"the plan is for target '{plan.target}', the manifest's for '{label}'")
+        copy = (m.get("tensorrt") or {}).get("plan")
+        if isinstance(copy, Mapping):
+            try:
+                if _plan_key(BuildPlan.from_dict(copy)) != _plan_key(plan):
+                    problems.append(f"{PLAN_FILE} differs from the manifest's copy (tensorrt.plan)")
+            except (BundleError, KeyError, TypeError) as exc:
+                problems.append(f"the manifest's tensorrt.plan is malformed ({exc})")
+        comps = {c.name: c for c in components_from_manifest(m)}
+        for e in plan.engines:
+            comp = comps.get(e.component)
+            if comp is None:
+                problems.append(f"engine '{e.component}' has no ONNX component in the manifest")
+                continue
+            if e.onnx != comp.onnx:
+                problems.append(f"engine '{e.component}' builds {e.onnx}, the manifest's graph is {comp.onnx}")
+            sess = self.sessions.get(e.component)
+            graph = ({i.name: list(i.shape or []) for i in sess.get_inputs()} if sess is not None else
+                     {i.name: list(i.shape) for i in comp.inputs})
+            dynamic = {n for n, s in graph.items() if any(not isinstance(d, int) for d in s)}
+            for prof in e.profiles:
+                where = f"engine '{e.component}' profile '{prof.name}'"
+                extra = sorted(set(prof.shapes) - set(graph))
+                if extra:
+                    problems.append(f"{where}: inputs {extra} are not graph inputs (graph: {sorted(graph)})")
+                missing = sorted(dynamic - set(prof.shapes))
+                if missing:
+                    problems.append(f"{where}: dynamic graph inputs {missing} have no shape range")
+                for n, rng in prof.shapes.items():
+                    if n not in graph:
+                        continue
+                    dims = graph[n]
+                    if not (len(rng.min) == len(rng.opt) == len(rng.max) == len(dims)):
+                        problems.append(f"{where}: '{n}' range rank differs from the graph's {dims}")
+                        continue
+                    for k, d in enumerate(dims):
+                        lo, op, hi = rng.min[k], rng.opt[k], rng.max[k]
+                        if not lo <= op <= hi or lo < 0:
+                            problems.append(f"{where}: '{n}' dim {k} range {lo}/{op}/{hi} is not min <= opt <= max")
+                        if isinstance(d, int) and not lo == op == hi == d:
+                            problems.append(f"{where}: '{n}' dim {k} is static {d} in the graph, planned "
+                                            f"{lo}/{op}/{hi}")
+        planned = {e.component for e in plan.engines}
+        for name in ("vision", "decoder"):
+            if name in comps and name not in planned:
+                problems.append(f"no engine planned for the '{name}' graph")
+        if problems:
+            self.add("trt:build-plan", FAIL, _short(problems) + " (re-export the bundle for its target)",
+                     problems=problems)
+        else:
+            self.add("trt:build-plan", PASS, f"{PLAN_FILE}: {len(plan.engines)} engine(s) for TensorRT {plan.tensorrt} "
+                     f"({plan.builder_mode}ly typed, {plan.target}); profiles cover the graphs' inputs")
+
+    def _script(self, plan) -> None:
+        from edgevlm.exporter.trt_plan import SCRIPT_FILE, trtexec_args
+
+        path = self.bundle.root / SCRIPT_FILE
+        if not path.is_file():
+            raise BundleError(f"{SCRIPT_FILE} is missing (re-export the bundle for its target)")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        problems = []
+        if SCRIPT_FILE not in self.bundle.files:
+            problems.append(f"{SCRIPT_FILE} is not listed in the manifest's files (not hash-protected)")
+        if f'WANT="{plan.tensorrt}"' not in text:
+            problems.append(f"it does not check for TensorRT {plan.tensorrt}")
+        for e in plan.engines:
+            missing = [a for a in trtexec_args(e, plan) if shlex.quote(a) not in text]
+            if missing:
+                problems.append(f"the {e.component} build lacks {', '.join(missing[:3])}")
+        if problems:
+            self.add("trt:build-script", FAIL, _short(problems) + " (re-export to regenerate it)", problems=problems)
+        else:
+            self.add("trt:build-script", PASS, f"{SCRIPT_FILE}: trtexec builds of "
+                     f"{', '.join(e.engine for e in plan.engines)} match the plan")
+
+    # -- (e) engines -----------------------------------------------------------------------------------------------
+    def _engines(self, plan) -> None:
+        from edgevlm.targets import parse_trt_version
+
+        entries = ((self.bundle.manifest.get("tensorrt") or {}).get("engines") or {})
+        if not entries:
+            self.add("engines", FAIL if self.engines == "require" else SKIP, "no engines built yet: build them on the device with `edgevlm build-engine "
+                     "BUNDLE`, then " + ON_DEVICE)
+            return
+        for comp, e in entries.items():
+            problems, notes = [], []
+            f = e.get("file") if isinstance(e, Mapping) else None
+            if not f or f not in self.bundle.files:
+                problems.append(f"engine file {f!r} is not listed in the manifest's files (no hash)")
+            elif e.get("sha256") and e["sha256"] != self.bundle.files[f]["sha256"]:
+                problems.append(f"its sha256 differs from the files entry for {f}")
+            if plan is not None and e.get("tensorrt") and \
+                    parse_trt_version(str(e["tensorrt"])) != parse_trt_version(plan.tensorrt):
+                notes.append(f"built with TensorRT {e['tensorrt']}, planned for {plan.tensorrt}")
+            status = FAIL if problems else (WARN if notes else PASS)
+            self.add(f"engine:{comp}:file", status, _short(problems + notes) if problems or notes else
+                     f"{f}: {e.get('bytes', 0) / 2**20:.1f} MiB, TensorRT {e.get('tensorrt', '?')}, "
+                     f"{e.get('device', '?')} (SM {e.get('compute_capability', '?')})")
+        if self.engines == "skip":
+            for comp in entries:
+                self.add(f"engine:{comp}", SKIP, "skipped (--engines skip)")
+            return
+        from edgevlm.runtime.trt_backend import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            status = FAIL if self.engines == "require" else SKIP
+            for comp in entries:
+                self.add(f"engine:{comp}", status, f"skipped: no TensorRT/GPU here ({why}); {ON_DEVICE}")
+            return
+        for comp in entries:
+            self.guard(f"engine:{comp}", lambda c=comp: self._compare_engine(c, entries[c]))
+
+    def _compare_engine(self, comp: str, entry: Mapping[str, Any]) -> None:
+        """Run one engine on the first sample's inputs and compare with ONNX Runtime."""
+        from edgevlm.runtime.trt_backend import (TrtDecoderRunner, TrtEngine, TrtVisionRunner, _check,
+                                                 check_engine_entry, device_properties, import_cudart,
+                                                 import_tensorrt)
+
+        trt, cudart = import_tensorrt(), import_cudart()
+        check_engine_entry(comp, entry, trt.__version__, device_properties(cudart))
+        names = [p.get("name") for p in entry.get("profiles", []) if isinstance(p, Mapping)]
+        engine = TrtEngine.load(self.bundle.path(entry["file"]), name=f"{comp} engine", profile_names=names or None,
+                                trt=trt)
+        stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        component = self.bundle.component(comp)
+        results = []
+        try:
+            if comp == "vision":
+                if "pixel_values" not in self.sample:
+                    raise BundleError("the ONNX vision run failed, nothing to compare with")
+                runner = TrtVisionRunner(engine, input_name=component["inputs"][0]["name"],
+                                         output_name=component["outputs"][0]["name"], stream=stream, cudart=cudart)
+                try:
+                    got = runner(self.sample["pixel_values"])
+                finally:
+                    runner.close()
+                results.append(("image_embeds", self.sample["image_embeds"], got, "vision"))
+            elif comp == "decoder":
+                if "embeds" not in self.sample:
+                    raise BundleError("the ONNX decoder run failed, nothing to compare with")
+                from edgevlm.runtime.kv_cache import KVSpec
+
+                kv = KVSpec.from_manifest(component.get("kv_cache"))
+                runner = TrtDecoderRunner(engine, kv, stream=stream, cudart=cudart)
+                try:
+                    got_p = np.array(runner.prefill(self.sample["embeds"]), np.float32)
+                    got_d = np.array(runner.decode(self.sample["next_embed"]), np.float32)
+                finally:
+                    runner.close()
+                results.append(("prefill logits", self.sample["prefill_logits"], got_p, "logits"))
+                results.append(("decode logits", self.sample["decode_logits"], got_d, "logits"))
+            else:
+                self.add(f"engine:{comp}", SKIP, f"no comparison defined for component '{comp}'")
+                return
+        finally:
+            engine.close()
+            _check(cudart, cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        parts, failed, data = [], False, {}
+        for label, ref, got, kind in results:
+            tol = engine_tolerance(component, entry, kind)
+            diff, cos, absmax = _stats(ref, got)
+            limit = tol.limit(absmax)
+            bad = not np.all(np.isfinite(got)) or diff > limit or (tol.min_cosine is not None and cos < tol.min_cosine)
+            failed |= bad
+            parts.append(f"{label}: max |diff| {diff:.2e} (limit {limit:.1e}), cosine {cos:.6f}"
+                         + (f" (min {tol.min_cosine})" if tol.min_cosine is not None else "")
+                         + (" FAIL" if bad else ""))
+            data[label] = {"max_abs_diff": diff, "cosine": cos, "limit": limit, "min_cosine": tol.min_cosine}
+        self.add(f"engine:{comp}", FAIL if failed else PASS, "TensorRT vs ONNX Runtime: " + "; ".join(parts), **data)
+
+
+def verify_bundle(path: str | os.PathLike, *, samples: int = 2, seed: int = 0, engines: str = "auto",
+                  threads: int | None = None) -> VerifyReport:
+    """Check a bundle end to end (see the module docstring); never raises for a failed check (it is a row of the
+    report), only for bad arguments.
+
+    Args:
+        path: the bundle directory.
+        samples: random inputs per run check.
+        seed: seed of the random inputs.
+        engines: ``"auto"`` (compare engines with ONNX Runtime where TensorRT and a GPU are present, else skip),
+            ``"skip"``, or ``"require"`` (fail when they cannot run here).
+        threads: ONNX Runtime intra-op threads (default: min(2, cores)).
+    """
+    if engines not in ENGINE_MODES:
+        raise BundleError(f"engines='{engines}' unknown; use one of {', '.join(ENGINE_MODES)}")
+    if int(samples) < 1:
+        raise BundleError(f"samples must be >= 1, got {samples}")
+    t0 = time.perf_counter()
+    v = _Verifier(Path(path), int(samples), int(seed), engines, threads)
+    if v.read():
+        v.load_graphs()
+        v.run()
+        if v.is_tensorrt():
+            v.tensorrt()
+        else:
+            tgt = v.bundle.manifest.get("target") or {}
+            v.add("tensorrt", SKIP, f"not a TensorRT target ({tgt.get('name', 'cpu')}, "
+                  f"{tgt.get('backend', 'onnxruntime')}): no engine checks")
+    v.report.seconds = time.perf_counter() - t0
+    return v.report
+
+
+_STYLE = {PASS: "green", WARN: "yellow", SKIP: "dim", FAIL: "bold red"}
+
+
+def print_report(report: VerifyReport, console: Any = None) -> None:
+    """A rich table (check, status, detail) and a one-line verdict."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    table = Table(title=Text(f"edgevlm verify {report.bundle}", style="bold"), box=box.SIMPLE, title_justify="left")
+    table.add_column("check", style="cyan", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for c in report.checks:
+        table.add_row(c.name, Text(c.status.upper(), style=_STYLE.get(c.status, "")), Text(c.detail))
+    console.print(table)
+    n = report.counts()
+    verdict = (Text("PASSED", style="bold green") if report.passed else
+               Text(f"FAILED: {', '.join(c.name for c in report.failures)}", style="bold red"))
+    console.print(Text.assemble(verdict, f"  ({n[PASS]} passed, {n[WARN]} warnings, {n[SKIP]} skipped, "
+                                         f"{n[FAIL]} failed; {report.seconds:.1f} s)"))

@@ -1,0 +1,524 @@
+"""The TensorRT runtime backend without TensorRT: KV ping-pong bookkeeping, profile selection, I/O-table parsing,
+the decoder / vision runners end to end against fake engines and a fake ``cudart`` whose "device memory" is host
+memory (so every copy and every engine read/write really happens), and the clear errors without tensorrt /
+cuda-python. The real-engine test is marked ``tensorrt`` (skipped without TensorRT and a GPU)."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from edgevlm.errors import BundleError, MissingDependency, PromptError, RuntimeBackendError
+from edgevlm.runtime import trt_backend as tb
+from edgevlm.runtime.kv_cache import KVSpec
+
+H, HD, D, VOCAB, L = 2, 4, 8, 5, 2          # kv heads, head dim, hidden, vocab, layers
+CTX, PROMPT = 12, 6                          # context (KV capacity) and longest prefill
+S, V = 4, 3                                  # vision: image size, visual tokens
+
+KV = KVSpec.from_manifest({"num_layers": L, "num_kv_heads": H, "head_dim": D // H, "dtype": "float32",
+                           "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
+                           "present_key": "present.{i}.key", "present_value": "present.{i}.value"})
+
+
+# ---- fakes --------------------------------------------------------------------------------------------------------
+class _E:
+    """A TensorRT-like enum value (``.name``)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"Enum.{self.name}"
+
+
+INPUT, OUTPUT = _E("INPUT"), _E("OUTPUT")
+FLOAT, INT64, BF16 = _E("FLOAT"), _E("INT64"), _E("BF16")
+
+
+class FakeCudart:
+    """cuda-python's runtime API shape; "device" allocations are host ctypes buffers, copies are memmove."""
+
+    class cudaError_t:
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = "H2D", "D2H"
+
+    def __init__(self):
+        self.mem, self.mallocs, self.host_mallocs, self.copies, self.freed = {}, 0, 0, [], 0
+
+    def _alloc(self, n):
+        buf = ctypes.create_string_buffer(n)
+        self.mem[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def cudaMalloc(self, n):
+        self.mallocs += 1
+        return self._alloc(n)
+
+    def cudaMallocHost(self, n):
+        self.host_mallocs += 1
+        return self._alloc(n)
+
+    def cudaFree(self, ptr):
+        self.freed += 1
+        del self.mem[ptr]
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+        self.copies.append((kind, n))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaStreamDestroy(self, stream):
+        return (0,)
+
+    def cudaGetErrorString(self, err):
+        return 0, b"fake error"
+
+
+def _view(addr, shape, dtype):
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer((ctypes.c_char * n).from_address(addr), dtype=dtype).reshape(shape)
+
+
+def toy_kv(embeds, positions, j):
+    """New K/V of tensor j for tokens ``embeds [T, D]`` at ``positions [T]``: ``[H, T, HD]``."""
+    x = embeds * (j + 1) + positions[:, None] * 0.1
+    return x.reshape(len(embeds), H, HD).transpose(1, 0, 2)
+
+
+def toy_logits(presents, last_embed):
+    """Logits from the whole cache (time-weighted, so order and content matter) and the last embedding."""
+    total = presents[0].shape[1]
+    w = (np.arange(total, dtype=np.float64) + 1)[None, :, None]
+    s = sum(float((p * w).sum()) * (j + 1) for j, p in enumerate(presents))
+    return (np.arange(1, VOCAB + 1) * s * 1e-3 + last_embed[:VOCAB]).astype(np.float32)
+
+
+def reference_logits(embeds, positions):
+    """What a decoder that sees all tokens at once returns (the ping-pong runner must match it every step)."""
+    presents = [toy_kv(embeds, positions, j) for j in range(2 * L)]
+    return toy_logits(presents, embeds[-1])
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.profile, self.shapes, self.addr = engine, 0, {}, {}
+        self.profile_calls, self.executions = [], []
+
+    def set_optimization_profile_async(self, index, stream):
+        assert isinstance(stream, int)
+        self.profile, self.shapes = index, {}
+        self.profile_calls.append(index)
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
+        if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            return False                                  # like TensorRT: outside the active profile
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.engine.output_shape(name, self.shapes) if name in self.engine.outputs else self.shapes[name]
+
+    def execute_async_v3(self, stream):
+        assert isinstance(stream, int)
+        self.executions.append((self.profile, dict(self.shapes), dict(self.addr)))
+        self.engine.compute(self)
+        return True
+
+
+class FakeDecoderEngine:
+    """The Optimum decoder contract: present = concat(past, new); logits of the last position [1, 1, vocab]."""
+
+    def __init__(self, kv_dtype=FLOAT):
+        self.pasts, self.presents = KV.past_names(), KV.present_names()
+        self.io = ([("inputs_embeds", INPUT, FLOAT, (-1, -1, D)), ("attention_mask", INPUT, INT64, (-1, -1)),
+                    ("position_ids", INPUT, INT64, (-1, -1))]
+                   + [(n, INPUT, kv_dtype, (-1, H, -1, HD)) for n in self.pasts]
+                   + [("logits", OUTPUT, FLOAT, (-1, 1, VOCAB))]
+                   + [(n, OUTPUT, kv_dtype, (-1, H, -1, HD)) for n in self.presents])
+        self.by_name = {t[0]: t for t in self.io}
+        self.outputs = [t[0] for t in self.io if t[1] is OUTPUT]
+        self.num_io_tensors = len(self.io)
+        self.num_optimization_profiles = 2
+        self.contexts = []
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return self.by_name[name][1]
+
+    def get_tensor_dtype(self, name):
+        return self.by_name[name][2]
+
+    def get_tensor_shape(self, name):
+        return self.by_name[name][3]
+
+    def get_tensor_profile_shape(self, name, i):
+        prefill = {"inputs_embeds": ((1, 1, D), (1, 4, D), (1, PROMPT, D)),
+                   "attention_mask": ((1, 1), (1, 4), (1, PROMPT)), "position_ids": ((1, 1), (1, 4), (1, PROMPT))}
+        decode = {"inputs_embeds": ((1, 1, D),) * 3, "attention_mask": ((1, 2), (1, 8), (1, CTX)),
+                  "position_ids": ((1, 1),) * 3}
+        if name in prefill:
+            return (prefill if i == 0 else decode)[name]
+        return ((1, H, 0, HD),) * 3 if i == 0 else ((1, H, 1, HD), (1, H, 7, HD), (1, H, CTX - 1, HD))
+
+    def create_execution_context(self):
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+    def output_shape(self, name, shapes):
+        seq, total = shapes["inputs_embeds"][1], shapes["attention_mask"][1]
+        return (1, 1, VOCAB) if name == "logits" else (1, H, total, HD)
+
+    def compute(self, ctx):
+        sh, ad = ctx.shapes, ctx.addr
+        seq, total = sh["inputs_embeds"][1], sh["attention_mask"][1]
+        past = sh[self.pasts[0]][2]
+        assert total == past + seq
+        emb = _view(ad["inputs_embeds"], (seq, D), np.float32).astype(np.float64)
+        pos = _view(ad["position_ids"], (seq,), np.int64)
+        assert np.all(_view(ad["attention_mask"], (total,), np.int64) == 1)
+        presents = []
+        for j, (pn, qn) in enumerate(zip(self.pasts, self.presents)):
+            assert ad[pn] != ad[qn], "past and present must be different buffers"
+            p = _view(ad[pn], (H, past, HD), np.float32).astype(np.float64)
+            full = np.concatenate([p, toy_kv(emb, pos, j)], axis=1)
+            _view(ad[qn], (H, total, HD), np.float32)[...] = full
+            presents.append(full)
+        _view(ad["logits"], (VOCAB,), np.float32)[...] = toy_logits(presents, emb[-1])
+
+
+class FakeVisionEngine:
+    def __init__(self):
+        self.io = [("pixel_values", INPUT, FLOAT, (-1, 3, S, S)), ("image_embeds", OUTPUT, FLOAT, (-1, V, D))]
+        self.by_name = {t[0]: t for t in self.io}
+        self.outputs = ["image_embeds"]
+        self.num_io_tensors, self.num_optimization_profiles = 2, 1
+
+    get_tensor_name = FakeDecoderEngine.get_tensor_name
+    get_tensor_mode = FakeDecoderEngine.get_tensor_mode
+    get_tensor_dtype = FakeDecoderEngine.get_tensor_dtype
+    get_tensor_shape = FakeDecoderEngine.get_tensor_shape
+
+    def get_tensor_profile_shape(self, name, i):
+        return (1, 3, S, S), (1, 3, S, S), (2, 3, S, S)
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+    def output_shape(self, name, shapes):
+        return (shapes["pixel_values"][0], V, D)
+
+    @staticmethod
+    def reference(px):
+        return px.mean(axis=(1, 2, 3))[:, None, None] + np.arange(V)[None, :, None] + 0.1 * np.arange(D)
+
+    def compute(self, ctx):
+        b = ctx.shapes["pixel_values"][0]
+        px = _view(ctx.addr["pixel_values"], (b, 3, S, S), np.float32)
+        _view(ctx.addr["image_embeds"], (b, V, D), np.float32)[...] = self.reference(px)
+
+
+def _decoder(cudart=None, **kw):
+    cudart = cudart or FakeCudart()
+    engine = tb.TrtEngine(FakeDecoderEngine(), name="decoder engine", profile_names=["prefill", "decode"])
+    return tb.TrtDecoderRunner(engine, KV, stream=7, cudart=cudart, **kw), cudart
+
+
+# ---- pure bookkeeping -----------------------------------------------------------------------------------------------
+def test_kv_pingpong_swaps_buffers_and_guards_the_context():
+    pp = tb.KVPingPong(8)
+    s1 = pp.plan(5)
+    assert (s1.past, s1.seq, s1.total, s1.past_buffer, s1.present_buffer) == (0, 5, 5, 0, 1)
+    pp.commit(s1)
+    s2 = pp.plan(1)
+    assert (s2.past, s2.total, s2.past_buffer, s2.present_buffer) == (5, 6, 1, 0)     # the presents became the past
+    pp.commit(s2)
+    s3 = pp.plan(1)
+    assert (s3.past_buffer, s3.present_buffer) == (0, 1) and pp.length == 6
+    with pytest.raises(RuntimeBackendError, match="out of order"):
+        pp.commit(s2)
+    pp.commit(s3)
+    pp.commit(pp.plan(1))
+    assert pp.length == 8
+    with pytest.raises(PromptError, match="at most 8 tokens"):
+        pp.plan(1)
+    with pytest.raises(RuntimeBackendError):
+        pp.plan(0)
+    pp.reset()
+    assert (pp.length, pp.current) == (0, 0) and pp.plan(8).total == 8
+
+
+def test_io_table_and_profiles_from_a_fake_engine():
+    eng = FakeDecoderEngine(kv_dtype=BF16)
+    io = tb.io_table(eng)
+    assert list(io)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert io["inputs_embeds"].is_input and io["inputs_embeds"].dtype == np.float32
+    assert io["inputs_embeds"].shape == (-1, -1, D)
+    assert io["attention_mask"].dtype == np.int64 and not io["logits"].is_input
+    assert io["present.1.value"].trt_dtype == "BF16" and io["present.1.value"].dtype is None
+    with pytest.raises(RuntimeBackendError, match="BF16"):
+        io["present.1.value"].itemsize
+    inputs = [n for n, t in io.items() if t.is_input]
+    profiles = tb.profile_table(eng, inputs, ["prefill", "decode"])
+    assert [p.name for p in profiles] == ["prefill", "decode"]
+    assert profiles[1].shapes["past_key_values.0.key"][2] == (1, H, CTX - 1, HD)
+    assert [p.name for p in tb.profile_table(eng, inputs)] == ["profile0", "profile1"]
+
+
+def _shapes(seq, past):
+    return {"inputs_embeds": (1, seq, D), "attention_mask": (1, past + seq), "position_ids": (1, seq),
+            **{n: (1, H, past, HD) for n in KV.past_names()}}
+
+
+def test_select_profile_prefill_vs_decode():
+    eng = FakeDecoderEngine()
+    profiles = tb.profile_table(eng, [n for n, t in tb.io_table(eng).items() if t.is_input], ["prefill", "decode"])
+    assert tb.select_profile(profiles, _shapes(5, 0), "prefill") == 0
+    assert tb.select_profile(profiles, _shapes(1, 0), "prefill") == 0              # a one-token prompt
+    assert tb.select_profile(profiles, _shapes(1, 5), "decode") == 1
+    assert tb.select_profile(profiles, _shapes(1, 5)) == 1                          # only the decode profile fits
+    with pytest.raises(RuntimeBackendError, match="no optimization profile") as exc:
+        tb.select_profile(profiles, _shapes(1, CTX), "decode")                     # past beyond the context
+    assert "prefill:" in str(exc.value) and "decode:" in str(exc.value)
+    with pytest.raises(RuntimeBackendError):
+        tb.select_profile(profiles, _shapes(3, 4))                                  # chunked prefill: not planned
+
+
+# ---- the runners against fakes ---------------------------------------------------------------------------------------
+def test_decoder_runner_keeps_the_kv_cache_on_the_device_and_matches_a_full_recompute():
+    runner, cudart = _decoder()
+    assert (runner.max_prompt, runner.max_context, runner.hidden_size, runner.vocab_size) == (PROMPT, CTX, D, VOCAB)
+    assert len(runner.d_kv) == 2 * L and all(len(pair) == 2 for pair in runner.d_kv)
+    assert all(b.nbytes == H * CTX * HD * 4 for pair in runner.d_kv for b in pair)   # max-context buffers
+    mallocs = (cudart.mallocs, cudart.host_mallocs)
+    ctx = runner.engine.context
+    rng = np.random.default_rng(0)
+
+    for request in range(2):                                           # the second request reuses everything
+        embeds = rng.standard_normal((5, D)).astype(np.float32)
+        logits = runner.prefill(embeds[None])
+        np.testing.assert_allclose(logits, reference_logits(embeds, np.arange(5)), rtol=1e-5)
+        assert runner.length == 5 and runner.last_profile == 0
+        ex = ctx.executions[-1]
+        assert ex[1]["past_key_values.0.key"] == (1, H, 0, HD) and ex[1]["attention_mask"] == (1, 5)
+        assert ex[2]["past_key_values.0.key"] == runner.d_kv[0][0].ptr        # past: buffer A (empty)
+        assert ex[2]["present.0.key"] == runner.d_kv[0][1].ptr                # present: buffer B
+        all_e, all_p = embeds, np.arange(5)
+        for t in range(4):
+            cudart.copies.clear()
+            e = rng.standard_normal(D).astype(np.float32)
+            logits = runner.decode(e)
+            all_e, all_p = np.concatenate([all_e, e[None]]), np.append(all_p, 5 + t)
+            np.testing.assert_allclose(logits, reference_logits(all_e, all_p), rtol=1e-5)
+            ex = ctx.executions[-1]
+            past_buf, present_buf = (1, 0) if t % 2 == 0 else (0, 1)         # ping-pong
+            assert ex[0] == 1 and runner.last_profile == 1
+            assert ex[1]["past_key_values.1.value"] == (1, H, 5 + t, HD)
+            assert ex[1]["inputs_embeds"] == (1, 1, D) and ex[1]["position_ids"] == (1, 1)
+            assert ex[1]["attention_mask"] == (1, 6 + t)
+            assert ex[2]["past_key_values.1.value"] == runner.d_kv[3][past_buf].ptr
+            assert ex[2]["present.1.value"] == runner.d_kv[3][present_buf].ptr
+            # per token: D floats + one position up, one logits row down; no KV byte crosses
+            assert sorted(cudart.copies) == sorted([("H2D", D * 4), ("H2D", 8), ("D2H", VOCAB * 4)])
+        assert runner.length == 9
+    assert (cudart.mallocs, cudart.host_mallocs) == mallocs            # nothing allocated per step / request
+    assert ctx.profile_calls == [0, 1, 0, 1]                           # switched only when the phase changed
+
+    # the context fills up: a clear error, not a TensorRT shape failure
+    runner.decode(np.zeros(D, np.float32))
+    runner.decode(np.zeros(D, np.float32))
+    runner.decode(np.zeros(D, np.float32))
+    assert runner.length == CTX
+    with pytest.raises(PromptError, match=f"at most {CTX} tokens"):
+        runner.decode(np.zeros(D, np.float32))
+    with pytest.raises(PromptError, match="prefill profile"):
+        runner.prefill(np.zeros((1, PROMPT + 1, D), np.float32))
+    with pytest.raises(RuntimeBackendError, match="batch 1"):
+        runner.prefill(np.zeros((2, 3, D), np.float32))
+    runner.close()
+    assert cudart.mem == {}                                            # every buffer freed
+
+
+def test_decoder_runner_respects_a_smaller_context_and_explicit_positions():
+    runner, _ = _decoder(max_context=7)
+    assert runner.max_context == 7 and runner.max_prompt == PROMPT
+    e = np.ones((1, 3, D), np.float32)
+    logits = runner.prefill(e, positions=np.array([[10, 11, 12]]))
+    np.testing.assert_allclose(logits, reference_logits(e[0], np.array([10, 11, 12])), rtol=1e-5)
+    runner.decode(np.ones((1, 1, D), np.float32), position=13)
+    assert runner.engine.context.executions[-1][1]["position_ids"] == (1, 1)
+    for _ in range(3):
+        runner.decode(np.ones(D, np.float32))
+    with pytest.raises(PromptError):
+        runner.decode(np.ones(D, np.float32))
+
+
+def test_decoder_runner_checks_the_engine_against_the_manifest():
+    eng = tb.TrtEngine(FakeDecoderEngine(), name="decoder engine")
+    bad = KVSpec.from_manifest({"num_layers": L + 1, "num_kv_heads": H, "head_dim": HD,
+                                "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
+                                "present_key": "present.{i}.key", "present_value": "present.{i}.value"})
+    with pytest.raises(BundleError, match="no tensor 'past_key_values.2.key'"):
+        tb.TrtDecoderRunner(eng, bad, stream=7, cudart=FakeCudart())
+
+
+def test_vision_runner_with_a_fake_engine():
+    cudart = FakeCudart()
+    runner = tb.TrtVisionRunner(tb.TrtEngine(FakeVisionEngine(), name="vision engine"), input_name="pixel_values",
+                                output_name="image_embeds", stream=7, cudart=cudart)
+    assert runner.max_batch == 2
+    px = np.random.default_rng(1).standard_normal((1, 3, S, S)).astype(np.float32)
+    out = runner(px)
+    assert out.shape == (1, V, D) and out.dtype == np.float32
+    np.testing.assert_allclose(out, FakeVisionEngine.reference(px), rtol=1e-6)
+    two = np.concatenate([px, px + 1])
+    np.testing.assert_allclose(runner(two), FakeVisionEngine.reference(two), rtol=1e-6)
+    with pytest.raises(RuntimeBackendError, match="max batch 2"):
+        runner(np.zeros((3, 3, S, S), np.float32))
+    runner.close()
+    assert cudart.mem == {}
+
+
+def test_cuda_errors_are_typed():
+    class Failing(FakeCudart):
+        def cudaMalloc(self, n):
+            return 2, 0                                                # cudaErrorMemoryAllocation
+
+    with pytest.raises(RuntimeBackendError, match="cudaMalloc.*fake error"):
+        tb.DeviceBuffer(16, cudart=Failing(), name="x")
+    buf = tb.DeviceBuffer(8, cudart=FakeCudart(), name="small")
+    with pytest.raises(RuntimeBackendError, match="overflows device buffer 'small'"):
+        buf.copy_from_host(np.zeros(3, np.float32), 7)
+
+
+# ---- dependencies and bundle wiring -------------------------------------------------------------------------------
+def test_missing_tensorrt_and_cuda_python_are_clear(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependency) as exc:
+        tb.import_tensorrt()
+    assert "pip install 'edgevlm[tensorrt]'" in str(exc.value) and "edgevlm build-engine" in str(exc.value)
+    assert exc.value.extra == "tensorrt"
+    assert tb.tensorrt_available() == (False, "tensorrt is not installed")
+
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(MissingDependency) as exc:
+        tb.import_cudart()
+    assert exc.value.package == "cuda-python" and "edgevlm[tensorrt]" in str(exc.value)
+
+    fake_cuda = types.ModuleType("cuda")                               # older cuda-python: `from cuda import cudart`
+    fake_cuda.cudart = FakeCudart()
+    monkeypatch.setitem(sys.modules, "cuda", fake_cuda)
+    assert tb.import_cudart() is fake_cuda.cudart
+
+
+def test_backend_from_bundle_needs_engines_and_tensorrt(monkeypatch):
+    no_trt = types.SimpleNamespace(manifest={"target": {"name": "cpu-x86-avx2"}})
+    with pytest.raises(BundleError, match="--target jetson-orin"):
+        tb.TrtBackend.from_bundle(no_trt)
+    not_built = types.SimpleNamespace(manifest={"tensorrt": {"engines": {}}})
+    with pytest.raises(BundleError, match="edgevlm build-engine"):
+        tb.TrtBackend.from_bundle(not_built)
+    only_decoder = types.SimpleNamespace(manifest={"tensorrt": {"engines": {"decoder": {"file": "e/d.engine"}}}})
+    with pytest.raises(BundleError, match="--only vision"):
+        tb.TrtBackend.from_bundle(only_decoder)
+    built = types.SimpleNamespace(manifest={"tensorrt": {"engines": {"vision": {"file": "e/v.engine"},
+                                                                     "decoder": {"file": "e/d.engine"}}}})
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependency, match="tensorrt"):
+        tb.TrtBackend.from_bundle(built)
+
+
+def test_engine_entries_must_match_the_installed_tensorrt_and_gpu():
+    entry = {"file": "engines/decoder.engine", "tensorrt": "10.3.0.30", "compute_capability": "8.7",
+             "device": "Orin"}
+    tb.check_engine_entry("decoder", entry, "10.3.0.26", ("Orin", "8.7"))          # same major.minor: fine
+    with pytest.raises(RuntimeBackendError, match="TensorRT 10.3.0.30 but TensorRT 10.7"):
+        tb.check_engine_entry("decoder", entry, "10.7.0", ("Orin", "8.7"))
+    with pytest.raises(RuntimeBackendError, match="SM 8.7.*SM 8.9"):
+        tb.check_engine_entry("decoder", entry, "10.3", ("RTX 4090", "8.9"))
+
+
+def test_engine_load_without_a_gpu_says_where_to_run(tmp_path, monkeypatch):
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.3.0"
+
+    class Logger:
+        WARNING, INFO = 2, 3
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    fake.Logger, fake.Runtime = Logger, Runtime
+    (tmp_path / "x.engine").write_bytes(b"plan")
+    with pytest.raises(RuntimeBackendError, match="no usable NVIDIA GPU"):
+        tb.TrtEngine.load(tmp_path / "x.engine", trt=fake)
+    with pytest.raises(BundleError, match="build-engine"):
+        tb.TrtEngine.load(tmp_path / "missing.engine", trt=fake)
+
+
+# ---- on a machine with TensorRT and an NVIDIA GPU ------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_real_engines_match_onnx_runtime(tmp_path):
+    """Export a tiny bundle for the installed TensorRT, build its engines, run them through ``TrtBackend`` (prefill +
+    decode loop with the device KV cache) and compare with ONNX Runtime via ``edgevlm verify``."""
+    trt = pytest.importorskip("tensorrt")
+    from edgevlm.bundle import read_bundle
+    from edgevlm.cli.engine import build_bundle_engines
+    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.exporter.verify import verify_bundle
+
+    major, minor = trt.__version__.split(".")[:2]
+    out = export_bundle("tiny-ldpnetv2", tmp_path / "b", random_init=True, target=f"rtx-4090@trt{major}.{minor}",
+                        precision="fp32", parity=False)
+    bundle, results = build_bundle_engines(out)
+    assert set(results) == {"vision", "decoder"}
+    bundle = read_bundle(out)                                          # engines hashed into the manifest
+    be = tb.TrtBackend.from_bundle(bundle)
+    try:
+        cfg = bundle.model_config
+        s = cfg.vision.image_size
+        img = be.vision(np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32))
+        assert img.shape == (1, cfg.visual_tokens, cfg.llm.hidden_size) and np.all(np.isfinite(img))
+        logits = be.decoder.prefill(img)
+        for _ in range(5):
+            tok = int(np.argmax(logits))
+            logits = be.decoder.decode(np.zeros(cfg.llm.hidden_size, np.float32) + tok * 1e-3)
+            assert np.all(np.isfinite(logits))
+        assert be.decoder.length == cfg.visual_tokens + 5
+    finally:
+        be.close()
+    report = verify_bundle(out, engines="require")
+    assert report.passed, [(c.name, c.detail) for c in report.failures]
+    assert report.check("engine:decoder").status == "pass"
