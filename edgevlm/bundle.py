@@ -225,6 +225,9 @@ def referenced_paths(manifest: dict[str, Any]) -> list[tuple[str, str]]:
 
     if "engines" in manifest:
         walk(manifest["engines"], "engines")
+    trt = manifest.get("tensorrt")
+    if isinstance(trt, dict) and "engines" in trt:          # where `edgevlm build-engine` records them
+        walk(trt["engines"], "tensorrt.engines")
     return out
 
 
