@@ -1,0 +1,136 @@
+"""``edgevlm run BUNDLE --image IMG --prompt TEXT``: answer one request with the torch-free runtime and print the
+latency decomposition (MobileVLM's Eq. 4).
+
+    edgevlm run out/tiny-bundle --image cat.png --prompt "What is in the picture?"
+    edgevlm run out/tiny-bundle --image cat.png --prompt "Describe it." --stream --temperature 0.7 --seed 0
+    edgevlm run out/tiny-bundle --image cat.png --prompt "..." --json-output     # one JSON object
+
+Imports only numpy / onnxruntime / PIL / tokenizers / rich (no torch): this verb runs on a device install.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from edgevlm.cli import positional
+
+
+def _table(result: Any, session: Any) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgevlm.runtime.timings import eq4_terms
+
+    t = result.timings
+    console = Console()
+    parts = Table(title="request", box=box.SIMPLE, title_justify="left")
+    for col in ("part", "ms", "detail"):
+        parts.add_column(col, justify="left" if col != "ms" else "right")
+    parts.add_row("preprocess", f"{t.preprocess_ms:.1f}", "image decode + pad/resize/normalize")
+    parts.add_row("tokenize", f"{t.tokenize_ms:.1f}", f"{t.text_tokens} text tokens")
+    parts.add_row("vision", f"{t.vision_ms:.1f}", f"{t.visual_tokens} visual tokens")
+    parts.add_row("prefill", f"{t.prefill_ms:.1f}", f"{t.prompt_tokens} tokens, {t.prefill_tok_s:.1f} tok/s")
+    parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
+    parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
+                  f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token")
+    parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
+    parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
+    parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
+    parts.add_row("total", f"{t.total_ms:.1f}", f"peak RSS {t.peak_rss_mb:.0f} MiB, {t.threads} threads, CPU "
+                  f"{t.cpu_ms:.0f} ms ({t.decode_cpu_ms_per_token:.2f} ms per decode step)")
+    console.print(parts)
+
+    eq = Table(title="Eq. 4: total ≈ load + Tks_in / v_prompt + Tks_out / v_sample + (Tks_out - 1) / v_decode "
+                     "+ others", box=box.SIMPLE, title_justify="left")
+    eq.add_column("term")
+    eq.add_column("s", justify="right")
+    eq.add_column("value")
+    rows = eq4_terms(t)
+    for r in rows:
+        eq.add_row(r["term"], f"{r['seconds']:.4f}", r["formula"])
+    eq.add_row("sum", f"{sum(r['seconds'] for r in rows):.4f}", "sum of the terms")
+    eq.add_row("measured", f"{t.load_s + t.total_ms / 1e3:.4f}",
+               f"load {t.load_s:.3f} s + request {t.total_ms / 1e3:.4f} s (wall clock)")
+    console.print(eq)
+    caches = ", ".join(f"{k}: {v.cache}" for k, v in session.session_info.items())
+    console.print("load breakdown: " + ", ".join(f"{k} {v:.3f}" for k, v in t.load_breakdown.items())
+                  + f" (optimized-graph cache {caches}; sha256 {session.verification})")
+
+
+@positional("bundle")
+def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, threads: int | None = None,
+        provider: list[str] | None = None, stream: bool = False, json_output: bool = False, raw_prompt: bool = False,
+        verify: bool = True, cache: bool = False, cache_dir: str | None = None, warmup: bool = False,
+        spinning: bool = False, profile_dir: str | None = None) -> int:
+    """Answer one image question with a bundle (numpy + ONNX Runtime, no torch) and print the latency decomposition.
+
+    The table splits the request into preprocess / tokenize / vision / prefill / decode / sampling and lays them
+    out as MobileVLM's Eq. 4: total ≈ load + Tks_in / v_prompt + Tks_out / v_sample + (Tks_out - 1) / v_decode +
+    others, next to the measured total.
+
+    Args:
+        bundle: the bundle directory (written by `edgevlm export`).
+        image: the image file.
+        prompt: the question (the bundle's prompt template is applied), or a full prompt that holds <image>.
+        max_new_tokens: at most this many generated tokens.
+        temperature: 0 = greedy; > 0 samples.
+        top_k: keep the k most likely tokens when sampling (0 = off).
+        top_p: nucleus sampling mass (1 = off).
+        seed: random seed for sampling.
+        stop: extra stop strings (the bundle's, e.g. </s>, always apply).
+        threads: ONNX Runtime intra-op threads (default: physical cores).
+        provider: execution providers in priority order: cpu (default), cuda, tensorrt.
+        stream: print the answer as it is generated.
+        json_output: print one JSON object (answer, tokens, timings) instead of text and tables.
+        raw_prompt: use --prompt verbatim (no template); it must contain <image>.
+        verify: check every bundle file's sha256 on load (files verified before and unchanged since are not
+            hashed again; --no-verify skips hashing).
+        cache: keep ORT-optimized graphs in a cache and load them from it (off by default: on the project's
+            machine loading is dominated by reading and prepacking weights, not by graph optimization).
+        cache_dir: where optimized ORT graphs are cached (implies --cache; default $EDGEVLM_CACHE/ort or
+            ~/.cache/edgevlm/ort).
+        warmup: run one tiny request before the measured one (first-run allocations excluded).
+        spinning: let ORT worker threads spin between parallel sections (off by default: it slows everything
+            down when other processes share the cores; may help a little on a dedicated device).
+        profile_dir: write ONNX Runtime profiles (JSON traces) into this directory.
+    """
+    from edgevlm.runtime import Session
+
+    cache_opt: Any = (cache_dir or "auto") if (cache or cache_dir) else None
+    session = Session.from_bundle(bundle, threads=threads, providers=provider, verify_hashes=verify,
+                                  optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop=stop, raw_prompt=raw_prompt)
+    if stream and not json_output:
+        def emit(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        result = session.generate(image, prompt, stream=emit, **kwargs)
+        sys.stdout.write("\n")
+    else:
+        result = session.generate(image, prompt, **kwargs)
+    profiles = session.end_profiling() if profile_dir else []
+    if json_output:
+        out = result.to_dict()
+        out["bundle"] = str(bundle)
+        out["model"] = session.config.name
+        out["load_info"] = {k: v.to_dict() for k, v in session.session_info.items()}
+        out["load_info"]["sha256"] = session.verification
+        if profiles:
+            out["profiles"] = profiles
+        print(json.dumps(out))
+        return 0
+    if not stream:
+        print(result.text)
+    print(f"[{result.finish_reason}: {len(result.tokens)} tokens]")
+    _table(result, session)
+    for p in profiles:
+        print(f"ORT profile: {p}")
+    return 0
+
+
+COMMANDS = {"run": run}

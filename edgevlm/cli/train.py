@@ -1,0 +1,142 @@
+"""``edgevlm train`` and ``edgevlm eval``: the MobileVLM training recipe and exact-match evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+
+def train(config: str | None = None, model: str | None = None, init: str | None = None, data: str | None = None,
+          synthetic: bool = False, out: str | None = None, stages: list[str] | None = None,
+          steps: int | None = None, epochs: float | None = None, lr: float | None = None,
+          projector_lr: float | None = None, warmup: float | None = None, batch_size: int | None = None,
+          grad_accum: int | None = None, weight_decay: float | None = None, lora_r: int | None = None,
+          lora_alpha: float | None = None, lora_dropout: float | None = None, train_vision_tower: bool = False,
+          bf16: Literal["auto", "on", "off"] | None = None, seed: int | None = None, threads: int | None = None,
+          tokenizer: str | None = None, max_samples: int | None = None, eval_split: str | None = None,
+          eval_samples: int | None = None, save_stage_checkpoints: bool = False,
+          device: Literal["auto", "cpu", "cuda"] | None = None, overwrite: bool = False,
+          progress: bool = True) -> int:
+    """Train a MobileVLM with the two-stage recipe (plus a "vision" stage for random-init presets).
+
+    Stages (presets; a recipe TOML lists them as [[stages]] tables, run in order):
+      vision    stage 0, edgevlm only: vision tower + projector + LLM, vicuna_v1 template. For small presets,
+                whose CLIP tower starts from random weights and must learn too.
+      align     stage 1 (feature alignment): projector only; vision tower and LLM frozen; "plain" template
+                (<image> + caption + newline, caption supervised).
+      instruct  stage 2 (instruction tuning): projector + LLM (or LoRA adapters with --lora-r); vision tower
+                frozen; Vicuna v1 template, loss only on the assistant answers and their </s>.
+    The tower's layers after the selected hidden state are always frozen. Trainable parameter counts per part
+    are logged at each stage start.
+
+    Flags override the --config file (configs/train/*.toml); per-stage flags (--steps, --epochs, --lr,
+    --projector-lr, --warmup, --lora-*) apply to every stage. Writes OUT/checkpoint (MobileVLM HF format, with
+    the tokenizer), OUT/tokenizer, OUT/train_log.json and OUT/eval.json. Small presets get a BPE tokenizer trained
+    on the training split. Bad data fails before anything is written.
+
+    DDP: torchrun --standalone --nproc-per-node 2 -m edgevlm train ... (gloo on CPU, nccl on CUDA); the global
+    --batch-size is split across ranks; rank 0 writes.
+
+    Examples:
+      edgevlm train --config configs/train/demo.toml --out runs/demo
+      edgevlm train --model tiny-ldpnetv2 --synthetic --stages vision instruct --steps 20 --out runs/tiny
+      edgevlm train --init MobileVLM_V2-1.7B --data my_llava --stages instruct --lora-r 128 --lr 1e-4
+
+    Args:
+        config: recipe TOML file (e.g. configs/train/demo.toml).
+        model: registry model to train from random weights (e.g. demo, tiny-ldpnetv2).
+        init: MobileVLM checkpoint directory to start from (instead of --model).
+        data: LLaVA-format data directory (DATA/train.json, DATA/test.json, images relative to DATA).
+        synthetic: generate the synthetic shapes set into OUT/data and train on it.
+        out: output directory.
+        stages: which stages to run, in order (names from the recipe file, or presets vision/align/instruct).
+        steps: optimizer steps per stage (replaces epochs).
+        epochs: epochs per stage.
+        lr: learning rate of every stage.
+        projector_lr: separate projector learning rate (MobileVLM V2's mm_projector_lr).
+        warmup: warm-up: a fraction of the stage's steps (< 1) or a number of steps.
+        batch_size: global batch size (all ranks and accumulation steps together).
+        grad_accum: gradient-accumulation steps.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        lora_r: LoRA rank for stages that train the LLM (0 = full fine-tuning); merged before saving.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        train_vision_tower: also train the vision tower in every stage.
+        bf16: bf16 autocast: auto = only where supported and measurably faster.
+        seed: random seed (weights, shuffling).
+        threads: torch threads per process (0 = the available cores divided among local ranks).
+        tokenizer: tokenizer directory (default: the init checkpoint's, DATA/tokenizer, or trained).
+        max_samples: train on the first N records only.
+        eval_split: split evaluated after training ("none" to skip).
+        eval_samples: evaluate on the first N records only.
+        save_stage_checkpoints: also write OUT/stages/N-NAME checkpoints after each stage.
+        device: auto (CUDA when available), cpu or cuda.
+        overwrite: allow a non-empty OUT (its checkpoint, tokenizer and logs are replaced).
+        progress: show progress bars.
+    """
+    from edgevlm.train.evaluate import format_result
+    from edgevlm.train.recipe import train as run
+
+    result = run(config, model=model, init=init, data=data, synthetic=synthetic or None, out=out, stages=stages,
+                 steps=steps, epochs=epochs, lr=lr, projector_lr=projector_lr, warmup=warmup, batch_size=batch_size,
+                 grad_accum=grad_accum, weight_decay=weight_decay, lora_r=lora_r, lora_alpha=lora_alpha,
+                 lora_dropout=lora_dropout, train_vision_tower=train_vision_tower or None, bf16=bf16, seed=seed,
+                 threads=threads, tokenizer=tokenizer, max_samples=max_samples, eval_split=eval_split,
+                 eval_samples=eval_samples, save_stage_checkpoints=save_stage_checkpoints or None, device=device,
+                 overwrite=overwrite or None, progress=progress)
+    if result.checkpoint is None:          # DDP rank > 0
+        return 0
+    t = result.timings
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"train log:  {result.log_path}")
+    for s in result.log["stages"]:
+        print(f"stage {s['name']:<9} {s['steps']:>5} steps  {s['seconds']:7.1f} s  loss {s['first_loss']:.4f} -> "
+              f"{s['final_loss']:.4f}")
+    print(f"time: {t['total_s']:.1f} s (data {t.get('data_s', 0):.1f}, tokenizer {t.get('tokenizer_s', 0):.1f}, "
+          f"train {t['train_s']:.1f}, save {t['save_s']:.1f})" + (f" + eval {t['eval_s']:.1f} s" if 'eval_s' in t
+                                                                   else ""))
+    if result.eval is not None:
+        print(format_result(result.eval))
+    return 0
+
+
+def evaluate(checkpoint: str, data: str, split: str = "test", out: str | None = None, batch_size: int = 64,
+             max_samples: int | None = None, max_new_tokens: int = 16, threads: int | None = None,
+             progress: bool = True) -> int:
+    """Exact-match accuracy of a checkpoint on held-out LLaVA-format QA, overall and per question type.
+
+    Each record's first question is asked with the Vicuna v1 inference prompt and answered by batched greedy
+    decoding until </s>; the answer matches when it equals the reference after stripping, lower-casing and
+    dropping a trailing period.
+
+    Args:
+        checkpoint: MobileVLM checkpoint directory (with its tokenizer), e.g. runs/demo/checkpoint.
+        data: LLaVA-format data directory (DATA/SPLIT.json) or a .json/.jsonl file.
+        split: which split of DATA to evaluate.
+        out: also write the result (with every prediction) to this JSON file.
+        batch_size: questions decoded together.
+        max_samples: evaluate the first N records only.
+        max_new_tokens: longest answer generated.
+        threads: torch threads (default: torch's default).
+        progress: show a progress bar.
+    """
+    import torch
+
+    from edgevlm.train.evaluate import evaluate_checkpoint, format_result
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = evaluate_checkpoint(checkpoint, data, split, batch_size=batch_size, max_samples=max_samples,
+                                 max_new_tokens=max_new_tokens, progress=progress)
+    print(f"{result['model']} on {data} [{split}]")
+    print(format_result(result))
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate}

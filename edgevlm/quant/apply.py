@@ -1,0 +1,684 @@
+"""Apply a per-component precision recipe to a bundle's fp32 graphs, in place, with ONNX Runtime's quantizers.
+
+``apply_precision`` runs inside the bundle's temp directory while the export is being written: after the fp32 graphs,
+the embedding table and the tokenizer exist, before parity and the manifest are finalized. Per component it
+
+1. moves the fp32 graph aside (``.quant-fp32/`` inside the bundle dir; removed at the end),
+2. writes the quantized graph under the same file name (``vision.onnx`` / ``decoder.onnx`` + ``.onnx.data``; a data
+   file that the new graph no longer references is deleted), using
+   ``quant_pre_process`` + ``quantize_static`` (static QDQ), ``MatMulNBitsQuantizer`` (int8/int4 weight-only, QOperator
+   or QDQ), ``quantize_dynamic`` or ``convert_float_to_float16`` (see ``edgevlm.quant.recipes``),
+3. rewrites ``embed_tokens.npy`` as float16 when the recipe asks for it,
+4. checks TensorRT-targeted graphs with ``edgevlm.exporter.trt_compat`` (no contrib ops, symmetric Q/DQ, opset),
+5. updates ``manifest["components"][name]`` (precision, recipe details, op histogram, contrib_ops flag, opset, I/O)
+   and, with ``report=True``, stores the quantization report (``edgevlm.quant.report``) in
+   ``manifest["quantization"]`` (error against fp32 on held-out inputs, sizes before/after) and prints it.
+
+It returns the ``ParityTolerances`` to use for the (looser) post-quantization parity check against PyTorch.
+
+    >>> tol = apply_precision(root, manifest, {"vision": "int8", "embedding": "fp16", "decoder": "int4",
+    ...                                        "lm_head": "int4"}, target="cpu", calibration=None)
+
+``quantize_bundle`` does the same to a finished fp32 bundle and writes a new bundle (``edgevlm quantize``-style use,
+tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from edgevlm.errors import BundleError, DataError, QuantizationError, TargetError
+from edgevlm.exporter import spec as S
+from edgevlm.quant import recipes as R
+
+log = logging.getLogger(__name__)
+
+SCRATCH_DIR = ".quant-fp32"
+GRAPHS = ("vision", "decoder")
+DEFAULT_FILES = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed": "embed_tokens.npy"}
+# Calibration memory: ORT's calibrators keep every sample's augmented outputs (inputs/outputs of the quantized op
+# types only) until the end. ``CalibMaxIntermediateOutputs`` is not used: in ORT 1.32 the MinMax calibrator clears
+# the collected outputs at that count *without* reducing them into ranges (the data is lost).
+
+
+# ---- small ONNX helpers -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizers print (histogram calibrators) and log at INFO/WARNING to the root logger for every node:
+    keep that out of the user's terminal (the captured stdout goes to this module's debug log)."""
+    root = logging.getLogger()
+    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization.preprocess")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    root_level = root.level
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    root.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+    finally:
+        root.setLevel(root_level)
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+        if buf.getvalue().strip():
+            log.debug("quantizer output:\n%s", buf.getvalue())
+
+
+def _nbits_module():
+    """``onnxruntime.quantization.matmul_nbits_quantizer`` without its import-time ``logging.basicConfig(INFO)``
+    reconfiguring the application's root logger."""
+    import sys
+
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    if name not in sys.modules:
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        import importlib
+
+        importlib.import_module(name)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+    return sys.modules[name]
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The graph file and every external data file it references (existing ones)."""
+    from edgevlm.exporter.onnx_export import external_data_files
+
+    files = [path]
+    if path.is_file():
+        files += [path.parent / f for f in external_data_files(path) if (path.parent / f).is_file()]
+    return files
+
+
+def graph_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in graph_files(path) if f.is_file())
+
+
+def _remove_graph(path: Path) -> None:
+    for f in graph_files(path):
+        f.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+
+
+def _move_graph(src: Path, dst: Path) -> None:
+    """Move a graph and its external data (same relative names) to ``dst`` (a graph path in another folder)."""
+    if src.name != dst.name:
+        raise QuantizationError(f"internal: moving {src} to {dst} would break its external data references")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in graph_files(src):
+        shutil.move(str(f), str(dst.parent / f.name))
+
+
+def _prune_opsets(model: Any) -> None:
+    """Drop opset imports of domains no node uses (quant_pre_process imports every ORT domain)."""
+    used = {n.domain for n in model.graph.node}
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def save_graph(model: Any, path: Path) -> None:
+    """Save ``model`` at ``path`` with all weights in ``path.name + '.data'`` (old files replaced; an unused data
+    file removed)."""
+    import onnx
+
+    _prune_opsets(model)
+    _remove_graph(path)
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=1024)
+    from edgevlm.exporter.onnx_export import external_data_files
+
+    if data.exists() and data.name not in external_data_files(path):
+        data.unlink()
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def weight_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
+    """Names of ``op_types`` nodes whose weight (input 1) is a constant initializer (not activation x activation)."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in op_types and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts)]
+
+
+def find_lm_head(model: Any, logits: str = "logits") -> str:
+    """The name of the MatMul/Gemm producing ``logits`` (through at most a few shape/cast ops)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    name = logits
+    for _ in range(8):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+            return node.name
+        if node.op_type not in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Slice", "Transpose", "Add"):
+            break
+        name = node.input[0]
+    raise QuantizationError("cannot find the LM head (the MatMul producing 'logits') in the decoder graph; "
+                            "quantize the LM head like the rest of the decoder (drop the lm_head override)")
+
+
+def qdq_report(model: Any, base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Counts of Q/DQ/MatMulNBits nodes and whether every Q/DQ zero point is an all-zero constant. ``model`` may be
+    loaded without external data: zero points stored externally are read from ``base_dir`` one by one."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    inits = {i.name: i for i in model.graph.initializer}
+    q = dq = nbits = 0
+    symmetric = True
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            q += n.op_type == "QuantizeLinear"
+            dq += n.op_type == "DequantizeLinear"
+            if len(n.input) > 2 and n.input[2]:
+                zp = inits.get(n.input[2])
+                if zp is not None and uses_external_data(zp):
+                    if base_dir is None:
+                        symmetric = False
+                        continue
+                    copy = TensorProto()
+                    copy.CopyFrom(zp)
+                    load_external_data_for_tensor(copy, str(base_dir))
+                    zp = copy
+                if zp is None or np.any(numpy_helper.to_array(zp) != 0):
+                    symmetric = False
+        elif n.op_type == "MatMulNBits":
+            nbits += 1
+    return {"quantize_linear": q, "dequantize_linear": dq, "matmulnbits": nbits, "zero_points_all_zero": symmetric}
+
+
+# ---- the quantizers ---------------------------------------------------------------------------------------------
+def _fp16(src: Path, dst: Path, block: list[str] | None = None) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        model = convert_float_to_float16(_load(src), keep_io_types=True, disable_shape_infer=True,
+                                         node_block_list=block or None)
+    save_graph(model, dst)
+    return {"node_block_list": list(block or [])}
+
+
+def _pre_process(src: Path, work: Path) -> Path:
+    from onnxruntime.quantization import quant_pre_process
+
+    out = work / f"{src.stem}.pre.onnx"
+    with _quiet():
+        quant_pre_process(str(src), str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                          external_data_location=out.name + ".data")
+    return out
+
+
+_CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...], calib_method: str,
+                per_channel: bool, work: Path, include: list[str] | None = None,
+                exclude: list[str] | None = None) -> dict[str, Any]:
+    """``quant_pre_process`` + ``quantize_static`` (QDQ, QInt8/QInt8, symmetric) on weight-bearing nodes only."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    pre = _pre_process(src, work)
+    pre_model = onnx.load(str(pre), load_external_data=False)
+    nodes = weight_nodes(pre_model, op_types)
+    if include is not None:
+        nodes = [n for n in nodes if n in include]
+    if exclude:
+        nodes = [n for n in nodes if n not in exclude]
+    del pre_model
+    if not nodes:
+        raise QuantizationError(f"{src.name}: no {'/'.join(op_types)} node with constant weights to quantize")
+    out = work / f"{src.stem}.qdq.onnx"
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if calib_method != "minmax":
+        # ORT's histogram calibrators stack each tensor's samples with np.asarray, which fails when shapes differ
+        # (prefill vs decode samples): feed them one sample per collect_data call (strided calibration).
+        extra["CalibStridedMinMax"] = 1
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=False,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            calibrate_method=getattr(CalibrationMethod, _CALIB[calib_method]),
+                            use_external_data_format=True, calibration_providers=["CPUExecutionProvider"],
+                            extra_options=extra)
+    except ValueError as exc:
+        if "No data is collected" in str(exc):
+            raise DataError(f"{src.name}: the calibration reader produced no samples; check the calibration "
+                            f"source") from exc
+        raise QuantizationError(f"{src.name}: static quantization failed ({exc})") from exc
+    model = _load(out)
+    save_graph(model, dst)
+    _remove_graph(out)
+    _remove_graph(pre)
+    return {"nodes_quantized": len(nodes), "calibration_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _matmulnbits(src: Path, dst: Path, *, bits: int, block_size: int, quant_format: str,
+                 accuracy_level: int | None, include: list[str] | None = None,
+                 exclude: list[str] | None = None) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantFormat
+
+    MatMulNBitsQuantizer = _nbits_module().MatMulNBitsQuantizer
+    model = _load(src)
+    fmt = QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator
+    skip = set(exclude or [])
+    if include is not None:               # ORT's nodes_to_include *adds* to the op types: exclude everything else
+        skip |= set(weight_nodes(model, ("MatMul",))) - set(include)
+    with _quiet():
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level if fmt == QuantFormat.QOperator else None,
+                                 nodes_to_exclude=sorted(skip), quant_format=fmt, op_types_to_quantize=("MatMul",))
+        q.process()
+    save_graph(q.model.model, dst)
+    return {}
+
+
+def _dynamic(src: Path, dst: Path, *, per_channel: bool, work: Path, exclude: list[str] | None) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = work / f"{src.stem}.dyn.onnx"
+    with _quiet():
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                         reduce_range=False, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude or []),
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    save_graph(_load(out), dst)
+    _remove_graph(out)
+    return {}
+
+
+# ---- the entry point --------------------------------------------------------------------------------------------
+def _component_file(manifest: Mapping[str, Any], name: str) -> str:
+    entry = (manifest.get("components") or {}).get(name) or {}
+    return str(entry.get("file") or DEFAULT_FILES[name])
+
+
+def _resolve_plan(recipe: Any, target: Any, **kw: Any) -> R.QuantPlan:
+    if isinstance(recipe, R.QuantPlan):
+        return recipe
+    return R.plan_quantization(dict(recipe) if isinstance(recipe, Mapping) else recipe, target, **kw)
+
+
+def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
+                    recipe: Mapping[str, str] | str | R.QuantPlan, *, target: Any = None, calibration: Any = None,
+                    calib_method: str = "minmax", report: bool = True, calibration_samples: int | None = None,
+                    heldout_samples: int | None = None,
+                    decode_steps: int | None = None, int8_decoder: str = "auto", int4_format: str = "auto",
+                    block_size: int = R.INT4_BLOCK_SIZE, accuracy_level: int = R.INT4_ACCURACY_LEVEL,
+                    threads: int | None = None, show: bool = True, console: Any = None) -> S.ParityTolerances:
+    """Quantize the bundle's graphs in place and record what was done in ``manifest`` (see the module docstring).
+
+    Args:
+        bundle_root: the bundle directory being written (``BundleWriter.root``) or a copy of a finished bundle.
+        manifest: the manifest built so far; needs ``model`` (or ``preprocess``), ``prompt``, ``tokenizer`` and
+            ``components`` file names where they differ from the defaults. Updated in place: component entries and
+            ``manifest["quantization"]``.
+        recipe: resolved components ``{vision, embedding, decoder, lm_head} -> precision`` (``Target.recipe()``),
+            a precision spec (``"int4,vision=fp16"``) or a ``recipes.QuantPlan``.
+        target: the ``Target`` (or name) the bundle is for (default ``cpu``).
+        calibration: calibration source: None / "embedded", a folder of images, a LLaVA .json, or a list of
+            ``CalibrationItem`` / a ``CalibrationSet``.
+        calib_method: ``minmax`` | ``entropy`` | ``percentile`` (static QDQ).
+        report: measure the error against fp32 on held-out inputs and store it in ``manifest["quantization"]``.
+        calibration_samples / heldout_samples / decode_steps: override ``calibration/embedded.toml``.
+        int8_decoder, int4_format, block_size, accuracy_level: see ``recipes.plan_quantization``.
+        threads: ONNX Runtime intra-op threads for calibration and the report.
+        show: print the report table (rich) when ``report`` is on.
+        console: a ``rich.console.Console`` to print to (default: stderr).
+
+    Returns:
+        The parity tolerances for the post-quantization check (``vision`` for vision.onnx, ``logits``/``kv`` for
+        decoder.onnx).
+    """
+    from edgevlm.exporter.onnx_export import graph_entry
+    from edgevlm.quant.calibration import (BundleContext, CalibrationSet, CalibrationSpec, VisionCalibrationReader,
+                                           calibration_set)
+    from edgevlm.targets import get_target
+
+    t_start = time.perf_counter()
+    root = Path(bundle_root)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory '{root}' does not exist")
+    tgt = get_target(target if target is not None else "cpu")
+    plan = _resolve_plan(recipe, tgt, calib_method=calib_method, int8_decoder=int8_decoder, int4_format=int4_format,
+                         block_size=block_size, accuracy_level=accuracy_level)
+    paths = {name: root / _component_file(manifest, name) for name in GRAPHS}
+    for name, p in paths.items():
+        if not p.is_file():
+            raise BundleError(f"{name} graph '{p}' not found: apply_precision runs after the fp32 export")
+    embed_path = root / _component_file(manifest, "embed")
+    sizes_before = {name: graph_bytes(p) for name, p in paths.items()}
+    sizes_before["embed"] = embed_path.stat().st_size if embed_path.is_file() else 0
+    spec = CalibrationSpec.load()
+    steps = spec.decode_steps if decode_steps is None else int(decode_steps)
+
+    scratch = root / SCRATCH_DIR
+    # Graphs that change are moved aside (their fp32 version feeds calibration and the report); others stay put.
+    changes = {"vision": plan.vision.method != "none",
+               "decoder": plan.decoder.method != "none" or plan.decoder.lm_head_method is not None}
+    fp32 = {name: (scratch / p.name if changes[name] else p) for name, p in paths.items()}
+    embed_backup = scratch / ("fp32-" + embed_path.name)
+    details: dict[str, dict[str, Any]] = {}
+    cset: CalibrationSet | None = None
+    try:
+        # -- the embedding table first: decoder calibration then sees the rows the runtime will gather
+        ref_table = None
+        if embed_path.is_file():
+            current = np.load(embed_path, mmap_mode="r", allow_pickle=False)
+            if str(current.dtype) != plan.embed_dtype:
+                scratch.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(embed_path, embed_backup)                # restored if anything below fails
+                if report:
+                    ref_table = np.array(current, dtype=np.float32)  # the fp32 reference for the report
+            del current
+        embed_entry = _convert_embed(embed_path, plan.embed_dtype, manifest)
+        needs_data = plan.needs_calibration or (report and not plan.is_noop)
+        ctx = None
+        if needs_data:
+            if isinstance(calibration, CalibrationSet):
+                cset = calibration
+            else:
+                cset = calibration_set(calibration, calibration_samples, heldout_samples=heldout_samples, spec=spec,
+                                       image_size=(manifest.get("preprocess") or {}).get("image_size"))
+            ctx = BundleContext.from_manifest(root, manifest)
+        for name in GRAPHS:
+            if changes[name]:
+                _move_graph(paths[name], fp32[name])
+        work = scratch / "work"
+        work.mkdir(parents=True, exist_ok=True)
+
+        # -- vision
+        vr = plan.vision
+        t0 = time.perf_counter()
+        if vr.method == "none":
+            info: dict[str, Any] = {}
+        elif vr.method == "fp16-cast":
+            info = _fp16(fp32["vision"], paths["vision"])
+        elif vr.method == "static-qdq":
+            assert cset is not None and ctx is not None
+            reader = VisionCalibrationReader(cset.items, ctx.preprocess, fp32["vision"])
+            info = _static_qdq(fp32["vision"], paths["vision"], reader, op_types=R.WEIGHT_OPS_VISION,
+                               calib_method=plan.calib_method, per_channel=bool(vr.params.get("per_channel", True)),
+                               work=work)
+            info["calibration_samples"] = len(cset.items)
+        else:                                                     # pragma: no cover - plan_quantization guards
+            raise QuantizationError(f"vision method '{vr.method}' unknown")
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        details["vision"] = info
+
+        # -- decoder
+        t0 = time.perf_counter()
+        details["decoder"] = _quantize_decoder(plan, fp32, paths["decoder"], cset, ctx, steps, work, threads)
+        details["decoder"]["seconds"] = round(time.perf_counter() - t0, 3)
+
+        # -- TensorRT: standard ops, symmetric Q/DQ, opset
+        trt_checks: dict[str, Any] = {}
+        if tgt.is_tensorrt:
+            trt_checks = _check_tensorrt(paths, tgt)
+
+        # -- manifest entries
+        comps = manifest.setdefault("components", {})
+        for name in GRAPHS:
+            cr = plan.recipe(name)
+            model = _load_graph_only(paths[name])
+            rec = {**cr.to_dict(), **details[name], **qdq_report(model, paths[name].parent)}
+            if cset is not None and cr.needs_calibration:
+                rec["calibration"] = {**cset.info["calibration"], "method": plan.calib_method,
+                                      **({"decode_steps": steps} if name == "decoder" else {})}
+            if name in trt_checks:
+                rec["tensorrt_compat"] = trt_checks[name]
+            entry = comps.setdefault(name, {})
+            keep = {k: v for k, v in entry.items() if k in ("kv_cache", "logits", "visual_tokens", "mask_value",
+                                                            "mask_constants_replaced")}
+            entry.update(graph_entry(paths[name], precision=cr.precision, recipe=rec))
+            entry.update(keep)
+            entry.pop("parity", None)                          # recomputed after quantization by the exporter
+        if embed_entry is not None:
+            comps.setdefault("embed", {}).update(embed_entry)
+        for name in GRAPHS:
+            kv = comps[name].get("kv_cache")
+            if kv is not None:
+                kv["dtype"] = "float32"                        # keep_io_types / weight-only: KV I/O stays float32
+
+        sizes_after = {name: graph_bytes(p) for name, p in paths.items()}
+        sizes_after["embed"] = embed_path.stat().st_size if embed_path.is_file() else 0
+        tol = plan.tolerances()
+        quant: dict[str, Any] = {
+            "recipe": plan.to_dict(), "target": tgt.label, "calib_method": plan.calib_method,
+            "calibration": cset.info if cset is not None else None,
+            "sizes": _sizes(sizes_before, sizes_after),
+            "parity_tolerances": tol.to_dict(),
+            "seconds": None,
+        }
+        if report and not plan.is_noop and cset is not None and ctx is not None:
+            from edgevlm.quant.report import heldout_errors
+
+            quant["errors"] = heldout_errors(ctx, cset.heldout, fp32_vision=fp32["vision"],
+                                             fp32_decoder=fp32["decoder"], vision=paths["vision"],
+                                             decoder=paths["decoder"], decode_steps=steps, threads=threads,
+                                             ref_embed_table=ref_table)
+            quant["heldout"] = cset.info["heldout"]
+        quant["seconds"] = round(time.perf_counter() - t_start, 3)
+        manifest["quantization"] = quant
+        if report and show and not plan.is_noop:
+            from edgevlm.quant.report import print_report
+
+            print_report(quant, console=console)
+        log.info("quantized %s (%s) for %s in %.1f s", root.name, plan.name, tgt.label, quant["seconds"])
+        return tol
+    except BaseException:
+        # Put the fp32 graphs back: the directory stays a consistent fp32 export (the exporter discards it anyway).
+        for name in GRAPHS:
+            if changes[name] and fp32[name].is_file():
+                _remove_graph(paths[name])
+                _move_graph(fp32[name], paths[name])
+        if embed_backup.is_file():
+            os.replace(embed_backup, embed_path)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_graph_only(path: Path):
+    """The graph proto without its weights."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset: Any, ctx: Any, steps: int,
+                      work: Path, threads: int | None) -> dict[str, Any]:
+    from edgevlm.quant.calibration import DecoderCalibrationReader
+
+    dr = plan.decoder
+    src = fp32["decoder"]
+    head_method = dr.lm_head_method
+    head = None
+    if head_method is not None:
+        import onnx
+
+        head = find_lm_head(onnx.load(str(src), load_external_data=False))
+    info: dict[str, Any] = {"lm_head_node": head} if head else {}
+
+    def reader():
+        assert cset is not None and ctx is not None
+        return DecoderCalibrationReader(ctx, cset.items, fp32["vision"], src, decode_steps=steps, threads=threads)
+
+    if dr.method == "none" and head_method is None:
+        pass                                                      # unchanged (not moved aside)
+    elif dr.method == "none":
+        raise QuantizationError("an LM head precision other than the decoder's needs a quantized decoder")
+    elif dr.method == "fp16-cast":
+        info.update(_fp16(src, dst, block=[head] if head_method == "none" else None))
+    elif dr.method == "static-qdq":
+        info.update(_static_qdq(src, dst, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
+                                per_channel=bool(dr.params.get("per_channel", True)), work=work,
+                                exclude=[head] if head_method == "none" else None))
+        info["calibration_samples"] = len(cset.items)
+    elif dr.method == "matmulnbits-int8":
+        info.update(_matmulnbits(src, dst, bits=8, block_size=int(dr.params["block_size"]), quant_format="QOperator",
+                                 accuracy_level=dr.params.get("accuracy_level"),
+                                 exclude=[head] if head_method == "none" else None))
+    elif dr.method == "dynamic":
+        info.update(_dynamic(src, dst, per_channel=bool(dr.params.get("per_channel", True)), work=work,
+                             exclude=[head] if head_method == "none" else None))
+    elif dr.method == "matmulnbits-int4":
+        fmt = str(dr.params["quant_format"])
+        stage = src
+        if head_method == "static-qdq":                           # TensorRT: LM head W8A8 QDQ, then int4 the rest
+            stage = work / "decoder.head.onnx"
+            info.update(_static_qdq(src, stage, reader(), op_types=R.WEIGHT_OPS_DECODER,
+                                    calib_method=plan.calib_method, per_channel=True, work=work, include=[head]))
+            info["calibration_samples"] = len(cset.items)
+        elif head_method == "matmulnbits-int8":                   # ORT: LM head MatMulNBits 8-bit, then int4
+            stage = work / "decoder.head.onnx"
+            _matmulnbits(src, stage, bits=8, block_size=int(dr.params.get("lm_head_block_size", R.INT8_BLOCK_SIZE)),
+                         quant_format="QOperator", accuracy_level=dr.params.get("accuracy_level"), include=[head])
+        info.update(_matmulnbits(stage, dst, bits=4, block_size=int(dr.params["block_size"]), quant_format=fmt,
+                                 accuracy_level=dr.params.get("accuracy_level"),
+                                 exclude=[head] if head_method is not None else None))
+        if stage != src:
+            _remove_graph(stage)
+    else:                                                         # pragma: no cover - plan_quantization guards
+        raise QuantizationError(f"decoder method '{dr.method}' unknown")
+    return info
+
+
+def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Rewrite the embedding table in ``dtype`` when it differs; returns the updated manifest entry fields."""
+    if not path.is_file():
+        raise BundleError(f"embedding table '{path}' not found: apply_precision runs after the fp32 export")
+    table = np.load(path, mmap_mode="r", allow_pickle=False)
+    if str(table.dtype) == dtype:
+        return {"dtype": dtype, "precision": {"float32": "fp32", "float16": "fp16"}[dtype]} \
+            if (manifest.get("components") or {}).get("embed") else None
+    if dtype not in ("float32", "float16"):
+        raise QuantizationError(f"embedding table dtype '{dtype}' unsupported; use float16 or float32")
+    arr = np.asarray(table, dtype=np.float32)
+    if dtype == "float16" and np.abs(arr).max(initial=0.0) > 65504:
+        raise QuantizationError(f"embedding table has values beyond the float16 range; keep it fp32 "
+                                f"(--precision ...,embedding=fp32)")
+    new = np.ascontiguousarray(arr.astype(dtype))
+    del table
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, new, allow_pickle=False)
+    os.replace(tmp, path)
+    return {"dtype": dtype, "precision": {"float32": "fp32", "float16": "fp16"}[dtype],
+            "shape": list(new.shape), "file": path.name,
+            "note": "stored fp16; the runtime upcasts the gathered rows" if dtype == "float16" else ""}
+
+
+def _check_tensorrt(paths: Mapping[str, Path], tgt: Any) -> dict[str, Any]:
+    """Every TensorRT-targeted graph: trt_compat clean (no contrib ops, opset, symmetric signed Q/DQ)."""
+    from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+
+    out = {}
+    for name, p in paths.items():
+        issues = check_tensorrt_compat(p, tgt.tensorrt)
+        errors = [i for i in issues if i.severity == ERROR]
+        if errors:
+            lines = "\n".join(f"  - {i}" for i in errors[:20])
+            raise TargetError(f"{name}: the quantized graph is not TensorRT {tgt.tensorrt} compatible "
+                              f"({len(errors)} problem(s)); this is a recipe bug, report it:\n{lines}")
+        out[name] = {"ok": True, "warnings": [str(i) for i in issues]}
+    return out
+
+
+def _sizes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in before:
+        out[k] = {"before_bytes": int(before[k]), "after_bytes": int(after[k]),
+                  "ratio": round(after[k] / before[k], 4) if before[k] else None}
+    tb, ta = sum(before.values()), sum(after.values())
+    out["total"] = {"before_bytes": int(tb), "after_bytes": int(ta), "ratio": round(ta / tb, 4) if tb else None}
+    return out
+
+
+# ---- whole-bundle convenience ------------------------------------------------------------------------------------
+def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: Mapping[str, str] | str, *,
+                    target: Any = None, calibration: Any = None, calib_method: str = "minmax",
+                    overwrite: bool = False, report: bool = True, show: bool = False,
+                    **kwargs: Any) -> Path:
+    """Quantize a finished **fp32** bundle into a new bundle ``out`` (written atomically). The new manifest keeps
+    the source's parity results under ``components.*.parity_fp32`` (PyTorch parity needs the model; the quantization
+    report measures the error against the fp32 graphs instead)."""
+    from edgevlm.bundle import BundleWriter, read_bundle
+    from edgevlm.targets import get_target
+
+    b = read_bundle(src)
+    m = dict(b.manifest)
+    for name in GRAPHS:
+        if m["components"][name].get("precision") != "fp32":
+            raise QuantizationError(f"bundle '{src}' has a {m['components'][name].get('precision')} {name}; "
+                                    f"quantize_bundle starts from an fp32 export (edgevlm export --precision fp32)")
+    tgt = get_target(target if target is not None else (m.get("target") or {}).get("name", "cpu"))
+    import copy
+
+    manifest = copy.deepcopy(m)
+    # header keys are rewritten by the writer; engines / TensorRT checks / memory plan belong to the fp32 export
+    for k in ("files", "schema_version", "format", "toolkit", "created", "updated", "engines", "tensorrt",
+              "memory_plan"):
+        manifest.pop(k, None)
+    for name in GRAPHS:
+        par = manifest["components"][name].pop("parity", None)
+        if isinstance(par, dict):
+            manifest["components"][name]["parity_fp32"] = {k: par.get(k) for k in ("passed", "skipped", "max_abs_diff",
+                                                                                   "cosine", "worst_check")
+                                                           if k in par}
+    with BundleWriter(out, overwrite=overwrite) as w:
+        for rel in b.files:
+            dst = w.path(rel)
+            shutil.copy2(b.path(rel), dst)
+        tol = apply_precision(w.root, manifest, precision, target=tgt, calibration=calibration,
+                              calib_method=calib_method, report=report, show=show, **kwargs)
+        plan = manifest["quantization"]["recipe"]
+        manifest["precision"] = plan["name"]
+        manifest["recipe"] = {"name": plan["name"], "components": plan["components"],
+                              "embed_dtype": plan["embed_dtype"], "tolerances": tol.to_dict()}
+        manifest["target"] = tgt.to_dict()
+        try:
+            from edgevlm import planner
+
+            manifest["memory_plan"] = planner.plan_memory(b.model_config, tgt, plan["components"]).to_dict()
+        except Exception as exc:  # the plan is informative here; quantization itself succeeded
+            log.warning("memory plan for %s not recorded: %s", tgt.label, exc)
+        if tgt.is_tensorrt:
+            manifest["tensorrt"] = {"tensorrt": tgt.tensorrt,
+                                    "compat": {n: manifest["components"][n]["recipe"].get("tensorrt_compat")
+                                               for n in GRAPHS}}
+        manifest.setdefault("notes", []).append(f"quantized from fp32 bundle '{Path(src).resolve()}' with "
+                                                f"edgevlm.quant ({plan['name']})")
+        manifest["parity"] = {**(manifest.get("parity") or {}), "quantized_from_fp32": True}
+        w.set_manifest(manifest)
+    return Path(out)
+
+
+__all__ = ["apply_precision", "quantize_bundle", "weight_nodes", "find_lm_head", "qdq_report", "save_graph",
+           "graph_bytes", "graph_files", "SCRATCH_DIR"]

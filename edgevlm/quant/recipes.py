@@ -1,0 +1,375 @@
+"""Per-component precision recipes: what ``--precision`` means for each graph on each kind of target.
+
+A precision spec (``fp32``, ``fp16``, ``int8``, ``int4`` or ``"int4,vision=fp16"``, see ``edgevlm.targets``) is
+resolved to ``{vision, embedding, decoder, lm_head} -> precision`` and then, per component, to a *method* that
+``edgevlm.quant.apply`` runs with ONNX Runtime's own tools (no hand-written quantizers):
+
+==========  ===========  ===============================================================================================
+component   precision    method (ORT CPU target | TensorRT target)
+==========  ===========  ===============================================================================================
+vision      fp32         as exported
+vision      fp16         ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (GPU only)
+vision      int8         static QDQ: ``quant_pre_process`` then ``quantize_static`` (QuantFormat.QDQ, QInt8/QInt8,
+                         ActivationSymmetric + WeightSymmetric, per-channel weights, minmax|entropy|percentile
+                         calibration on real preprocessed images); weight-bearing Conv/MatMul/Gemm only
+vision      int4         refused: int4 weight-only is for decoder matmuls
+decoder     fp16         ``convert_float_to_float16(keep_io_types=True)`` (GPU targets; KV and logits stay float32)
+decoder     int8         CPU: weight-only ``MatMulNBitsQuantizer(bits=8)`` -> ``com.microsoft::MatMulNBits``
+                         (or ``quantize_dynamic`` with ``int8_decoder="dynamic"``);
+                         TensorRT: W8A8 static QDQ (``quantize_static``, symmetric, per-channel) calibrated on real
+                         prefill + decode activations (TensorRT rejects MatMulInteger/DynamicQuantizeLinear/contrib ops)
+decoder     int4         CPU: ``MatMulNBitsQuantizer(bits=4, block 32, symmetric, accuracy_level 4)`` -> MatMulNBits;
+                         TensorRT: the same quantizer with ``quant_format=QDQ`` -> blocked INT4 ``DequantizeLinear``
+                         (opset 21, zero point 0) -> ``MatMul``
+lm_head     = decoder    follows the decoder (the LM head is the decoder graph's last MatMul) unless overridden:
+                         ``lm_head=int8`` with an int4 decoder (8-bit LM head), ``lm_head=fp32`` (kept unquantized)
+embedding   fp32|fp16    a ``.npy`` table the runtime gathers from (int8/int4 presets store it fp16)
+==========  ===========  ===============================================================================================
+
+Rules on top of ``Target.recipe()`` (every violation raises a typed error whose message names the fix):
+fp8 needs an Ada/Hopper GPU (and is not implemented here: use int8/fp16); bf16 is not implemented (use fp16);
+fp16 is refused on CPU targets; int4 is refused for the vision tower; MatMulNBits (``int4_format="matmulnbits"``,
+``int8_decoder="weight-only"``) and ``quantize_dynamic`` are refused on TensorRT targets.
+
+    >>> from edgevlm.quant.recipes import plan_quantization
+    >>> plan = plan_quantization("int4", "jetson-orin")
+    >>> plan.decoder.method, plan.decoder.params["quant_format"]
+    ('matmulnbits-int4', 'QDQ')
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from edgevlm.errors import ConfigError, QuantizationError, TargetError
+from edgevlm.exporter import spec as S
+
+#: Calibration methods of ``quantize_static`` (``--calib-method``).
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+#: How an int8 decoder is quantized: weight-only MatMulNBits (CPU), quantize_dynamic (CPU), W8A8 static QDQ (any).
+INT8_DECODER_MODES = ("weight-only", "dynamic", "qdq")
+#: Output form of int4 weight-only quantization: contrib MatMulNBits (ORT) or blocked INT4 DequantizeLinear (TensorRT).
+INT4_FORMATS = ("matmulnbits", "qdq")
+
+#: Defaults of the int4 weight-only recipe (measured on the demo model: benchmarks/results/quant_demo.json).
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations inside the kernel (fastest on x86/ARM CPUs)
+INT8_BLOCK_SIZE = 32             # MatMulNBits bits=8 (weight-only int8 on ORT CPU)
+WEIGHT_OPS_VISION = ("Conv", "MatMul", "Gemm")
+WEIGHT_OPS_DECODER = ("MatMul", "Gemm")
+
+# ---- parity tolerances after quantization -----------------------------------------------------------------------
+# Measured (tiny-ldpnetv2 / demo, random init, parity inputs): int8 vision cosine 0.9989, |diff| at 0.10 of the limit
+# below; int8 decoder logits cosine >= 0.998 (0.15 of the limit); int4 decoder logits cosine >= 0.970 (0.25 of the
+# limit), presents at 0.48 of the int4 KV limit. The export's parity check feeds *random* inputs (unit-scale noise
+# pixels / embeddings) and compares with PyTorch;
+# quantized graphs are calibrated on real activations, so noise inputs sit partly outside the calibrated ranges. The
+# limits below are loose guards (NaN, a wrong graph, a broken KV path); the accuracy that matters is measured on real
+# held-out inputs by ``edgevlm.quant.report`` and stored in manifest["quantization"].
+INT8_VISION_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
+INT8_LOGITS_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
+INT4_LOGITS_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.90)
+INT8_KV_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
+INT4_KV_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
+
+
+@dataclass(frozen=True)
+class ComponentRecipe:
+    """How one graph is brought to its precision. ``params`` are the arguments passed to ORT's tool."""
+
+    component: str                   # "vision" | "decoder"
+    precision: str                   # fp32 | fp16 | int8 | int4
+    method: str                      # none | fp16-cast | static-qdq | matmulnbits-int8 | matmulnbits-int4 | dynamic
+    params: Mapping[str, Any] = field(default_factory=dict)
+    lm_head: str | None = None       # decoder only: precision of the LM head MatMul
+    description: str = ""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "static-qdq" or (self.lm_head_method or "") == "static-qdq"
+
+    @property
+    def lm_head_method(self) -> str | None:
+        """How the LM head is quantized when it differs from the rest of the decoder (None: like the decoder)."""
+        if self.component != "decoder" or self.lm_head in (None, self.precision):
+            return None
+        if self.lm_head == "fp32":
+            return "none"
+        return "static-qdq" if self.params.get("quant_format") == "QDQ" else "matmulnbits-int8"
+
+    @property
+    def uses_contrib_ops(self) -> bool:
+        return self.method == "matmulnbits-int8" or (self.method == "matmulnbits-int4"
+                                                    and self.params.get("quant_format") == "QOperator") \
+            or self.lm_head_method == "matmulnbits-int8"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"precision": self.precision, "method": self.method, "description": self.description,
+                             **copy.deepcopy(dict(self.params))}
+        if self.component == "decoder":
+            d["lm_head"] = self.lm_head or self.precision
+            if self.lm_head_method:
+                d["lm_head_method"] = self.lm_head_method
+        return d
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """The resolved recipe for one export: per-component precisions, methods, target facts, parity tolerances."""
+
+    components: dict[str, str]       # {vision, embedding, decoder, lm_head} -> precision
+    vision: ComponentRecipe
+    decoder: ComponentRecipe
+    embed_dtype: str                 # float32 | float16
+    target: str                      # target label
+    backend: str                     # tensorrt | onnxruntime-cpu
+    tensorrt: str | None
+    calib_method: str
+
+    @property
+    def name(self) -> str:
+        from edgevlm.targets import recipe_name
+
+        return recipe_name(self.components)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.vision.needs_calibration or self.decoder.needs_calibration
+
+    @property
+    def is_noop(self) -> bool:
+        return self.vision.method == "none" and self.decoder.method == "none" and self.decoder.lm_head_method is None
+
+    def recipe(self, component: str) -> ComponentRecipe:
+        if component not in ("vision", "decoder"):
+            raise ConfigError(f"no graph recipe for component '{component}'; graphs: vision, decoder")
+        return self.vision if component == "vision" else self.decoder
+
+    def tolerances(self) -> S.ParityTolerances:
+        """Parity tolerances (against PyTorch, random inputs) for the quantized graphs."""
+        return tolerances_for(self.components)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "components": dict(self.components), "embed_dtype": self.embed_dtype,
+                "target": self.target, "backend": self.backend, "tensorrt": self.tensorrt,
+                "calib_method": self.calib_method, "vision": self.vision.to_dict(), "decoder": self.decoder.to_dict()}
+
+
+def tolerances_for(components: Mapping[str, str]) -> S.ParityTolerances:
+    """Parity tolerances for a resolved recipe: the loosest of each graph's parts."""
+    v, dec, head = components.get("vision", "fp32"), components.get("decoder", "fp32"), components.get("lm_head")
+    vision = {"fp32": S.FP32_TOLERANCES.vision, "fp16": S.FP16_TOLERANCES.vision}.get(v, INT8_VISION_TOLERANCE)
+    worst = "int4" if "int4" in (dec, head) else ("int8" if "int8" in (dec, head) else
+                                                  ("fp16" if "fp16" in (dec, head) else "fp32"))
+    logits = {"fp32": S.FP32_TOLERANCES.logits, "fp16": S.FP16_TOLERANCES.logits, "int8": INT8_LOGITS_TOLERANCE,
+              "int4": INT4_LOGITS_TOLERANCE}[worst]
+    kv = {"fp32": S.FP32_TOLERANCES.kv, "fp16": S.FP16_TOLERANCES.kv, "int8": INT8_KV_TOLERANCE,
+          "int4": INT4_KV_TOLERANCE}[worst]
+    return S.ParityTolerances(vision=vision, logits=logits, kv=kv)
+
+
+def _resolve(precision: str | Mapping[str, str] | None, target) -> dict[str, str]:
+    from edgevlm.targets import _resolve_recipe   # same package family; the parser behind Target.recipe()
+
+    return _resolve_recipe(precision, target.default_recipe)
+
+
+def _check_rules(comps: Mapping[str, str], target) -> None:
+    """edgevlm's own rules, checked before the target's precision list so that the message names the fix."""
+    what = ", ".join(f"{c}={p}" for c, p in comps.items())
+    if comps.get("vision") == "int4":
+        raise QuantizationError("int4 weight-only is for decoder matmuls; use int8 or fp16 for vision (e.g. "
+                                "--precision int4,vision=int8, the int4 preset's default)")
+    fp8 = [c for c, p in comps.items() if p == "fp8"]
+    if fp8:
+        if "fp8" not in target.precisions:
+            cc = f" (compute capability {target.compute_capability})" if target.compute_capability else ""
+            raise TargetError(f"fp8 for {', '.join(fp8)} needs an Ada/Hopper GPU (compute capability >= 8.9); "
+                              f"target '{target.name}'{cc} has no fp8: use int8 (W8A8 QDQ) or fp16 instead "
+                              f"(--precision int8 or fp16)")
+        raise QuantizationError(f"fp8 ({', '.join(fp8)}) is not implemented by edgevlm's quantizer yet; use int8 "
+                                f"(W8A8 QDQ) or fp16 on '{target.name}', or quantize to fp8 with NVIDIA ModelOpt")
+    bf16 = [c for c, p in comps.items() if p == "bf16"]
+    if bf16:
+        raise QuantizationError(f"bf16 ({', '.join(bf16)}) is not implemented by edgevlm's exporter; use fp16 "
+                                f"(same memory, TensorRT runs both) or fp32")
+    if target.kind == "cpu":
+        fp16 = [c for c, p in comps.items() if p == "fp16" and c != "embedding"]
+        if fp16:
+            raise TargetError(f"fp16 for {', '.join(fp16)} on CPU target '{target.name}': ONNX Runtime's CPU "
+                              f"provider lacks fp16 kernels for most ops (it inserts casts and runs slower than "
+                              f"fp32); use fp32, int8 or int4 on CPU targets (e.g. --precision int8), or pick a "
+                              f"GPU/Jetson target for fp16")
+    if comps.get("embedding") not in ("fp32", "fp16"):
+        raise QuantizationError(f"embedding={comps.get('embedding')}: the embedding table is gathered (a few rows "
+                                f"per token), not multiplied, and is stored fp16 or fp32; use embedding=fp16")
+    dec, head = comps.get("decoder"), comps.get("lm_head", comps.get("decoder"))
+    allowed = {dec, "fp32"} | ({"int8"} if dec == "int4" else set())
+    if head not in allowed:
+        raise QuantizationError(f"lm_head={head} with decoder={dec} ({what}): the LM head is the decoder graph's last "
+                                f"MatMul; it can follow the decoder, stay fp32, or be int8 under an int4 decoder "
+                                f"(--precision int4,lm_head=int8)")
+
+
+def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *, calib_method: str = "minmax",
+                      int8_decoder: str = "auto", int4_format: str = "auto", block_size: int = INT4_BLOCK_SIZE,
+                      accuracy_level: int = INT4_ACCURACY_LEVEL, per_channel: bool = True) -> QuantPlan:
+    """Resolve ``precision`` for ``target`` into a ``QuantPlan``.
+
+    Args:
+        precision: preset name, ``"int4,vision=fp16"`` or a dict (see ``edgevlm.targets.Target.recipe``).
+        target: a ``Target`` or a target name (default: ``cpu``).
+        calib_method: ``minmax`` | ``entropy`` | ``percentile`` (static QDQ calibration, ``--calib-method``).
+        int8_decoder: ``auto`` (CPU: weight-only MatMulNBits 8-bit; TensorRT: W8A8 QDQ), ``weight-only``,
+            ``dynamic`` (``quantize_dynamic``; ORT CPU only) or ``qdq``.
+        int4_format: ``auto`` (CPU: ``matmulnbits``; TensorRT: ``qdq``), ``matmulnbits`` or ``qdq``.
+        block_size: int4 (and 8-bit weight-only) block size along K (a power of two >= 16).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute).
+        per_channel: per-channel weight scales for static QDQ.
+    """
+    from edgevlm.targets import get_target
+
+    tgt = get_target(target if target is not None else "cpu")
+    if calib_method not in CALIB_METHODS:
+        raise QuantizationError(f"calibration method '{calib_method}' unknown; use one of {', '.join(CALIB_METHODS)} "
+                                f"(--calib-method)")
+    if int8_decoder not in ("auto", *INT8_DECODER_MODES):
+        raise QuantizationError(f"int8 decoder mode '{int8_decoder}' unknown; use auto, "
+                                f"{', '.join(INT8_DECODER_MODES)}")
+    if int4_format not in ("auto", *INT4_FORMATS):
+        raise QuantizationError(f"int4 format '{int4_format}' unknown; use auto, {', '.join(INT4_FORMATS)}")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise QuantizationError(f"block size {block_size} unsupported: MatMulNBits needs a power of two >= 16 "
+                                f"(e.g. 32, the default, or 128)")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizationError(f"accuracy_level {accuracy_level} unknown; use 0 (unset), 1 (fp32), 2 (fp16), "
+                                f"3 (bf16) or 4 (int8 compute, the default)")
+    comps = _resolve(precision, tgt)                   # ConfigError for unknown names
+    _check_rules(comps, tgt)
+    comps = tgt.recipe(comps)                          # the target's precision list (TargetError naming it)
+    trt = tgt.is_tensorrt
+    if trt and int8_decoder in ("weight-only", "dynamic") and "int8" in (comps["decoder"], comps["lm_head"]):
+        why = ("MatMulNBits is a com.microsoft contrib op that only ONNX Runtime runs"
+               if int8_decoder == "weight-only" else
+               "quantize_dynamic emits DynamicQuantizeLinear + MatMulInteger, which TensorRT rejects")
+        raise QuantizationError(f"int8_decoder='{int8_decoder}' on TensorRT target '{tgt.name}': {why}; use "
+                                f"int8_decoder='qdq' (W8A8 static QDQ, symmetric), the TensorRT default")
+    if trt and int4_format == "matmulnbits" and "int4" in (comps["decoder"], comps["lm_head"]):
+        raise QuantizationError(f"int4_format='matmulnbits' on TensorRT target '{tgt.name}': MatMulNBits is a "
+                                f"com.microsoft contrib op that TensorRT cannot parse; use int4_format='qdq' "
+                                f"(blocked INT4 DequantizeLinear + MatMul, symmetric), the TensorRT default")
+    if int8_decoder == "auto":
+        int8_decoder = "qdq" if trt else "weight-only"
+    if int4_format == "auto":
+        int4_format = "qdq" if trt else "matmulnbits"
+
+    vision = _vision_recipe(comps["vision"], calib_method, per_channel)
+    decoder = _decoder_recipe(comps["decoder"], comps["lm_head"], int8_decoder=int8_decoder,
+                              int4_format=int4_format, calib_method=calib_method, block_size=block_size,
+                              accuracy_level=accuracy_level, per_channel=per_channel)
+    return QuantPlan(components=dict(comps), vision=vision, decoder=decoder,
+                     embed_dtype={"fp32": "float32", "fp16": "float16"}[comps["embedding"]], target=tgt.label,
+                     backend=tgt.backend, tensorrt=tgt.tensorrt, calib_method=calib_method)
+
+
+def _static_params(calib_method: str, per_channel: bool, op_types: tuple[str, ...]) -> dict[str, Any]:
+    return {"tool": "onnxruntime.quantization.quantize_static", "quant_format": "QDQ", "activation_type": "QInt8",
+            "weight_type": "QInt8", "symmetric": True, "activation_symmetric": True, "weight_symmetric": True,
+            "per_channel": per_channel, "calib_method": calib_method, "op_types": list(op_types),
+            "weights_only_nodes": True, "pre_process": "onnxruntime.quantization.quant_pre_process"}
+
+
+def _vision_recipe(precision: str, calib_method: str, per_channel: bool) -> ComponentRecipe:
+    if precision == "fp32":
+        return ComponentRecipe("vision", "fp32", "none", {}, description="as exported (float32)")
+    if precision == "fp16":
+        return ComponentRecipe("vision", "fp16", "fp16-cast", _fp16_params(),
+                               description="float16 weights and compute, float32 graph I/O")
+    if precision == "int8":
+        return ComponentRecipe("vision", "int8", "static-qdq", _static_params(calib_method, per_channel,
+                                                                              WEIGHT_OPS_VISION),
+                               description="int8 static QDQ (symmetric activations and weights, per-channel "
+                                           "weights) calibrated on real preprocessed images")
+    raise QuantizationError(f"vision precision '{precision}' is not implemented; use fp32, fp16 or int8")
+
+
+def _fp16_params() -> dict[str, Any]:
+    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_format: str, calib_method: str,
+                    block_size: int, accuracy_level: int, per_channel: bool) -> ComponentRecipe:
+    if precision == "fp32":
+        return ComponentRecipe("decoder", "fp32", "none", {}, lm_head, "as exported (float32)")
+    if precision == "fp16":
+        return ComponentRecipe("decoder", "fp16", "fp16-cast", _fp16_params(), lm_head,
+                               "float16 weights and compute, float32 graph I/O (KV cache and logits stay float32)")
+    if precision == "int8":
+        if int8_decoder == "weight-only":
+            return ComponentRecipe("decoder", "int8", "matmulnbits-int8", {
+                "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 8,
+                "block_size": INT8_BLOCK_SIZE, "symmetric": True, "accuracy_level": accuracy_level,
+                "quant_format": "QOperator", "op": "com.microsoft::MatMulNBits"}, lm_head,
+                "int8 weight-only, block-wise (ORT MatMulNBits, ONNX Runtime only)")
+        if int8_decoder == "dynamic":
+            return ComponentRecipe("decoder", "int8", "dynamic", {
+                "tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": per_channel,
+                "op_types": list(WEIGHT_OPS_DECODER), "symmetric": True,
+                "ops": "DynamicQuantizeLinear + MatMulInteger"}, lm_head,
+                "int8 dynamic quantization (per-token activation scales at run time; ONNX Runtime CPU only)")
+        return ComponentRecipe("decoder", "int8", "static-qdq", _static_params(calib_method, per_channel,
+                                                                               WEIGHT_OPS_DECODER), lm_head,
+                               "W8A8 static QDQ (symmetric, per-channel weights) calibrated on real prefill and "
+                               "decode activations")
+    if precision == "int4":
+        fmt = "QDQ" if int4_format == "qdq" else "QOperator"
+        params: dict[str, Any] = {
+            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
+            "block_size": block_size, "symmetric": True, "quant_format": fmt,
+            "op": "DequantizeLinear(int4, block_size) -> MatMul" if fmt == "QDQ" else "com.microsoft::MatMulNBits"}
+        if fmt == "QOperator":
+            params["accuracy_level"] = accuracy_level
+        else:
+            params["opset"] = 21
+        if lm_head == "int8":
+            params["lm_head_bits"] = 8
+            if fmt == "QDQ":
+                params["lm_head_calib_method"] = calib_method
+            else:
+                params["lm_head_block_size"] = INT8_BLOCK_SIZE
+        return ComponentRecipe("decoder", "int4", "matmulnbits-int4", params, lm_head,
+                               f"int4 weight-only, block {block_size}, symmetric "
+                               + ("(blocked INT4 DequantizeLinear -> MatMul, for TensorRT)" if fmt == "QDQ"
+                                  else f"(ORT MatMulNBits, accuracy_level {accuracy_level})")
+                               + (", LM head int8" if lm_head == "int8" else "")
+                               + (", LM head fp32" if lm_head == "fp32" else ""))
+    raise QuantizationError(f"decoder precision '{precision}' is not implemented; use fp32, fp16, int8 or int4")
+
+
+def recipe_table(targets: tuple[str, ...] = ("cpu", "jetson-orin")) -> list[dict[str, str]]:
+    """Rows ``{preset, target, vision, decoder, embedding}`` describing what each preset does per target kind
+    (``--help`` text, docs)."""
+    from edgevlm.targets import PRECISION_PRESETS, get_target
+
+    rows = []
+    for t in targets:
+        tgt = get_target(t)
+        for preset in PRECISION_PRESETS:
+            try:
+                plan = plan_quantization(preset, tgt)
+            except (QuantizationError, TargetError) as exc:
+                rows.append({"preset": preset, "target": tgt.name, "vision": "-", "decoder": "-",
+                             "embedding": "-", "error": str(exc).split(";")[0]})
+                continue
+            fmt = plan.decoder.params.get("quant_format")
+            rows.append({"preset": preset, "target": tgt.name,
+                         "vision": f"{plan.vision.precision} ({plan.vision.method})",
+                         "decoder": f"{plan.decoder.precision} ({plan.decoder.method}{', ' + fmt if fmt else ''})",
+                         "embedding": plan.embed_dtype})
+    return rows
+
+
+__all__ = ["ComponentRecipe", "QuantPlan", "plan_quantization", "tolerances_for", "recipe_table", "CALIB_METHODS",
+           "INT8_DECODER_MODES", "INT4_FORMATS", "INT4_BLOCK_SIZE", "INT4_ACCURACY_LEVEL"]

@@ -1,0 +1,22 @@
+"""The device-side runtime: run a bundle with numpy + ONNX Runtime (+ PIL, tokenizers). Never imports torch,
+transformers or onnx (``tests/test_torch_free.py`` checks it).
+
+    >>> from edgevlm.runtime import Session
+    >>> s = Session.from_bundle("out/tiny-bundle", threads=2)
+    >>> r = s.generate("cat.jpg", "What is in the picture?", max_new_tokens=64)
+    >>> print(r.text); print(r.timings.decode_tok_s, r.timings.ttft_ms)
+
+Command line: ``edgevlm run BUNDLE --image IMG --prompt TEXT [--json-output] [--stream] [--threads N]``.
+
+Modules: ``session`` (Session, Result, Stream), ``backends`` (ORT providers + session options + optimized-graph
+cache), ``kv_cache`` (KV binding per manifest mode), ``sampling`` (numpy greedy / temperature / top-k / top-p),
+``timings`` (per-request record, Eq. 4 decomposition, peak RSS). Design notes and measurements: docs/runtime.md.
+"""
+
+from edgevlm.runtime.backends import BackendOptions, physical_cores
+from edgevlm.runtime.sampling import Sampler, SamplingParams, select_token
+from edgevlm.runtime.session import Result, Session, Stream
+from edgevlm.runtime.timings import RequestTimings, eq4_terms, format_eq4_table, peak_rss_bytes
+
+__all__ = ["Session", "Result", "Stream", "BackendOptions", "SamplingParams", "Sampler", "select_token",
+           "RequestTimings", "eq4_terms", "format_eq4_table", "peak_rss_bytes", "physical_cores"]
