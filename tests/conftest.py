@@ -6,7 +6,11 @@ import os
 
 import pytest
 
+import tempfile
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Keep the runtime's hash stamps / graph caches out of the user's ~/.cache during tests.
+os.environ.setdefault("EDGEVLM_CACHE", tempfile.mkdtemp(prefix="edgevlm-test-cache-"))
 
 
 def pytest_configure(config):

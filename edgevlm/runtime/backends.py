@@ -23,13 +23,15 @@ option                                 choice and why
 ``enable_mem_pattern``                 on for the vision graph (fixed shapes: the planner reuses one arena
                                        layout), off for the decoder (its shapes change every step: a pattern per
                                        shape would be recomputed and kept for nothing).
-``enable_cpu_mem_arena``               on for vision; off for the decoder: decode steps allocate KV presents of
-                                       a new size every step and a BFC arena keeps every size class it saw
-                                       (RSS creeps up to the largest context); plain malloc returns big blocks.
+``enable_cpu_mem_arena``               on for vision; off for the decoder: in ``concat`` KV mode every decode
+                                       step allocates presents of a new size, and a BFC arena keeps every size
+                                       class it has seen (RSS grows with the longest context served); plain
+                                       malloc returns big blocks. Reasoned, not benchmarked at full size
+                                       (``decoder_arena=True`` to compare).
 ``session.intra_op.allow_spinning``    "0" by default (ORT's default is "1"): on the project's shared 2-core
                                        machine spinning workers steal the cores from everything else (and from
-                                       the caller thread): measured 2.2x slower decode, 1.7x slower vision with
-                                       spinning on (docs/runtime.md). ``spinning=True`` saves the futex wake-up
+                                       the caller thread): measured 1.4-2.2x slower decode, 1.3-1.7x slower
+                                       vision with spinning on (docs/runtime.md). ``spinning=True`` saves the futex wake-up
                                        per parallel section on a dedicated device.
 ``session.set_denormal_as_zero``       "1": denormal floats (tiny activations late in softmax / RMSNorm) hit
                                        slow microcode paths; flushing them changes results by < 1e-38.
