@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edgevlm.config import ModelConfig, get_model_config
-from edgevlm.errors import CheckpointError, ConfigError, TargetError
+from edgevlm.errors import CheckpointError, ConfigError, ExportError, TargetError
 from edgevlm.exporter import spec as S
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ STAGES: dict[str, str] = {
     "model": "build / load model", "vision": "export vision", "decoder": "export decoder",
     "embed": "embedding table", "tokenizer": "tokenizer", "reference": "PyTorch reference",
     "postprocess": "precision recipe", "parity": "parity (ONNX Runtime)", "tensorrt": "TensorRT checks",
-    "manifest": "write manifest",
+    "manifest": "write manifest", "quantize": "quantize (calibrated)",
 }
 
 Progress = Callable[[str, str, float | None], None]    # (stage, "start" | "done" | "skip", seconds)
@@ -354,6 +354,57 @@ def _strip_names(v: Any) -> Any:
     return {k: x for k, x in v.items() if k != "name"} if isinstance(v, dict) else v
 
 
+QUANTIZED_PRECISIONS = ("int8", "int4", "fp8")
+
+
+def _is_quantized(precision: str | Mapping[str, str], target) -> bool:
+    comps = resolve_target(target).recipe(precision)       # TargetError when the target lacks a precision
+    return any(p in QUANTIZED_PRECISIONS for c, p in comps.items() if c != "embedding")
+
+
+def _export_quantized(model_name_or_cfg, out, *, target, precision, overwrite: bool, progress, **kwargs) -> Path:
+    """Quantized recipes: an fp32 export (parity-checked against PyTorch) into a scratch directory beside ``out``,
+    then ``edgevlm.quant.apply.quantize_bundle`` (calibrated on the embedded set, quantization report in the
+    manifest) into ``out`` and, for TensorRT targets, the engine build plan for the quantized graphs. Each step
+    writes atomically; a failure anywhere leaves nothing at ``out``."""
+    import shutil
+    import tempfile
+
+    from edgevlm.bundle import read_bundle, update_manifest
+    from edgevlm.quant.apply import quantize_bundle
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"'{out}' already exists; pass overwrite=True (--overwrite) or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
+    stages = _Stages(progress)
+    tgt = resolve_target(target)
+    try:
+        fp32 = export_bundle(model_name_or_cfg, scratch / "fp32", target=tgt.name, precision="fp32",
+                             overwrite=False, progress=progress, **kwargs)
+        stages.run("quantize", lambda: quantize_bundle(fp32, out, precision, target=tgt.name, overwrite=overwrite))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if tgt.is_tensorrt:
+        try:
+            b = read_bundle(out, verify_hashes=False)
+            entry = tensorrt_checks(out, b.model_config, tgt, _QuantRecipeView(b.manifest["recipe"]["components"]))
+            update_manifest(out, lambda m: m.__setitem__("tensorrt", entry),
+                            new_files=[entry["plan_file"], entry["script"]])
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    return out
+
+
+@dataclass
+class _QuantRecipeView:
+    """The bit of ``ExportRecipe`` that ``tensorrt_checks`` reads, for a quantized bundle's recipe."""
+
+    components: dict[str, str]
+
+
 def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.PathLike, *,
                   checkpoint: str | os.PathLike | None = None, random_init: bool = False, target=None,
                   precision: str | Mapping[str, str] = DEFAULT_PRECISION, opset: int = S.DEFAULT_OPSET,
@@ -383,6 +434,11 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     """
     from edgevlm.bundle import BundleWriter, model_entry, prompt_entry
 
+    if _is_quantized(precision, target):
+        return _export_quantized(model_name_or_cfg, out, checkpoint=checkpoint, random_init=random_init,
+                                 target=target, precision=precision, opset=opset, overwrite=overwrite, parity=parity,
+                                 seed=seed, tokenizer_dir=tokenizer_dir, model=model, tolerances=tolerances,
+                                 parity_prompt_len=parity_prompt_len, progress=progress)
     t_start = time.perf_counter()
     cfg, kind = _resolve_source(model_name_or_cfg, checkpoint, random_init, model)
     S.check_opset(opset)
