@@ -24,7 +24,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edgevlm.bench.fit import TOLERANCE, fit_eq4, fit_family
 from edgevlm.bench.sweep import METRICS, summarize

@@ -76,7 +76,7 @@ def _add_function(sub: argparse.ArgumentParser, fn: Callable) -> None:
         flag = "--" + name.replace("_", "-")
         required = param.default is _pyinspect.Parameter.empty
         default = None if required else param.default
-        help_text = helps.get(name, "")
+        help_text = helps.get(name, "").replace("%", "%%")            # argparse formats help with %
         if not required and default not in (None, False, [], ()):
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "help": help_text}
