@@ -246,12 +246,14 @@ def test_fp16_recipe_passes_loose_parity_only(exported, tmp_path):
     assert max(c.max_abs_diff for c in strict.checks) > 1e-6
 
 
-def test_unsupported_precision_is_a_config_error(tmp_path):
+def test_unsupported_precision_is_a_typed_error(tmp_path):
     from edgevlm.errors import ConfigError, TargetError
     from edgevlm.exporter.bundle_export import export_bundle
 
-    with pytest.raises(ConfigError, match="not implemented"):
-        export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="int8")
-    with pytest.raises((ConfigError, TargetError)):
+    with pytest.raises(TargetError, match="fp8"):                 # no fp8 on a CPU target
         export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="fp8")
+    with pytest.raises(TargetError, match="fp8"):                 # nor on Orin
+        export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="fp8", target="jetson-orin")
+    with pytest.raises(ConfigError, match="unknown"):
+        export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="int3")
     assert not (tmp_path / "x").exists()
