@@ -350,8 +350,9 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
 
     # 1. the largest smaller precision preset that fits (preferably under the near-limit line) at this context
     current = plan.weights_bytes
-    candidates = [again(precision=n) for n in PRESET_ORDER
-                  if target.supports(n) and PRECISION_PRESETS[n] != recipe]
+    # (the smallest: int4 with an int4 LM head, which costs accuracy; see edgevlm/quant/recipes.py)
+    specs = [*PRESET_ORDER, "int4,lm_head=int4"]
+    candidates = [again(precision=n) for n in specs if target.supports(n) and target.recipe(n) != recipe]
     candidates = [p for p in candidates if p.weights_bytes < current]
     pick = next((p for p in candidates if p.verdict == "fits"), None) or next(
         (p for p in candidates if ok(p)), None)
@@ -392,6 +393,24 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
         p = again(context=lo0, workspace_gb=ws_options[-1])
         out.append(f"no context fits at {plan.precision_name}: even {lo0} tokens need {gib(p.peak_bytes)} in the "
                    f"{p.peak_phase} phase (weights {gib(p.weights_bytes)}) of {gib(p.usable_bytes)} usable")
+        # 2b. a smaller precision at a shorter context (largest such precision first)
+        for cand in candidates:
+            ws = ws_options[-1]
+            if not ok(again(precision=cand.precision, context=lo0, workspace_gb=ws)):
+                continue
+            lo, hi = lo0, ctx - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if ok(again(precision=cand.precision, context=mid, workspace_gb=ws)):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            best = lo - lo % 64 if lo >= 128 + cfg.visual_tokens else lo
+            p = again(precision=cand.precision, context=best, workspace_gb=ws)
+            ws_text = "" if ws is workspace_gb else f" --workspace-gb {ws}"
+            out.append(f"--precision {cand.precision_name} --context {best}{ws_text} {goal}: peak "
+                       f"{gib(p.peak_bytes)} ({p.utilization:.0%}); the prompt budget becomes {p.prompt_tokens} tokens")
+            break
     # 3. batch 1
     if batch > 1 and ok(again(batch=1)):
         out.append(f"--batch 1 {goal}")

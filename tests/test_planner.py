@@ -49,7 +49,7 @@ def hand_plan_mobilevlm_17b_int4(memory_gb: float, workspace_gb: float, context:
     w_vision = vision_params + 4 * math.ceil(vision_params / h)
     w_embedding = 2 * embedding_params
     w_decoder = math.ceil(decoder_params / 2) + 2 * math.ceil(decoder_params / 32)
-    w_lm_head = math.ceil(lm_head_params / 2) + 2 * math.ceil(lm_head_params / 32)
+    w_lm_head = lm_head_params + 4 * math.ceil(lm_head_params / d)     # the int4 preset keeps the LM head int8
     weights = w_vision + w_embedding + w_decoder + w_lm_head
     # -- KV cache: fp16, past + present buffers
     kv = 2 * L * m.num_kv_heads * m.head_dim * 2 * context
@@ -96,11 +96,13 @@ def test_check_fits_refuses_with_numbers_and_working_suggestions():
         check_fits(plan)
     msg = str(exc.value)
     assert "does NOT fit" in msg and "GiB" in msg and "--context" in msg and "jetson-orin-nano-8gb" in msg
-    # the suggested context (and workspace) really fit
-    sugg = next(s for s in plan.suggestions if s.startswith("--context"))
+    # the int4 preset keeps an 8-bit LM head, which leaves no context that fits; the suggestion is the int4 LM head
+    # at a shorter context (and smaller workspace), and that really fits
+    assert any(s.startswith("no context fits at int4") for s in plan.suggestions)
+    sugg = next(s for s in plan.suggestions if s.startswith("--precision int4,lm_head=int4 --context"))
     ctx = int(re.search(r"--context (\d+)", sugg).group(1))
     ws = re.search(r"--workspace-gb ([0-9.]+)", sugg)
-    again = plan_memory(cfg, "jetson-orin-nano-4gb", "int4", context=ctx,
+    again = plan_memory(cfg, "jetson-orin-nano-4gb", "int4,lm_head=int4", context=ctx,
                         workspace_gb=float(ws.group(1)) if ws else None)
     assert again.verdict != "does_not_fit" and ctx < 2048
     assert check_fits(plan_memory(cfg, "jetson-orin-nano-8gb", "int4", context=2048)).verdict == "fits"

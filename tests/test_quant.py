@@ -147,7 +147,8 @@ def test_ort_cpu_int4_uses_matmulnbits_and_the_checker_sees_it(fp32_bundle, tmp_
     _, nodes = _nodes(out / "decoder.onnx")
     nbits = [n for n in nodes if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
     assert len(nbits) == 15                                       # 2 layers x 7 linears + lm_head
-    assert all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in nbits)
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
+    assert bits == [4] * 14 + [8]                                 # the int4 preset keeps the LM head 8-bit
     assert json.loads((out / "manifest.json").read_text())["components"]["decoder"]["contrib_ops"] is True
     assert any(i.code == "domain" for i in check_tensorrt_compat(out / "decoder.onnx", "10.3") if i.severity == ERROR)
 
@@ -304,3 +305,22 @@ def test_a_failed_quantization_leaves_the_fp32_export(fp32_bundle, tmp_path, mon
         A.apply_precision(root, manifest, "int4", target="cpu", show=False, **SMALL)
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == digest
     assert not (root / A.SCRATCH_DIR).exists()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4,lm_head=int8"])
+def test_tensorrt_lm_head_is_weight_only_int8(fp32_bundle, tmp_path_factory, precision):
+    """W8A8 / int4 decoders for TensorRT keep float activations at the LM head: per-channel INT8 weight DQ only."""
+    from onnx import numpy_helper
+
+    out = _quantized(fp32_bundle, tmp_path_factory, precision, "jetson-orin", {})
+    m = onnx.load(str(out / "decoder.onnx"))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    inits = {i.name: i for i in m.graph.initializer}
+    head = producers["logits"]
+    while head.op_type != "MatMul":                               # walk back through reshapes / casts
+        head = producers[head.input[0]]
+    act, weight = producers.get(head.input[0]), producers[head.input[1]]
+    assert act is None or act.op_type != "DequantizeLinear"       # float activations
+    assert weight.op_type == "DequantizeLinear" and inits[weight.input[0]].data_type == onnx.TensorProto.INT8
+    assert next(a.i for a in weight.attribute if a.name == "axis") == 1
+    assert not numpy_helper.to_array(inits[weight.input[2]]).any()

@@ -110,7 +110,7 @@ def test_trt_version_tables():
 def test_recipes():
     t = get_target("jetson-orin")
     assert t.recipe(None) == PRECISION_PRESETS["int4"] == {"vision": "int8", "embedding": "fp16", "decoder": "int4",
-                                                           "lm_head": "int4"}
+                                                           "lm_head": "int8"}
     assert t.recipe("int4,vision=fp16")["vision"] == "fp16"
     assert t.recipe({"vision": "fp16"}) == {**PRECISION_PRESETS["int4"], "vision": "fp16"}
     assert t.recipe({"base": "fp16", "decoder": "int8"})["decoder"] == "int8"

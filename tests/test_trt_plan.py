@@ -90,7 +90,7 @@ def test_decoder_profiles_numbers():
     m = decode.shapes["attention_mask"]                                          # past + seq
     assert (m.min, m.opt, m.max) == ((1, 2), (1, 337), (1, 2048))
     assert decode.shapes["position_ids"].max == (1, 1)
-    assert dec.precision_flags == ("fp16", "int4") and plan.engine("vision").precision_flags == ("fp16", "int8")
+    assert dec.precision_flags == ("fp16", "int8", "int4") and plan.engine("vision").precision_flags == ("fp16", "int8")
     assert plan.engine("vision").dla_core is None                                  # Orin Nano: no DLA
     assert len(dec.profiles[0].shapes) == 3 + 2 * 24
     assert any("zero-length past" in n for n in plan.notes)
@@ -183,8 +183,8 @@ def test_build_script_runs_with_a_fake_trtexec(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = (fake.parent / "calls.log").read_text().splitlines()
     assert len(calls) == 2 and all("--help" not in c for c in calls)
-    assert shlex.split(calls[1])[:4] == ["--onnx=decoder.onnx", "--saveEngine=engines/decoder.engine", "--fp16",
-                                         "--int4"]
+    assert shlex.split(calls[1])[:5] == ["--onnx=decoder.onnx", "--saveEngine=engines/decoder.engine", "--fp16",
+                                         "--int8", "--int4"]              # int4 body, 8-bit LM head
     assert (bundle / "engines" / "decoder.engine").is_file() and (bundle / "engines" / "vision.engine").is_file()
 
     # another minor version: refused unless EDGEVLM_ALLOW_TRT_MISMATCH=1; another major: always refused

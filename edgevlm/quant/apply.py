@@ -531,44 +531,79 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
         assert cset is not None and ctx is not None
         return DecoderCalibrationReader(ctx, cset.items, fp32["vision"], src, decode_steps=steps, threads=threads)
 
+    keep_head = [head] if head is not None else None          # the body pass leaves the head to its own pass
+    body = dst if head_method in (None, "none") else work / "decoder.body.onnx"
     if dr.method == "none" and head_method is None:
         pass                                                      # unchanged (not moved aside)
     elif dr.method == "none":
         raise QuantizationError("an LM head precision other than the decoder's needs a quantized decoder")
     elif dr.method == "fp16-cast":
-        info.update(_fp16(src, dst, block=[head] if head_method == "none" else None))
+        info.update(_fp16(src, body, block=keep_head))
     elif dr.method == "static-qdq":
-        info.update(_static_qdq(src, dst, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
-                                per_channel=bool(dr.params.get("per_channel", True)), work=work,
-                                exclude=[head] if head_method == "none" else None))
+        info.update(_static_qdq(src, body, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
+                                per_channel=bool(dr.params.get("per_channel", True)), work=work, exclude=keep_head))
         info["calibration_samples"] = len(cset.items)
     elif dr.method == "matmulnbits-int8":
-        info.update(_matmulnbits(src, dst, bits=8, block_size=int(dr.params["block_size"]), quant_format="QOperator",
-                                 accuracy_level=dr.params.get("accuracy_level"),
-                                 exclude=[head] if head_method == "none" else None))
+        info.update(_matmulnbits(src, body, bits=8, block_size=int(dr.params["block_size"]), quant_format="QOperator",
+                                 accuracy_level=dr.params.get("accuracy_level"), exclude=keep_head))
     elif dr.method == "dynamic":
-        info.update(_dynamic(src, dst, per_channel=bool(dr.params.get("per_channel", True)), work=work,
-                             exclude=[head] if head_method == "none" else None))
+        info.update(_dynamic(src, body, per_channel=bool(dr.params.get("per_channel", True)), work=work,
+                             exclude=keep_head))
     elif dr.method == "matmulnbits-int4":
-        fmt = str(dr.params["quant_format"])
-        stage = src
-        if head_method == "static-qdq":                           # TensorRT: LM head W8A8 QDQ, then int4 the rest
-            stage = work / "decoder.head.onnx"
-            info.update(_static_qdq(src, stage, reader(), op_types=R.WEIGHT_OPS_DECODER,
-                                    calib_method=plan.calib_method, per_channel=True, work=work, include=[head]))
-            info["calibration_samples"] = len(cset.items)
-        elif head_method == "matmulnbits-int8":                   # ORT: LM head MatMulNBits 8-bit, then int4
-            stage = work / "decoder.head.onnx"
-            _matmulnbits(src, stage, bits=8, block_size=int(dr.params.get("lm_head_block_size", R.INT8_BLOCK_SIZE)),
-                         quant_format="QOperator", accuracy_level=dr.params.get("accuracy_level"), include=[head])
-        info.update(_matmulnbits(stage, dst, bits=4, block_size=int(dr.params["block_size"]), quant_format=fmt,
-                                 accuracy_level=dr.params.get("accuracy_level"),
-                                 exclude=[head] if head_method is not None else None))
-        if stage != src:
-            _remove_graph(stage)
+        info.update(_matmulnbits(src, body, bits=4, block_size=int(dr.params["block_size"]),
+                                 quant_format=str(dr.params["quant_format"]),
+                                 accuracy_level=dr.params.get("accuracy_level"), exclude=keep_head))
     else:                                                         # pragma: no cover - plan_quantization guards
         raise QuantizationError(f"decoder method '{dr.method}' unknown")
+    if head_method == "matmulnbits-int8":                        # ORT graphs: MatMulNBits 8-bit LM head
+        _matmulnbits(body, dst, bits=8, block_size=int(dr.params.get("lm_head_block_size", R.INT8_BLOCK_SIZE)),
+                     quant_format="QOperator", accuracy_level=dr.params.get("accuracy_level"), include=[head])
+    elif head_method == "int8-dq":                               # TensorRT graphs: weight-only INT8 DQ LM head
+        info.update(_int8_dq_weight_only(body, dst, head))
+    if body != dst:
+        _remove_graph(body)
     return info
+
+
+def _int8_dq_weight_only(src: Path, dst: Path, node_name: str) -> dict[str, Any]:
+    """Weight-only INT8 for one MatMul: its constant weight ``[K, N]`` becomes an INT8 initializer with one fp32 scale
+    per output column (symmetric, zero point 0) and a ``DequantizeLinear(axis=1)`` feeding the MatMul; activations stay
+    float. Scales and rounding are ORT's (``quant_utils.compute_scale_zp`` / ``quantize_nparray``, symmetric
+    [-127, 127]); ORT has no weight-only int8 QDQ mode, so only the graph wiring is done here."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, quantize_nparray
+
+    model = _load(src)
+    g = model.graph
+    node = next((n for n in g.node if n.name == node_name), None)
+    inits = {i.name: i for i in g.initializer}
+    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
+        raise QuantizationError(f"{src.name}: '{node_name}' is not a MatMul with a constant weight")
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if w.ndim != 2:
+        raise QuantizationError(f"{src.name}: weight of '{node_name}' has rank {w.ndim}, expected 2")
+    qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, symmetric=True)
+    scales = np.empty(w.shape[1], np.float32)
+    for j in range(w.shape[1]):
+        col = w[:, j]
+        _, scales[j] = compute_scale_zp(np.minimum(col.min(), np.float32(0)), np.maximum(col.max(), np.float32(0)),
+                                        qmin, qmax, symmetric=True)
+    scales = np.where(scales > 0, scales, np.float32(1.0))
+    q = quantize_nparray(TensorProto.INT8, w, scales[None, :], np.int8(0), low=qmin, high=qmax)
+    base = node.input[1]
+    q_name, s_name, z_name, out = base + "_int8", base + "_scale", base + "_zero_point", base + "_dq"
+    g.initializer.extend([numpy_helper.from_array(q.astype(np.int8), q_name),
+                          numpy_helper.from_array(scales, s_name),
+                          numpy_helper.from_array(np.zeros(w.shape[1], np.int8), z_name)])
+    dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], name=node_name + "_weight_dq", axis=1)
+    idx = list(g.node).index(node)
+    g.node.insert(idx, dq)
+    node.input[1] = out
+    if not any(base in n.input for n in g.node):
+        g.initializer.remove(inits[base])
+    save_graph(model, dst)
+    err = float(np.abs(q.astype(np.float32) * scales[None, :] - w).max())
+    return {"lm_head_weight_max_abs_error": err}
 
 
 def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any]) -> dict[str, Any] | None:

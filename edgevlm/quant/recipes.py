@@ -21,10 +21,15 @@ decoder     int8         CPU: weight-only ``MatMulNBitsQuantizer(bits=8)`` -> ``
 decoder     int4         CPU: ``MatMulNBitsQuantizer(bits=4, block 32, symmetric, accuracy_level 4)`` -> MatMulNBits;
                          TensorRT: the same quantizer with ``quant_format=QDQ`` -> blocked INT4 ``DequantizeLinear``
                          (opset 21, zero point 0) -> ``MatMul``
-lm_head     = decoder    follows the decoder (the LM head is the decoder graph's last MatMul) unless overridden:
-                         ``lm_head=int8`` with an int4 decoder (8-bit LM head), ``lm_head=fp32`` (kept unquantized)
+lm_head     int8         the decoder graph's last MatMul. Under an int4 decoder (``int4,lm_head=int8``, the int4
+                         recipe that meets the accuracy bar): CPU: ``MatMulNBits`` bits=8; TensorRT: weight-only
+                         per-channel INT8 ``DequantizeLinear(axis=1)`` -> ``MatMul`` (float activations). Under a
+                         TensorRT W8A8 decoder the head is weight-only INT8 too (no activation Q/DQ)
+lm_head     int4 / fp32  like the decoder's other matmuls / kept unquantized
 embedding   fp32|fp16    a ``.npy`` table the runtime gathers from (int8/int4 presets store it fp16)
 ==========  ===========  ===============================================================================================
+
+Why the LM head stays 8-bit: see the note above ``INT4_BLOCK_SIZE`` below (measured on the trained demo).
 
 Rules on top of ``Target.recipe()`` (every violation raises a typed error whose message names the fix):
 fp8 needs an Ada/Hopper GPU (and is not implemented here: use int8/fp16); bf16 is not implemented (use fp16);
@@ -53,6 +58,14 @@ INT8_DECODER_MODES = ("weight-only", "dynamic", "qdq")
 #: Output form of int4 weight-only quantization: contrib MatMulNBits (ORT) or blocked INT4 DequantizeLinear (TensorRT).
 INT4_FORMATS = ("matmulnbits", "qdq")
 
+#: The LM head is where quantization error shows first: it maps the last hidden state to logits, and wherever the
+#: model hesitates between answers (near-tied logits) any error flips the top-1 token. Measured on the trained demo
+#: (benchmarks/results/quant_demo.json, teacher-forced top-1 agreement with fp32 over the test split): int4 LM head
+#: 75 %, W8A8 static-QDQ LM head (per-tensor int8 activations) 64 %, MatMulNBits 8-bit LM head 99.8 %, weight-only
+#: per-channel INT8 DQ LM head 99.8 %; the exact match is unchanged either way (the flips are between answers the model
+#: does not know). So the int4 recipe runs with ``lm_head=int8`` (``"int4,lm_head=int8"``; the ``int4`` entry of
+#: ``edgevlm.targets.PRECISION_PRESETS`` should say so), and the TensorRT W8A8 decoder keeps float activations at
+#: the LM head (weight-only INT8 DQ). Block size 32 vs 64/128 and accuracy_level 4 vs 0 change nothing measurable.
 #: Defaults of the int4 weight-only recipe (measured on the demo model: benchmarks/results/quant_demo.json).
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations inside the kernel (fastest on x86/ARM CPUs)
@@ -61,18 +74,19 @@ WEIGHT_OPS_VISION = ("Conv", "MatMul", "Gemm")
 WEIGHT_OPS_DECODER = ("MatMul", "Gemm")
 
 # ---- parity tolerances after quantization -----------------------------------------------------------------------
-# Measured (tiny-ldpnetv2 / demo, random init, parity inputs): int8 vision cosine 0.9989, |diff| at 0.10 of the limit
-# below; int8 decoder logits cosine >= 0.998 (0.15 of the limit); int4 decoder logits cosine >= 0.970 (0.25 of the
-# limit), presents at 0.48 of the int4 KV limit. The export's parity check feeds *random* inputs (unit-scale noise
+# Measured on the parity inputs: tiny-ldpnetv2 / demo random init: int8 vision cosine 0.9989, int8 decoder logits
+# cosine >= 0.998, int4 decoder logits cosine >= 0.970; trained demo: int8 vision cosine 0.994 with max |diff| at 0.25
+# of the limit below, int8 (W8A8) decoder presents cosine 0.991 at 0.30 of the limit, int4 decoder presents cosine
+# 0.996 at 0.36 of the limit. The export's parity check feeds *random* inputs (unit-scale noise
 # pixels / embeddings) and compares with PyTorch;
 # quantized graphs are calibrated on real activations, so noise inputs sit partly outside the calibrated ranges. The
 # limits below are loose guards (NaN, a wrong graph, a broken KV path); the accuracy that matters is measured on real
 # held-out inputs by ``edgevlm.quant.report`` and stored in manifest["quantization"].
-INT8_VISION_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
-INT8_LOGITS_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
-INT4_LOGITS_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.90)
-INT8_KV_TOLERANCE = S.Tolerance(0.5, relative=True, min_cosine=0.95)
-INT4_KV_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
+INT8_VISION_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
+INT8_LOGITS_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
+INT4_LOGITS_TOLERANCE = S.Tolerance(2.0, relative=True, min_cosine=0.90)
+INT8_KV_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
+INT4_KV_TOLERANCE = S.Tolerance(2.0, relative=True, min_cosine=0.95)
 
 
 @dataclass(frozen=True)
@@ -88,16 +102,23 @@ class ComponentRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "static-qdq" or (self.lm_head_method or "") == "static-qdq"
+        return self.method == "static-qdq"
 
     @property
     def lm_head_method(self) -> str | None:
-        """How the LM head is quantized when it differs from the rest of the decoder (None: like the decoder)."""
-        if self.component != "decoder" or self.lm_head in (None, self.precision):
+        """How the LM head is brought to its precision when it is not quantized like the rest of the decoder
+        (None: like the decoder). ``int8-dq``: weight-only per-channel INT8 ``DequantizeLinear`` -> ``MatMul`` with
+        float activations (TensorRT graphs); ``matmulnbits-int8``: MatMulNBits 8-bit (ORT graphs); ``none``: fp32."""
+        if self.component != "decoder":
             return None
-        if self.lm_head == "fp32":
+        head = self.lm_head or self.precision
+        if head == "fp32" and self.precision != "fp32":
             return "none"
-        return "static-qdq" if self.params.get("quant_format") == "QDQ" else "matmulnbits-int8"
+        if self.method == "static-qdq" and head == "int8":
+            return "int8-dq"          # W8A8 decoder: the head keeps float activations (see INT8 notes above)
+        if head == self.precision:
+            return None
+        return "int8-dq" if self.params.get("quant_format") == "QDQ" else "matmulnbits-int8"
 
     @property
     def uses_contrib_ops(self) -> bool:
@@ -319,10 +340,12 @@ def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_for
                 "op_types": list(WEIGHT_OPS_DECODER), "symmetric": True,
                 "ops": "DynamicQuantizeLinear + MatMulInteger"}, lm_head,
                 "int8 dynamic quantization (per-token activation scales at run time; ONNX Runtime CPU only)")
-        return ComponentRecipe("decoder", "int8", "static-qdq", _static_params(calib_method, per_channel,
-                                                                               WEIGHT_OPS_DECODER), lm_head,
+        params = _static_params(calib_method, per_channel, WEIGHT_OPS_DECODER)
+        if lm_head == "int8":
+            params["lm_head_format"] = "weight-only per-channel INT8 DequantizeLinear -> MatMul (float activations)"
+        return ComponentRecipe("decoder", "int8", "static-qdq", params, lm_head,
                                "W8A8 static QDQ (symmetric, per-channel weights) calibrated on real prefill and "
-                               "decode activations")
+                               "decode activations" + ("; LM head weight-only INT8" if lm_head == "int8" else ""))
     if precision == "int4":
         fmt = "QDQ" if int4_format == "qdq" else "QOperator"
         params: dict[str, Any] = {
@@ -336,8 +359,9 @@ def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_for
         if lm_head == "int8":
             params["lm_head_bits"] = 8
             if fmt == "QDQ":
-                params["lm_head_calib_method"] = calib_method
+                params["lm_head_format"] = "weight-only per-channel INT8 DequantizeLinear -> MatMul"
             else:
+                params["lm_head_format"] = "com.microsoft::MatMulNBits bits=8"
                 params["lm_head_block_size"] = INT8_BLOCK_SIZE
         return ComponentRecipe("decoder", "int4", "matmulnbits-int4", params, lm_head,
                                f"int4 weight-only, block {block_size}, symmetric "

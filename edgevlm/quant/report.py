@@ -315,10 +315,12 @@ def _pipeline(bundle_path: str | os.PathLike, threads: int | None):
 
 def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.PathLike, data_dir: str | os.PathLike,
                              split: str = "test", limit: int | None = None, *, threads: int | None = None,
-                             progress: bool = False) -> dict[str, Any]:
+                             progress: bool = False, near_tie_margin: float = 0.1) -> dict[str, Any]:
     """Top-1 agreement of ``bundle`` with ``ref_bundle`` (fp32) over every answer position of the split, teacher
     forced with the reference answers (prefill predicts the first answer token, each step the next, EOS included).
-    Also the logits error statistics and each bundle's teacher-forced token accuracy against the answers."""
+    Also the logits error statistics, each bundle's teacher-forced token accuracy against the answers, and the
+    agreement split by whether the fp32 top-2 logit margin is below ``near_tie_margin`` (a near tie: the model
+    hesitates, and any perturbation can flip the top-1 token) or not (decisive positions)."""
     from tqdm.auto import tqdm
 
     from edgevlm.quant.calibration import CalibrationItem
@@ -329,6 +331,7 @@ def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.Pat
     vin = ref_v.get_inputs()[0].name
     stats = ErrorStats()
     hits_ref = hits = total = 0
+    near_ties = near_agree = 0
     t0 = time.perf_counter()
     for r in tqdm(records, desc="teacher-forced agreement", unit="q", disable=not progress, leave=False):
         item = CalibrationItem(r.id, r.image_path, r.question, r.answer)
@@ -340,12 +343,20 @@ def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.Pat
         a, b = ref_d.prefill(ref_ctx.splice(ids, img_ref)), d.prefill(ctx.splice(ids, img))
         for k, tok in enumerate(teacher):
             stats.add(a, b, top1=True)
+            top2 = np.partition(a, -2)[-2:]
+            if float(top2[1] - top2[0]) < near_tie_margin:
+                near_ties += 1
+                near_agree += int(int(np.argmax(a)) == int(np.argmax(b)))
             hits_ref += int(int(np.argmax(a)) == tok)
             hits += int(int(np.argmax(b)) == tok)
             total += 1
             if k + 1 < len(teacher):
                 a, b = ref_d.step(ref_ctx.embed([tok])), d.step(ctx.embed([tok]))
     out = stats.to_dict()
+    decisive = total - near_ties
+    out.update({"near_tie_margin": near_tie_margin, "near_tie_positions": near_ties,
+                "top1_agreement_near_ties": near_agree / near_ties if near_ties else None,
+                "top1_agreement_decisive": ((stats.agree - near_agree) / decisive) if decisive else None})
     out.update({"records": len(records), "positions": total, "reference_token_accuracy": hits_ref / max(total, 1),
                 "token_accuracy": hits / max(total, 1), "seconds": round(time.perf_counter() - t0, 3),
                 "split": split, "ref_bundle": str(ref_bundle), "bundle": str(bundle)})
