@@ -63,12 +63,14 @@ def plot_loss(steps: list[dict], stages: list[dict], path: Path, title: str) -> 
     x = [s["step"] for s in steps]
     ax.plot(x, [s["loss"] for s in steps], lw=0.8, alpha=0.5, color="tab:blue", label="loss (per step)")
     k = 15
-    smooth = [sum(s["loss"] for s in steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1])
-              for i in range(len(steps))]
+    smooth = []                                             # trailing mean within each stage
+    for i, s in enumerate(steps):
+        win = [t["loss"] for t in steps[max(0, i - k + 1):i + 1] if t["stage"] == s["stage"]]
+        smooth.append(sum(win) / len(win))
     ax.plot(x, smooth, lw=1.8, color="tab:blue", label=f"loss ({k}-step mean)")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on supervised tokens")
+    ax.set_ylabel("cross-entropy (per answer: tower heads / answer tokens)")
     ax2 = ax.twinx()
     ax2.plot(x, [s["lr"] for s in steps], lw=1, color="tab:orange", label="lr")
     ax2.set_ylabel("learning rate", color="tab:orange")
@@ -134,18 +136,23 @@ def main(argv: list[str] | None = None) -> int:
                         "eval": round(t.get("eval_s", 0), 2), "wall_incl_eval": round(wall, 2),
                         "imports": round(import_s, 2)},
             "stages": [{k: s[k] for k in ("name", "train", "template", "steps", "epochs", "lr", "projector_lr",
-                                          "seconds", "samples_per_s", "first_loss", "final_loss", "global_batch")}
+                                          "seconds", "samples_per_s", "first_loss", "final_loss", "global_batch",
+                                          "head_accuracy_train") if k in s}
                        for s in log["stages"]],
             "precision": log["precision"],
             "model": {"name": log["model"]["name"], "parameters": log["model"]["parameters"]},
             "data": {"train_records": log["data"]["train_records"], "eval_records": log["data"]["eval_records"]},
-            "config": log["config"],
+            "config": {**log["config"], "out": (str(out.relative_to(ROOT)) if out.resolve().is_relative_to(ROOT)
+                                                else f"(outside the repository: {out.name})") if tmp is None
+                       else "(a temporary directory)"},
+            "command": "python benchmarks/train_demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "load_avg": {"before": load_before, "during_1min_samples": sampler.samples, "after": load_after,
                          "during_max": max(sampler.samples, default=None),
                          "during_mean": round(sum(sampler.samples) / len(sampler.samples), 2)
                          if sampler.samples else None},
             "environment": environment_info(),
             "loss_curve": [[s["step"], s["loss"]] for s in log["steps"]],
+            "loss_curve_columns": ["step", "loss"],
         }
         if not args.no_write:
             res_dir = Path(args.results)

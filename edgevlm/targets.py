@@ -57,8 +57,8 @@ COMPONENTS = ("vision", "embedding", "decoder", "lm_head")
 # Precision presets. int8/int4 keep the embedding table in fp16: it is gathered (a few rows per token), never
 # multiplied, so quantizing it saves memory but no time, and TensorRT has no blocked-quantized Gather.
 # The int4 preset keeps the LM head 8-bit: an int4 head flips the top-1 token wherever the model hesitates
-# (teacher-forced agreement with fp32 75 % vs 99.8 % with an 8-bit head on the trained demo; see
-# edgevlm/quant/recipes.py and benchmarks/results/quant_demo.json). Override with "int4,lm_head=int4".
+# (teacher-forced agreement with fp32 75 % vs 99.8 % with an 8-bit head on a weakly trained demo model; see
+# edgevlm/quant/recipes.py). Override with "int4,lm_head=int4".
 PRECISION_PRESETS: dict[str, dict[str, str]] = {
     "fp32": {"vision": "fp32", "embedding": "fp32", "decoder": "fp32", "lm_head": "fp32"},
     "fp16": {"vision": "fp16", "embedding": "fp16", "decoder": "fp16", "lm_head": "fp16"},

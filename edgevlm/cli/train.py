@@ -8,7 +8,7 @@ from typing import Literal
 
 
 def train(config: str | None = None, model: str | None = None, init: str | None = None, data: str | None = None,
-          synthetic: bool = False, out: str | None = None, stages: list[str] | None = None,
+          synthetic: bool = False, multi_turn: bool = False, out: str | None = None, stages: list[str] | None = None,
           steps: int | None = None, epochs: float | None = None, lr: float | None = None,
           projector_lr: float | None = None, warmup: float | None = None, batch_size: int | None = None,
           grad_accum: int | None = None, weight_decay: float | None = None, lora_r: int | None = None,
@@ -18,11 +18,14 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
           eval_samples: int | None = None, save_stage_checkpoints: bool = False,
           device: Literal["auto", "cpu", "cuda"] | None = None, overwrite: bool = False,
           progress: bool = True) -> int:
-    """Train a MobileVLM with the two-stage recipe (plus a "vision" stage for random-init presets).
+    """Train a MobileVLM with the two-stage recipe (plus a tower stage for random-init presets).
 
     Stages (presets; a recipe TOML lists them as [[stages]] tables, run in order):
-      vision    stage 0, edgevlm only: vision tower + projector + LLM, vicuna_v1 template. For small presets,
-                whose CLIP tower starts from random weights and must learn too.
+      tower     stage 0, edgevlm only, for small presets whose CLIP tower starts from random weights: pre-trains
+                vision tower + projector on typed QA (one linear head per question type reads the visual tokens
+                and classifies the answer; heads dropped afterwards). Needs records with question types (the
+                synthetic set writes them). The demo recipe: tower, then instruct.
+      vision    stage 0 alternative for untyped data: vision tower + projector + LLM end to end, vicuna_v1.
       align     stage 1 (feature alignment): projector only; vision tower and LLM frozen; "plain" template
                 (<image> + caption + newline, caption supervised).
       instruct  stage 2 (instruction tuning): projector + LLM (or LoRA adapters with --lora-r); vision tower
@@ -40,7 +43,7 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
 
     Examples:
       edgevlm train --config configs/train/demo.toml --out runs/demo
-      edgevlm train --model tiny-ldpnetv2 --synthetic --stages vision instruct --steps 20 --out runs/tiny
+      edgevlm train --model tiny-ldpnetv2 --synthetic --stages tower instruct --steps 20 --out runs/tiny
       edgevlm train --init MobileVLM_V2-1.7B --data my_llava --stages instruct --lora-r 128 --lr 1e-4
 
     Args:
@@ -49,8 +52,9 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
         init: MobileVLM checkpoint directory to start from (instead of --model).
         data: LLaVA-format data directory (DATA/train.json, DATA/test.json, images relative to DATA).
         synthetic: generate the synthetic shapes set into OUT/data and train on it.
+        multi_turn: with --synthetic: every question of a training image in one conversation (demo recipe).
         out: output directory.
-        stages: which stages to run, in order (names from the recipe file, or presets vision/align/instruct).
+        stages: which stages to run, in order (names from the recipe file, or presets tower/vision/align/instruct).
         steps: optimizer steps per stage (replaces epochs).
         epochs: epochs per stage.
         lr: learning rate of every stage.
@@ -78,7 +82,8 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
     from edgevlm.train.evaluate import format_result
     from edgevlm.train.recipe import train as run
 
-    result = run(config, model=model, init=init, data=data, synthetic=synthetic or None, out=out, stages=stages,
+    result = run(config, model=model, init=init, data=data, synthetic=synthetic or None,
+                 synthetic_multi_turn=multi_turn or None, out=out, stages=stages,
                  steps=steps, epochs=epochs, lr=lr, projector_lr=projector_lr, warmup=warmup, batch_size=batch_size,
                  grad_accum=grad_accum, weight_decay=weight_decay, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, train_vision_tower=train_vision_tower or None, bf16=bf16, seed=seed,

@@ -5,10 +5,16 @@ Stages (``[[stages]]`` tables in a recipe TOML, run in order; ../shared/referenc
 ============  ==============================  ===========  ==============================================
 stage preset  trains                          template     role
 ============  ==============================  ===========  ==============================================
-``vision``    vision tower + projector + LLM  vicuna_v1    stage 0, edgevlm only: a small preset starts
-                                                           from random weights, so its CLIP tower must
-                                                           learn too (end to end). Never used for the
-                                                           released models, whose tower stays frozen.
+``tower``     vision tower + projector        labels       stage 0, edgevlm only: a small preset starts
+                                                           from random weights and has no pre-trained CLIP
+                                                           tower; this stage pre-trains one (linear heads
+                                                           per question type classify the answers from
+                                                           the visual tokens; see ``tower.py``). Needs
+                                                           typed QA (the synthetic set). The demo recipe.
+``vision``    vision tower + projector + LLM  vicuna_v1    stage 0 alternative for untyped data: the tower
+                                                           learns end to end through the LLM (slower).
+                                                           Neither is used for the released models, whose
+                                                           tower stays frozen.
 ``align``     projector                       plain        stage 1, feature alignment (MobileVLM V1)
 ``instruct``  projector + LLM (or LoRA)       vicuna_v1    stage 2, visual instruction tuning
 ============  ==============================  ===========  ==============================================
@@ -63,11 +69,13 @@ from torch import nn
 from edgevlm.errors import ConfigError, DataError, EdgeVLMError
 from edgevlm.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from edgevlm.train import distributed as ddp
+from edgevlm.train.tower import LABELS_TEMPLATE, TowerLoss
 
 log = logging.getLogger(__name__)
 
 PARTS = ("vision", "projector", "llm")
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
+    "tower": {"train": ("vision", "projector"), "template": "labels"},
     "vision": {"train": ("vision", "projector", "llm"), "template": "vicuna_v1"},
     "align": {"train": ("projector",), "template": "plain"},
     "instruct": {"train": ("projector", "llm"), "template": "vicuna_v1"},
@@ -107,10 +115,14 @@ class StageConfig:
             raise ConfigError(f"stage '{self.name}': train = {list(self.train)}; choose parts from "
                               f"{', '.join(PARTS)} (at least one)")
         from edgevlm.train.dataset import TEMPLATE_NAMES
+        from edgevlm.train.tower import LABELS_TEMPLATE
 
-        if self.template not in TEMPLATE_NAMES:
+        if self.template not in (*TEMPLATE_NAMES, LABELS_TEMPLATE):
             raise ConfigError(f"stage '{self.name}': template '{self.template}' unknown; known: "
-                              f"{', '.join(TEMPLATE_NAMES)}")
+                              f"{', '.join((*TEMPLATE_NAMES, LABELS_TEMPLATE))}")
+        if self.template == LABELS_TEMPLATE and ("llm" in self.train or self.lora_r):
+            raise ConfigError(f"stage '{self.name}': the '{LABELS_TEMPLATE}' objective (tower pre-training) does not "
+                              f"involve the LLM; train = [\"vision\", \"projector\"]")
         if self.steps is None and self.epochs is None:
             raise ConfigError(f"stage '{self.name}': set steps or epochs")
         if self.steps is not None and self.steps < 1:
@@ -172,6 +184,7 @@ class TrainConfig:
     synthetic_val: int = 0
     synthetic_test: int = 500
     synthetic_seed: int = 0
+    synthetic_multi_turn: bool = False        # train split: every question of an image in one conversation
     tokenizer: str | None = None              # tokenizer dir; default: init checkpoint's, {data}/tokenizer, or trained
     train_split: str = "train"
     eval_split: str | None = "test"           # "" / "none" = no final evaluation
@@ -202,7 +215,7 @@ class TrainConfig:
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if not self.stages:
-            raise ConfigError("no training stages; add [[stages]] tables (presets: vision, align, instruct)")
+            raise ConfigError("no training stages; add [[stages]] tables (presets: tower, vision, align, instruct)")
         if self.bf16 not in BF16_MODES:
             raise ConfigError(f"bf16 = '{self.bf16}'; choose one of {', '.join(BF16_MODES)}")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -521,9 +534,12 @@ def lr_lambda(total: int, warmup: float, min_ratio: float):
     return f
 
 
-def build_optimizer(model: Any, stage: StageConfig, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, stage: StageConfig, cfg: TrainConfig, projector: nn.Module | None = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s trainable parameters (``model`` may be a loss module that owns extra heads);
+    ``projector`` (default ``model.mm_projector``) gets ``stage.projector_lr``."""
     wd = cfg.weight_decay if stage.weight_decay is None else stage.weight_decay
-    proj_ids = {id(p) for p in model.mm_projector.parameters()}
+    proj_ids = {id(p) for p in (projector if projector is not None else model.mm_projector).parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -562,7 +578,7 @@ def _synthetic_matches(d: Path, cfg: TrainConfig, image_size: int) -> bool:
     want = {k: v for k, v in (("train", cfg.synthetic_train), ("val", cfg.synthetic_val),
                               ("test", cfg.synthetic_test)) if v}
     return info.get("splits") == want and info.get("seed") == cfg.synthetic_seed and \
-        info.get("image_size") == image_size
+        info.get("image_size") == image_size and bool(info.get("multi_turn_train")) == cfg.synthetic_multi_turn
 
 
 def _split_path(data: Path, split: str) -> Path | None:
@@ -621,7 +637,15 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
     if lora is not None:
         report["llm"]["lora_adapters"] = sum(p.numel() for n, p in model.llm.named_parameters()
                                              if p.requires_grad and "lora_" in n)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    labels_stage = stage.template == LABELS_TEMPLATE
+    if labels_stage:                          # tower pre-training: heads built (seeded) before the optimizer
+        torch.manual_seed(cfg.seed + 7919 * (si + 1))
+        module: nn.Module = TowerLoss(model, dataset.labels).to(info.device)
+        report["heads"] = {"trainable": sum(p.numel() for p in module.heads.parameters()),
+                           "total": sum(p.numel() for p in module.heads.parameters())}
+    else:
+        module = LossModule(model)
+    trainable = [p for p in module.parameters() if p.requires_grad]
     if info.is_main:
         desc = ", ".join(f"{k} {v['trainable']:,}/{v['total']:,}" for k, v in report.items())
         log.info("stage %d/%d '%s' (%s template): trainable parameters %s%s", si + 1, len(cfg.stages), stage.name,
@@ -637,9 +661,8 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
         raise ConfigError(f"stage '{stage.name}': the global batch ({batch}) is larger than the training set "
                           f"({len(dataset)} examples); lower batch_size")
     total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
-    opt = build_optimizer(model, stage, cfg)
+    opt = build_optimizer(module, stage, cfg, projector=model.mm_projector)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, stage.warmup, stage.min_lr_ratio))
-    module = LossModule(model)
     wrapped = ddp.wrap(module, info)
     model.train()
     dev = info.device
@@ -654,6 +677,7 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
         epoch, groups = next(batches)
         mbs = [{k: v.to(dev) for k, v in dataset.collate(g).items()} for g in groups]
         n_tok = torch.tensor([float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in mbs))], device=dev)
+        # (labels stage: the count of labelled answers, so the loss is the mean cross-entropy per answer)
         n_tok = ddp.all_reduce_sum(n_tok, info)
         denom = max(float(n_tok.item()), 1.0)
         loss_sum = torch.zeros(1, device=dev)
@@ -661,7 +685,8 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
             sync = contextlib.nullcontext() if (k == len(mbs) - 1 or not info.enabled) else wrapped.no_sync()
             with sync:
                 with autocast():
-                    ce = wrapped(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], mb["labels"])
+                    ce = wrapped(mb["pixel_values"], mb["labels"]) if labels_stage else \
+                        wrapped(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], mb["labels"])
                 (ce * (world / denom)).backward()
             loss_sum += ce.detach().float()
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -691,6 +716,13 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
     seconds = time.perf_counter() - t0
     if lora is not None:
         merge_lora(model, lora)
+    head_acc = None
+    if labels_stage:                          # what the tower learned, read by its heads (training examples)
+        model.eval()
+        rows = list(range(min(len(dataset), 512)))
+        mb = {k: v.to(dev) for k, v in dataset.collate(rows).items()}
+        with autocast():
+            head_acc = module.accuracy(mb["pixel_values"], mb["labels"])
     del wrapped, module
     tail = losses[-max(1, min(20, len(losses) // 5)):]
     summary = {"name": stage.name, "train": list(parts), "template": stage.template, "steps": total,
@@ -700,9 +732,13 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
                "samples_per_s": round(samples / max(seconds, 1e-9), 1), "first_loss": losses[0],
                "final_loss": sum(tail) / len(tail), "micro_batch": micro, "grad_accum": accum,
                "global_batch": batch, "dataset": dataset.stats}
+    if head_acc is not None:
+        summary["head_accuracy_train"] = {k: round(v, 4) for k, v in head_acc.items()}
     if info.is_main:
-        log.info("stage '%s' done: %d steps in %.1f s (%.0f samples/s), loss %.4f -> %.4f", stage.name, total, seconds,
-                 summary["samples_per_s"], summary["first_loss"], summary["final_loss"])
+        log.info("stage '%s' done: %d steps in %.1f s (%.0f samples/s), loss %.4f -> %.4f%s", stage.name, total,
+                 seconds, summary["samples_per_s"], summary["first_loss"], summary["final_loss"],
+                 "" if head_acc is None else "; head accuracy (train) " +
+                 ", ".join(f"{k} {v:.1%}" for k, v in head_acc.items()))
     return summary
 
 
@@ -727,6 +763,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     from edgevlm.train.evaluate import evaluate_records, preprocess_config
     from edgevlm.train.llava_data import load_dataset
     from edgevlm.train.tokenizer import check_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer_on_samples
+    from edgevlm.train.tower import LABELS_TEMPLATE, LabelledImages
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -772,6 +809,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                     log.info("generating the synthetic dataset into %s", data_dir)
                     write_dataset(data_dir, train=cfg.synthetic_train, val=cfg.synthetic_val,
                                   test=cfg.synthetic_test, seed=cfg.synthetic_seed,
+                                  multi_turn=cfg.synthetic_multi_turn,
                                   image_size=model_cfg.vision.image_size, overwrite=True, progress=cfg.progress)
             except BaseException:
                 failed = True
@@ -830,9 +868,11 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         # -- tokenized datasets, one per template in use (all validation ends here)
         t = time.perf_counter()
         max_text = model_cfg.context_length - model_cfg.visual_tokens + 1
-        datasets: dict[str, VLMDataset] = {}
+        datasets: dict[str, Any] = {}
         for stage in cfg.stages:
-            if stage.template not in datasets:
+            if stage.template == LABELS_TEMPLATE:
+                datasets[stage.template] = LabelledImages(train_records, images, stage.name)
+            elif stage.template not in datasets:
                 if stage.template == "plain" and not any(r.caption for r in train_records):
                     log.info("stage '%s': records have no captions; the plain template uses their first answers",
                              stage.name)
