@@ -185,6 +185,9 @@ def run_demo(out: str | Path = "demo_out", *, target: str = "cpu", fast: bool = 
 
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
     summary["bundles"] = {"fp32": str(fp32), preset: str(qbundle)}
+    from edgevlm.bench.env import environment, loadavg
+
+    summary["environment"] = {**environment(threads=threads), "loadavg_end": loadavg()}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     con.rule("[bold]done")
     con.print(f"total {summary['total_s']:.0f} s; bundles in {bundles}; summary {out / 'demo_summary.json'}"

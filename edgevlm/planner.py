@@ -19,8 +19,8 @@ Weights, per component (``targets.COMPONENTS``):
     decoder    layers + final norm;
     lm_head    vocab x d; counted even with tied embeddings (the decoder graph carries its own copy).
     Bytes/param: fp32 4, fp16/bf16 2, fp8 1 (per-tensor scale), int8 1 + one fp32 scale per output channel
-    (approximated as params / hidden_size channels), int4 0.5 + one fp16 scale per block of ``INT4_BLOCK`` = 32
-    weights (ORT MatMulNBits / onnxruntime-genai default block; ModelOpt AWQ uses 128, which is smaller). Norms
+    (approximated as params / hidden_size channels), int4 0.5 + one fp16 scale per block of ``INT4_BLOCK`` = 128
+    weights (edgevlm.quant's block, as ModelOpt AWQ; onnxruntime-genai and llama.cpp use 32). Norms
     and biases are counted at the component precision (< 1 % of parameters).
 
 KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes x context x batch, bytes = 2 (fp16) on GPU targets,
@@ -64,7 +64,7 @@ from edgevlm.targets import PRECISION_PRESETS, PRESET_ORDER, Target, get_target,
 
 log = logging.getLogger(__name__)
 
-INT4_BLOCK = 32                 # weights per fp16 scale in int4 weight-only quantization
+INT4_BLOCK = 128                # weights per fp16 scale in int4 weight-only quantization (edgevlm.quant's block)
 DEFAULT_TEXT_TOKENS = 256       # text budget of the longest prompt (besides the visual tokens)
 TYPICAL_TEXT_TOKENS = 64        # text of a typical VQA prompt (TensorRT opt shapes)
 NEAR_LIMIT = 0.90               # warn above this fraction of usable memory

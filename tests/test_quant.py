@@ -189,7 +189,7 @@ def test_apply_precision_on_a_partial_manifest(fp32_bundle, tmp_path):
     assert tol.logits.max_abs > 1e-4                                 # looser than fp32 parity
     comps = partial["components"]
     assert comps["decoder"]["precision"] == "int4" and comps["decoder"]["contrib_ops"] is True
-    assert comps["decoder"]["recipe"]["block_size"] == 32 and comps["decoder"]["recipe"]["accuracy_level"] == 4
+    assert comps["decoder"]["recipe"]["block_size"] == 128 and comps["decoder"]["recipe"]["accuracy_level"] == 4
     assert comps["vision"]["recipe"]["calib_method"] == "minmax" and comps["vision"]["opset"] == 20
     assert comps["embed"]["dtype"] == "float16"
     assert "com.microsoft::MatMulNBits" in comps["decoder"]["op_histogram"]
