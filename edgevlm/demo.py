@@ -45,9 +45,9 @@ FAST_ACCURACY_LIMIT = 48
 
 
 def _console():
-    from rich.console import Console
+    from edgevlm.console import make_console
 
-    return Console()
+    return make_console()
 
 
 def run_demo(out: str | Path = "demo_out", *, target: str = "cpu", fast: bool = False, overwrite: bool = False,

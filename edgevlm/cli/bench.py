@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def _print_summary(report: dict[str, Any]) -> None:
     from rich import box
-    from rich.console import Console
+    from edgevlm.console import make_console
     from rich.table import Table
 
     t = Table(title="edgevlm bench (medians per session; total at the largest prompt x output)", box=box.SIMPLE,
@@ -45,7 +45,7 @@ def _print_summary(report: dict[str, Any]) -> None:
                   f"{r['vision_ms']:.1f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
                   f"{ref['total_ms']:.0f}", f"{(ref['total_spread'] or 0) * 100:.1f}%", f"{r['peak_rss_mb'] or 0:.0f}",
                   "-" if err is None else f"{err * 100:.1f}%")
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    make_console().print(t)
 
 
 def _command_line(kwargs: dict[str, Any]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from edgevlm.config import format_count, get_model_config, model_names
 
@@ -30,7 +29,7 @@ def models(json_output: bool = False) -> None:
     if json_output:
         print(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
+    from edgevlm.console import make_console
     from rich.table import Table
 
     table = Table(title="edgevlm models")
@@ -42,7 +41,7 @@ def models(json_output: bool = False) -> None:
                       f"{r['projector']} ({format_count(r['params_projector'])})", format_count(r["params_llm"]),
                       str(r["visual_tokens"]), f"{r['image_size']}px",
                       f"{r['llm_hidden']} x {r['llm_layers']}, {r['llm_heads']}h, {r['llm_ffn']}", str(r["context"]))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    make_console().print(table)
 
 
 COMMANDS = {"models": models}

@@ -243,9 +243,9 @@ def report_table(quant: Mapping[str, Any]):
 
 def print_report(quant: Mapping[str, Any], console: Any = None) -> None:
     """Print the report table (to stderr unless a ``rich.console.Console`` is given)."""
-    from rich.console import Console
+    from edgevlm.console import make_console
 
-    (console or Console(stderr=True)).print(report_table(quant))
+    (console or make_console(stderr=True)).print(report_table(quant))
 
 
 # ---- task-level checks on finished bundles ------------------------------------------------------------------------
