@@ -342,7 +342,8 @@ def main() -> None:
     cfg = get_model_config(args.model)
     threads = args.threads or physical_cores()
     env = environment(threads)
-    print(f"{args.model}: {env['cpu']} ({env['cores_physical']} cores, {env['ram_gib']} GiB), {threads} threads",
+    print(f"{args.model}: {env['cpu']['model']} ({env['cpu']['cores_physical']} cores, {env['ram_gib']} GiB), "
+          f"{threads} threads",
           flush=True)
 
     costs = model_costs(cfg)
