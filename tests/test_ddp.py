@@ -1,6 +1,6 @@
 """DDP on CPU (gloo): 2 processes launched by torchrun give the same weights as 1 process with the same global batch.
 
-Tiny preset, no dropout anywhere (LLaMA and CLIP attention dropout are 0), fp32, same seeds; the per-rank batch is
+Every stage kind (tower: attribute heads; vision: end to end; instruct). Tiny preset, no dropout anywhere (LLaMA and CLIP attention dropout are 0), fp32, same seeds; the per-rank batch is
 half the global batch and DistributedSampler hands rank r every second index of the same permutation.
 """
 
@@ -17,7 +17,7 @@ import torch
 from edgevlm.model import load_checkpoint
 from edgevlm.train.synthetic import write_dataset
 
-ARGS = ["--model", "tiny-ldpnetv2", "--stages", "vision", "instruct", "--steps", "2", "--batch-size", "8",
+ARGS = ["--model", "tiny-ldpnetv2", "--stages", "tower", "vision", "instruct", "--steps", "2", "--batch-size", "8",
         "--lr", "1e-3", "--bf16", "off", "--threads", "1", "--no-progress", "--eval-split", "none"]
 
 
@@ -46,7 +46,7 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     log2 = json.loads((tmp_path / "two" / "train_log.json").read_text())
     assert log2["environment"]["distributed"]["world_size"] == 2
     assert log2["environment"]["distributed"]["backend"] == "gloo"
-    assert [s["micro_batch"] for s in log2["stages"]] == [4, 4]
+    assert [s["micro_batch"] for s in log2["stages"]] == [4, 4, 4]
     assert [s["tokens"] for s in log1["steps"]] == [s["tokens"] for s in log2["steps"]]     # same global batches
     assert [s["loss"] for s in log2["steps"]] == pytest.approx([s["loss"] for s in log1["steps"]], rel=1e-5)
 

@@ -111,12 +111,10 @@ class TowerLoss(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.heads(self.vlm.encode_images(pixel_values))              # T x [B, answers_t]
-        loss = pixel_values.new_zeros((), dtype=torch.float32)
-        for t, lg in enumerate(logits):
-            y = labels[:, t]
-            if bool((y != IGNORE_INDEX).any()):
-                loss = loss + F.cross_entropy(lg.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss
+        # Every head stays in the graph even when no row of this (micro-)batch asks its question type (its loss is
+        # then 0 with zero gradients): DDP requires every trainable parameter to take part in every step.
+        return sum(F.cross_entropy(lg.float(), labels[:, t], ignore_index=IGNORE_INDEX, reduction="sum")
+                   for t, lg in enumerate(logits))
 
     @torch.no_grad()
     def accuracy(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
