@@ -367,6 +367,20 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
     if target.is_tensorrt and ws_now > small_ws:
         ws_options.append(small_ws)
     lo0 = min(cfg.visual_tokens + 16, ctx)
+
+    def longest_context(ws: float | None, **kw: Any) -> MemoryPlan | None:
+        """The plan at the longest context in [lo0, ctx) that is ok (rounded down to 64), or None if none is."""
+        if lo0 >= ctx or not ok(again(context=lo0, workspace_gb=ws, **kw)):
+            return None
+        lo, hi = lo0, ctx - 1
+        while lo < hi:                                   # largest c in [lo, hi] with ok(c); ok is monotone in c
+            mid = (lo + hi + 1) // 2
+            if ok(again(context=mid, workspace_gb=ws, **kw)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return again(context=lo - lo % 64 if lo >= 128 + cfg.visual_tokens else lo, workspace_gb=ws, **kw)
+
     for ws in ws_options:
         ws_text = "" if ws is workspace_gb else f" with a {ws * 1024:.0f} MiB builder workspace (--workspace-gb {ws})"
         if ok(again(workspace_gb=ws)):                  # the workspace alone is enough
@@ -375,18 +389,10 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
                 out.append(f"a {ws * 1024:.0f} MiB builder workspace (now {ws_now:g} GiB) {goal}: peak "
                            f"{gib(p.peak_bytes)} ({p.utilization:.0%}); the build may skip some fast tactics")
             break
-        if lo0 >= ctx or not ok(again(context=lo0, workspace_gb=ws)):
+        p = longest_context(ws)
+        if p is None:
             continue
-        lo, hi = lo0, ctx - 1
-        while lo < hi:                                   # largest c in [lo, hi] with ok(c); ok is monotone in c
-            mid = (lo + hi + 1) // 2
-            if ok(again(context=mid, workspace_gb=ws)):
-                lo = mid
-            else:
-                hi = mid - 1
-        best = lo - lo % 64 if lo >= 128 + cfg.visual_tokens else lo
-        p = again(context=best, workspace_gb=ws)
-        out.append(f"--context {best}{ws_text} {goal} at {plan.precision_name}: peak {gib(p.peak_bytes)} "
+        out.append(f"--context {p.context}{ws_text} {goal} at {plan.precision_name}: peak {gib(p.peak_bytes)} "
                    f"({p.utilization:.0%}); the prompt budget becomes {p.prompt_tokens} tokens")
         break
     else:
@@ -394,21 +400,13 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
         out.append(f"no context fits at {plan.precision_name}: even {lo0} tokens need {gib(p.peak_bytes)} in the "
                    f"{p.peak_phase} phase (weights {gib(p.weights_bytes)}) of {gib(p.usable_bytes)} usable")
         # 2b. a smaller precision at a shorter context (largest such precision first)
+        ws = ws_options[-1]
         for cand in candidates:
-            ws = ws_options[-1]
-            if not ok(again(precision=cand.precision, context=lo0, workspace_gb=ws)):
+            p = longest_context(ws, precision=cand.precision)
+            if p is None:
                 continue
-            lo, hi = lo0, ctx - 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if ok(again(precision=cand.precision, context=mid, workspace_gb=ws)):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            best = lo - lo % 64 if lo >= 128 + cfg.visual_tokens else lo
-            p = again(precision=cand.precision, context=best, workspace_gb=ws)
             ws_text = "" if ws is workspace_gb else f" --workspace-gb {ws}"
-            out.append(f"--precision {cand.precision_name} --context {best}{ws_text} {goal}: peak "
+            out.append(f"--precision {cand.precision_name} --context {p.context}{ws_text} {goal}: peak "
                        f"{gib(p.peak_bytes)} ({p.utilization:.0%}); the prompt budget becomes {p.prompt_tokens} tokens")
             break
     # 3. batch 1

@@ -109,6 +109,20 @@ def test_check_fits_refuses_with_numbers_and_working_suggestions():
     assert check_fits(plan_memory(cfg, "jetson-orin-nano-8gb", "int4", context=2048)).verdict == "fits"
 
 
+def test_smaller_precision_at_shorter_context_is_suggested_and_fits():
+    """fp16 fits at no context on the Nano 4 GB; the suggestion combines a smaller precision with a context."""
+    cfg = get_model_config("mobilevlm-1.7b")
+    plan = plan_memory(cfg, "jetson-orin-nano-4gb", "fp16", context=2048)
+    assert any(s.startswith("no context fits at fp16") for s in plan.suggestions)
+    sugg = next(s for s in plan.suggestions if s.startswith("--precision") and "--context" in s)
+    prec, ctx = sugg.split()[1], int(re.search(r"--context (\d+)", sugg).group(1))
+    ws = re.search(r"--workspace-gb ([0-9.]+)", sugg)
+    again = plan_memory(cfg, "jetson-orin-nano-4gb", prec, context=ctx, workspace_gb=float(ws.group(1)) if ws else None)
+    assert again.verdict != "does_not_fit" and ctx < 2048 and ctx % 64 == 0
+    assert plan_memory(cfg, "jetson-orin-nano-4gb", prec, context=ctx + 64,
+                       workspace_gb=float(ws.group(1)) if ws else None).verdict == "does_not_fit"   # the longest
+
+
 def test_precision_suggestion_and_near_limit_warning(caplog):
     cfg = get_model_config("mobilevlm-v2-7b")
     plan = plan_memory(cfg, "rtx-4070", "fp16")
