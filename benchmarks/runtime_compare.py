@@ -64,6 +64,7 @@ TARGETS = {"int4 decode_tok_s": ">= 28", "prefill_tok_s": ">= 130", "vision_ms":
 
 # ==== environment, bandwidth / GEMM rooflines, weight bytes per token: shared with `edgevlm bench` =====
 from edgevlm.bench.env import bandwidth, environment, gemm_rates, model_costs  # noqa: E402
+from edgevlm.bench.sweep import worker_result  # noqa: E402
 
 
 # ==== workers (one configuration per subprocess) ===================================================================
@@ -269,11 +270,9 @@ def run_worker(cmd: list[str], timeout: float) -> dict[str, Any]:
     t = time.perf_counter()
     p = subprocess.run([sys.executable, __file__, *cmd], capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            res["worker_wall_s"] = wall
-            return res
+    res = worker_result(p.stdout, wall)
+    if res is not None:
+        return res
     return {"error": (p.stderr or p.stdout)[-3000:], "returncode": p.returncode, "worker_wall_s": wall}
 
 

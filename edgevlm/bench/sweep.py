@@ -42,7 +42,7 @@ from edgevlm.errors import ConfigError, EdgeVLMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepSpec", "run_sweep", "run_session", "BACKENDS", "available_backends", "METRICS", "summarize",
+__all__ = ["SweepSpec", "run_sweep", "worker_result", "run_session", "BACKENDS", "available_backends", "METRICS", "summarize",
            "expand_bundle_paths"]
 
 #: backend name -> ONNX Runtime providers (``Session.from_bundle(providers=...)``)
@@ -268,14 +268,20 @@ def _run_isolated(job: dict[str, Any], timeout: float, verbose: bool) -> dict[st
     finally:
         os.unlink(job_file)
     wall = time.perf_counter() - t
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            res["worker_wall_s"] = wall
-            return res
+    res = worker_result(p.stdout, wall)
+    if res is not None:
+        return res
     err = (p.stderr or "") + p.stdout
     return {"error": f"worker exited with {p.returncode}: {err[-3000:]}", "bundle": job["bundle"],
             "worker_wall_s": wall}
+
+
+def worker_result(stdout: str, wall_s: float) -> dict[str, Any] | None:
+    """The JSON of a worker's last ``RESULT {json}`` line (with ``worker_wall_s`` added), or None if it printed none."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return {**json.loads(line[7:]), "worker_wall_s": wall_s}
+    return None
 
 
 def run_sweep(spec: SweepSpec, progress: Callable[[str], None] | None = None,
