@@ -84,18 +84,9 @@ def cpu_info() -> dict[str, Any]:
                 mhz.append(float(val))
             except ValueError:
                 pass
-    logical = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
-    physical = None
-    try:
-        import psutil
+    from edgevlm.runtime.backends import core_counts
 
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        pass
+    logical, usable, physical = core_counts()
     out = {"model": model, "machine": platform.machine(), "isa": [f for f in _ISA if f in flags],
            "cores_physical": physical, "cores_logical": logical, "cores_usable": usable}
     if hw:

@@ -62,7 +62,7 @@ from edgevlm.errors import RuntimeBackendError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackendOptions", "physical_cores", "resolve_providers", "session_options", "create_session",
+__all__ = ["BackendOptions", "physical_cores", "core_counts", "resolve_providers", "session_options", "create_session",
            "default_cache_dir", "device_type_for", "import_ort", "cpu_fingerprint", "SessionInfo", "cache_root",
            "cache_home"]
 
@@ -91,8 +91,9 @@ def import_ort():
     return ort
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (SMT siblings counted once; affinity masks respected)."""
+def core_counts() -> tuple[int, int, int | None]:
+    """``(logical, usable, physical)``: logical CPUs, those this process's affinity mask allows, physical cores
+    (None when psutil is missing)."""
     logical = os.cpu_count() or 1
     try:
         allowed = len(os.sched_getaffinity(0))
@@ -105,6 +106,12 @@ def physical_cores() -> int:
         phys = psutil.cpu_count(logical=False)
     except ImportError:
         pass
+    return logical, allowed, phys
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once; affinity masks respected)."""
+    logical, allowed, phys = core_counts()
     phys = phys or logical
     smt = max(1, logical // phys)
     return max(1, min(phys, allowed // smt if allowed >= smt else allowed))
