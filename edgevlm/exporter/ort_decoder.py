@@ -171,6 +171,23 @@ def _dims(value_info: Any, head_dim: int) -> list[int | str]:
     return out
 
 
+def _pin_head_dim(path: Path, head_dim: int) -> None:
+    """The builder leaves the KV tensors' last dim symbolic (``kv_cache_dim``); pin it to ``head_dim`` so the graph
+    declares the contract's static ``[batch, kv_heads, seq, head_dim]`` (graph proto only; weights untouched)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == "kv_cache_dim":
+                d.ClearField("dim_param")
+                d.dim_value = int(head_dim)
+                changed = True
+    if changed:
+        onnx.save(m, str(path))
+
+
 def inspect_decoder(path: str | os.PathLike, head_dim: int) -> dict[str, Any]:
     """I/O, opsets, op histogram and weight bytes of a built decoder (reads the graph only, not the weights)."""
     import onnx
@@ -341,6 +358,7 @@ def build_ort_decoder(llm: Any, out_dir: str | os.PathLike, *, precision: str = 
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     max_length = int(config.max_position_embeddings)
+    _pin_head_dim(out_dir / DECODER_FILE, head_dim)
     info = inspect_decoder(out_dir / DECODER_FILE, head_dim)
     names_in = {t["name"] for t in info["inputs"]}
     names_out = {t["name"] for t in info["outputs"]}

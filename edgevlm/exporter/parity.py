@@ -272,10 +272,6 @@ def check_vision(path: str | os.PathLike, ref: VisionReference, tolerances: S.Pa
     return res
 
 
-def _kv_feed(num_layers: int, presents: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(zip(S.past_names(num_layers), presents))
-
-
 def _worst_kv(component: str, check: str, got: list[np.ndarray], want: list[np.ndarray], names: list[str],
               tol: S.Tolerance | None) -> CheckResult:
     results = [compare(component, check, n, g, w, tol) for n, g, w in zip(names, got, want)]
@@ -289,39 +285,35 @@ def check_decoder(path: str | os.PathLike, refs: Sequence[DecoderReference], tol
                   session=None) -> ComponentParity:
     import time
 
+    from edgevlm.runtime.kv_cache import HostKV, KVSpec
+
     t0 = time.perf_counter()
     sess = session or ort_session(path)
     out_names = [o.name for o in sess.get_outputs()]
     present = [n for n in out_names if n.startswith("present.")]
-    num_layers = len(present) // 2
     kv_dtype = next((i.type for i in sess.get_inputs() if i.name.startswith("past_key_values.")), "tensor(float)")
     np_kv = np.float16 if kv_dtype == "tensor(float16)" else np.float32
+    spec = KVSpec.from_graph_inputs({i.name: i.shape for i in sess.get_inputs()},
+                                    dtype="float16" if np_kv is np.float16 else "float32")
+    present = spec.present_names()                       # in past order (the graph may list them differently)
     res = ComponentParity("decoder", tolerances=tolerances.to_dict())
     for ref in refs:
         b, t, _ = ref.prefill_embeds.shape
-        h, hd = ref.prefill_presents[0].shape[1], ref.prefill_presents[0].shape[3]
-        empty = [np.zeros((b, h, 0, hd), np_kv) for _ in range(2 * num_layers)]
-        feed = {"inputs_embeds": ref.prefill_embeds.astype(np.float32),
-                "attention_mask": np.ones((b, t), np.int64),
-                "position_ids": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
-                **_kv_feed(num_layers, empty)}
-        outs = dict(zip(out_names, sess.run(out_names, feed)))
+        kv = HostKV(spec, capacity=t + len(ref.step_embeds), batch=b)
+        outs = dict(zip(out_names, sess.run(out_names, kv.feeds(ref.prefill_embeds.astype(np.float32)))))
+        kv.update([outs[p] for p in present], t)
         res.checks.append(compare("decoder", f"prefill_b{b}", "logits", outs["logits"], ref.prefill_logits,
                                   tolerances.logits))
-        res.checks.append(_worst_kv("decoder", f"present_b{b}_prefill", [outs[n] for n in present],
-                                    ref.prefill_presents, present, tolerances.kv))
-        n = t
+        res.checks.append(_worst_kv("decoder", f"present_b{b}_prefill", kv.valid(), ref.prefill_presents, present,
+                                    tolerances.kv))
         for k, (emb, want) in enumerate(zip(ref.step_embeds, ref.step_logits), start=1):
-            feed = {"inputs_embeds": emb.astype(np.float32), "attention_mask": np.ones((b, n + 1), np.int64),
-                    "position_ids": np.full((b, 1), n, np.int64),
-                    **_kv_feed(num_layers, [outs[p] for p in present])}         # ORT's own presents fed back
-            outs = dict(zip(out_names, sess.run(out_names, feed)))
+            outs = dict(zip(out_names, sess.run(out_names, kv.feeds(emb.astype(np.float32)))))  # ORT's own KV
+            kv.update([outs[p] for p in present], 1)
             res.checks.append(compare("decoder", f"decode_b{b}_step{k}", "logits", outs["logits"], want,
                                       tolerances.logits))
-            n += 1
         if ref.step_embeds:
-            res.checks.append(_worst_kv("decoder", f"present_b{b}_final", [outs[p] for p in present],
-                                        ref.final_presents, present, tolerances.kv))
+            res.checks.append(_worst_kv("decoder", f"present_b{b}_final", kv.valid(), ref.final_presents, present,
+                                        tolerances.kv))
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -334,21 +334,16 @@ class _Verifier:
             raise BundleError(f"the decoder must have one logits output besides the presents, got {sorted(outs)}")
         return kv, ins, outs, logits[0]
 
-    def _feeds(self, kv, ins, embeds: np.ndarray, past: list[np.ndarray] | None, past_len: int) -> dict[str, Any]:
-        t = embeds.shape[1]
-        dt = lambda n: _np_dtype(_ORT_TYPES.get(ins[n].type, "float32"))  # noqa: E731
-        feeds = {"inputs_embeds": embeds.astype(dt("inputs_embeds"))}
-        if "attention_mask" in ins:
-            feeds["attention_mask"] = np.ones((1, past_len + t), dt("attention_mask"))
-        if "position_ids" in ins:
-            feeds["position_ids"] = np.arange(past_len, past_len + t, dtype=dt("position_ids"))[None]
-        for j, name in enumerate(kv.past_names()):
-            feeds[name] = (np.zeros(kv.shape(0), dt(name)) if past is None else past[j])
-        unknown = set(ins) - set(feeds)
+    def _host_kv(self, kv, ins, capacity: int):
+        """Plain-run driver state for this graph (``HostKV``) and the input dtypes it casts feeds to."""
+        from edgevlm.runtime.kv_cache import HostKV
+
+        unknown = set(ins) - {"inputs_embeds", "attention_mask", "position_ids", *kv.past_names()}
         if unknown:
             raise BundleError(f"decoder inputs {sorted(unknown)} are not part of the runtime contract "
                               f"(inputs_embeds, attention_mask, position_ids, past KV per kv_cache)")
-        return feeds
+        dtypes = {n: _np_dtype(_ORT_TYPES.get(i.type, "float32")) for n, i in ins.items()}
+        return HostKV(kv, capacity=capacity, dtype=dtypes[kv.past_names()[0]]), dtypes
 
     def _embed_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
         cfg = self.bundle.model_config
@@ -383,18 +378,21 @@ class _Verifier:
             t = embeds.shape[1]
             if t + 1 > ctx:
                 raise BundleError(f"the model context ({ctx}) is too short for a prefill of {t} + 1 tokens")
-            # prefill, zero-length pasts
-            res = sess.run(out_names, self._feeds(kv, ins, embeds, None, 0))
-            self._check_step(res, kv, t, 0, vocab, last_only, f"prefill (sample {i})")
-            logits, presents = res[0], res[1:]
+            # prefill from an empty cache
+            host, dtypes = self._host_kv(kv, ins, t + 1)
+            res = sess.run(out_names, host.feeds(embeds, dtypes))
+            self._check_step(res, kv, host, t, vocab, last_only, f"prefill (sample {i})")
+            host.update(res[1:], t)
+            logits = res[0]
             tok = int(np.argmax(logits[0, -1]))
             nxt = (np.asarray(self.table[min(tok, self.table.shape[0] - 1)], np.float32)[None, None]
                    if self.table is not None else self._embed_rows(rng, 1)[None])
             # one decode step fed the presents
-            res2 = sess.run(out_names, self._feeds(kv, ins, nxt, list(presents), t))
-            self._check_step(res2, kv, 1, t, vocab, last_only, f"decode step (sample {i})")
+            res2 = sess.run(out_names, host.feeds(nxt, dtypes))
+            self._check_step(res2, kv, host, 1, vocab, last_only, f"decode step (sample {i})")
             # the same context in one prefill
-            full = sess.run([logits_name], self._feeds(kv, ins, np.concatenate([embeds, nxt], axis=1), None, 0))[0]
+            fresh, _ = self._host_kv(kv, ins, t + 1)
+            full = sess.run([logits_name], fresh.feeds(np.concatenate([embeds, nxt], axis=1), dtypes))[0]
             diff, cos, absmax = _stats(full[0, -1], res2[0][0, -1])
             rel = diff / max(1.0, absmax)
             worst_diff, worst_cos, worst_rel = max(worst_diff, diff), min(worst_cos, cos), max(worst_rel, rel)
@@ -403,7 +401,8 @@ class _Verifier:
                                    decode_logits=res2[0][0, -1].copy())
         self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (zero-length past) + one "
                  f"decode step fed the presents; logits [1, {'1' if last_only else 'T'}, {vocab}], presents "
-                 f"{kv.shape(t)} -> {kv.shape(t + 1)}, finite")
+                 (f"{kv.shape(t)} -> {kv.shape(t + 1)}" if kv.mode == "concat" else
+                  f"in one shared {kv.shape(t + 1)} buffer") + ", finite")
         precision = entry.get("precision", "fp32")
         fp32 = precision == "fp32" or (isinstance(precision, Mapping) and set(precision.values()) == {"fp32"})
         ok = worst_cos >= (0.9999 if fp32 else 0.99) and (worst_rel <= 1e-3 or not fp32)
@@ -413,15 +412,18 @@ class _Verifier:
                                        "present/past wiring of the graph)"),
                  max_abs_diff=worst_diff, cosine=worst_cos)
 
-    def _check_step(self, res: list[np.ndarray], kv, seq: int, past: int, vocab: int, last_only: bool,
+    def _check_step(self, res: list[np.ndarray], kv, host, seq: int, vocab: int, last_only: bool,
                     what: str) -> None:
+        """Shapes after a run of ``seq`` tokens on ``host`` (not yet updated): concat graphs return presents of
+        ``past + seq`` rows, shared-buffer graphs their whole buffer."""
         logits, presents = res[0], res[1:]
         want = [1, 1 if last_only else seq, vocab]
         if list(logits.shape) != want:
             raise BundleError(f"{what}: logits {list(logits.shape)}, expected {want}")
+        rows = host.capacity if kv.mode == "shared_buffer" else host.length + seq
         for name, p in zip(kv.present_names(), presents):
-            if list(p.shape) != kv.shape(past + seq):
-                raise BundleError(f"{what}: {name} {list(p.shape)}, expected {kv.shape(past + seq)}")
+            if list(p.shape) != kv.shape(rows):
+                raise BundleError(f"{what}: {name} {list(p.shape)}, expected {kv.shape(rows)}")
         bad = [n for n, a in zip(["logits", *kv.present_names()], res) if not np.all(np.isfinite(a))]
         if bad:
             raise BundleError(f"{what}: non-finite values in {', '.join(bad)} (fp16 overflow or -inf masks?)")

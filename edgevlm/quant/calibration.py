@@ -460,7 +460,7 @@ class DecoderCalibrationReader(CalibrationDataReader):
         if self._vision is None:
             self._vision = ort_session(self.vision_graph, self.threads)
             self._decoder = ort_session(self.decoder_graph, self.threads)
-            self._present_names = [o.name for o in self._decoder.get_outputs() if o.name.startswith("present.")]
+            self._present_names = self._host_kv(0).spec.present_names()       # in HostKV.update order
             self._logits_name = next(o.name for o in self._decoder.get_outputs()
                                      if not o.name.startswith("present."))
         return self._vision, self._decoder
@@ -484,35 +484,35 @@ class DecoderCalibrationReader(CalibrationDataReader):
                               f"with static heads and head_dim")
         return shape[1], shape[3]
 
-    def _feed(self, embeds: np.ndarray, past_len: int, pasts: Sequence[np.ndarray] | None) -> dict[str, np.ndarray]:
-        t = embeds.shape[1]
-        feed = {"inputs_embeds": self._cast("inputs_embeds", embeds),
-                "attention_mask": self._cast("attention_mask", np.ones((1, past_len + t)))}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = self._cast("position_ids", np.arange(past_len, past_len + t)[None])
-        for k, name in enumerate(self.past_names):
-            if pasts is None:
-                h, hd = self._kv_dims(name)
-                feed[name] = np.zeros((1, h, 0, hd), dtype=self.inputs[name].dtype)
-            else:
-                feed[name] = self._cast(name, pasts[k])
-        return feed
+    def _host_kv(self, prompt_len: int):
+        """Plain-run KV state for this graph (concat or shared-buffer, ``edgevlm.runtime.kv_cache.HostKV``)."""
+        from edgevlm.runtime.kv_cache import HostKV, KVSpec
+
+        for name in self.past_names:
+            self._kv_dims(name)                                                          # static heads/head_dim
+        first = self.inputs[self.past_names[0]]
+        spec = KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
+                                        dtype="float16" if first.dtype == np.float16 else "float32")
+        return HostKV(spec, capacity=prompt_len + self.decode_steps + 1, dtype=first.dtype)
 
     def samples(self) -> Iterator[DecoderSample]:
         """Every sample, lazily: per item a prefill then its decode steps."""
         _, decoder = self._sessions()
         out_names = [self._logits_name, *self._present_names]
+        dtypes = {n: g.dtype for n, g in self.inputs.items()}
         for i, item in enumerate(self.items):
             ids = self.ctx.prompt_ids(item.question)
             embeds = self.ctx.splice(ids, self.image_embeds(i))                           # [1, T, D]
             t = embeds.shape[1]
-            feed = self._feed(embeds, 0, None)
+            kv = self._host_kv(t)
+            feed = kv.feeds(embeds, dtypes)
             yield DecoderSample("prefill", item.id, 0, 0, feed)
             if not self.decode_steps:
                 continue
             teacher = (self.ctx.continuation_ids(item.question, item.answer)
                        if self.teacher_forcing and item.answer is not None else None)
             outs = decoder.run(out_names, feed)
+            kv.update(outs[1:], t)
             n = t
             for step in range(1, self.decode_steps + 1):
                 if n + 1 > self.ctx.context_length:
@@ -523,10 +523,11 @@ class DecoderCalibrationReader(CalibrationDataReader):
                     tok = int(teacher[step - 1])
                 else:
                     tok = int(np.asarray(outs[0])[0, -1].argmax())
-                feed = self._feed(self.ctx.embed([tok])[None], n, outs[1:])
+                feed = kv.feeds(self.ctx.embed([tok])[None], dtypes)
                 yield DecoderSample("decode", item.id, step, n, feed, tok)
                 if step < self.decode_steps:
                     outs = decoder.run(out_names, feed)
+                    kv.update(outs[1:], 1)
                 n += 1
 
     def _decode_count(self, item: CalibrationItem) -> int:

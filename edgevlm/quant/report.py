@@ -86,40 +86,37 @@ class ErrorStats:
 
 # ---- a decoder driven step by step --------------------------------------------------------------------------------
 class DecoderRunner:
-    """A decoder graph run one request at a time: ``prefill(embeds)`` then ``step(embed_row)``, KV kept here."""
+    """A decoder graph run one request at a time: ``prefill(embeds)`` then ``step(embed_row)``, KV kept here
+    (``edgevlm.runtime.kv_cache.HostKV``: concat graphs and shared-buffer GroupQueryAttention graphs alike)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, session: Any = None) -> None:
         from edgevlm.quant.calibration import graph_inputs, ort_session
+        from edgevlm.runtime.kv_cache import HostKV, KVSpec
 
-        self.sess = session or ort_session(path, threads)
+        self.sess = session or ort_session(path)
         self.inputs = graph_inputs(path)
         outs = [o.name for o in self.sess.get_outputs()]
-        self.present = [n for n in outs if n.startswith("present.")]
         self.logits_name = next(n for n in outs if not n.startswith("present."))
-        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        spec = KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
+                                        dtype="float16" if self.inputs["past_key_values.0.key"].dtype == np.float16
+                                        else "float32")
+        self.present = spec.present_names()
         self.out_names = [self.logits_name, *self.present]
-        self.kv: list[np.ndarray] | None = None
-        self.n = 0
+        self.dtypes = {n: g.dtype for n, g in self.inputs.items()}
+        self.kv = HostKV(spec)
+
+    @property
+    def n(self) -> int:
+        return self.kv.length
 
     def _run(self, embeds: np.ndarray) -> np.ndarray:
-        t = embeds.shape[1]
-        feed = {"inputs_embeds": np.ascontiguousarray(embeds, self.inputs["inputs_embeds"].dtype),
-                "attention_mask": np.ones((1, self.n + t), self.inputs["attention_mask"].dtype)}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(self.n, self.n + t, dtype=self.inputs["position_ids"].dtype)[None]
-        for k, name in enumerate(self.past):
-            if self.kv is None:
-                shape = self.inputs[name].shape
-                feed[name] = np.zeros((1, shape[1], 0, shape[3]), self.inputs[name].dtype)
-            else:
-                feed[name] = self.kv[k]
-        outs = self.sess.run(self.out_names, feed)
-        self.kv = outs[1:]
-        self.n += t
+        outs = self.sess.run(self.out_names, self.kv.feeds(embeds, self.dtypes))
+        self.kv.update(outs[1:], embeds.shape[1])
         return np.asarray(outs[0], np.float32)[0, -1]                              # [vocab]
 
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        self.kv, self.n = None, 0
+        self.kv.capacity = embeds.shape[1] + 32          # a shared buffer sized to the request (grows if needed)
+        self.kv.reset()
         return self._run(embeds)
 
     def step(self, embed_row: np.ndarray) -> np.ndarray:
