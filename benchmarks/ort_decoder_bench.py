@@ -15,6 +15,10 @@ Steps (each prints one JSON line last; ``build`` needs torch + onnxruntime-genai
         --json benchmarks/results/ort_decoder_int4.json
     # accuracy_level sweep without rebuilding (rewrites the MatMulNBits attribute into a side graph)
     .venv/bin/python benchmarks/ort_decoder_bench.py measure --decoder /tmp/ortdec/int4 --accuracy-level 0
+    # the decode-matmul ceiling: the decoder's 121 MatMulNBits (random weights, M = 1) chained in one graph, no
+    # attention / norms; ms per pass = the fastest a decode step can be with ORT's kernel
+    .venv/bin/python benchmarks/ort_decoder_bench.py kernel --model mobilevlm-1.7b --block-size 32 128 \
+        --threads 1 2 --work-dir /tmp/ortdec/kernel --json benchmarks/results/matmulnbits_ceiling.json
 
 The build writes ``decoder.onnx`` + ``decoder.onnx.data``, ``entry.json`` (the manifest component entry) and
 ``embed_tokens.npy`` (the embedding table the driver gathers from) into ``--out``. Keep those out of the repository.
@@ -527,6 +531,100 @@ def load_variants(graph: Path, mk, d: Path) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The decode-matmul ceiling
+# ---------------------------------------------------------------------------------------------------------------
+def matmul_chain(hidden: int, ffn: int, layers: int, vocab: int, kv_dim: int, *, block_size: int, bits: int,
+                 accuracy_level: int, head_bits: int = 8, seed: int = 0) -> tuple[Any, int]:
+    """One ONNX graph with a LLaMA decoder's weight matmuls as MatMulNBits, in decode order: per layer packed QKV
+    (``hidden -> hidden + 2 kv_dim``, sliced back to ``hidden``), O, gate, up (multiplied), down; then the LM head
+    (``head_bits``). Random weights, small scales (finite activations). Returns (model, weight + scale bytes)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    inits: list[Any] = [helper.make_tensor("s0", TensorProto.INT64, [1], [0]),
+                        helper.make_tensor("s1", TensorProto.INT64, [1], [hidden]),
+                        helper.make_tensor("ax", TensorProto.INT64, [1], [1])]
+    nodes: list[Any] = []
+    nbytes = 0
+
+    def mnb(name: str, x: str, k: int, n: int, nbits: int) -> str:
+        nonlocal nbytes
+        blocks = k // block_size
+        q = rng.integers(0, 256, size=(n, blocks, block_size * nbits // 8), dtype=np.uint8)
+        sc = (rng.random((n, blocks), dtype=np.float32) * 0.02 / np.sqrt(k)).astype(np.float32)
+        inits.extend([helper.make_tensor(f"{name}.q", TensorProto.UINT8, q.shape, q.tobytes(), raw=True),
+                      helper.make_tensor(f"{name}.s", TensorProto.FLOAT, sc.shape, sc.tobytes(), raw=True)])
+        nodes.append(helper.make_node("MatMulNBits", [x, f"{name}.q", f"{name}.s"], [f"{name}.y"], name=name,
+                                      domain="com.microsoft", K=k, N=n, bits=nbits, block_size=block_size,
+                                      accuracy_level=accuracy_level))
+        nbytes += q.nbytes + sc.nbytes
+        return f"{name}.y"
+
+    h = "x"
+    for i in range(layers):
+        qkv = mnb(f"l{i}.qkv", h, hidden, hidden + 2 * kv_dim, bits)
+        nodes.append(helper.make_node("Slice", [qkv, "s0", "s1", "ax"], [f"l{i}.attn"]))
+        o = mnb(f"l{i}.o", f"l{i}.attn", hidden, hidden, bits)
+        g, u = mnb(f"l{i}.gate", o, hidden, ffn, bits), mnb(f"l{i}.up", o, hidden, ffn, bits)
+        nodes.append(helper.make_node("Mul", [g, u], [f"l{i}.act"]))
+        h = mnb(f"l{i}.down", f"l{i}.act", ffn, hidden, bits)
+    y = mnb("lm_head", h, hidden, vocab, head_bits)
+    graph = helper.make_graph(nodes, "decode_matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                        [1, hidden])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, vocab])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model, nbytes
+
+
+def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    from edgevlm.config import get_model_config
+
+    llm = get_model_config(args.model).llm
+    kv_dim = llm.num_key_value_heads * (llm.hidden_size // llm.num_attention_heads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    rows = []
+    for bs in args.block_size:
+        model, nbytes = matmul_chain(llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size,
+                                     kv_dim, block_size=bs, bits=args.bits, accuracy_level=args.accuracy_level)
+        path = work / f"chain_b{bs}_int{args.bits}.onnx"
+        for f in (path, path.with_suffix(".onnx.data")):
+            f.unlink(missing_ok=True)
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+        del model
+        x = np.random.default_rng(1).standard_normal((1, llm.hidden_size), dtype=np.float32)
+        for t in args.threads:
+            sess = ort.InferenceSession(str(path), session_options(t), providers=["CPUExecutionProvider"])
+            for _ in range(3):
+                sess.run(None, {"x": x})
+            times = []
+            for _ in range(args.repeats):
+                s0 = time.perf_counter()
+                sess.run(None, {"x": x})
+                times.append(time.perf_counter() - s0)
+            med = statistics.median(times)
+            rows.append({"block_size": bs, "bits": args.bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
+                         "threads": t, "weight_bytes": nbytes, "ms_median": round(med * 1e3, 2),
+                         "ms_min": round(min(times) * 1e3, 2), "gbps_median": round(nbytes / med / 1e9, 2),
+                         "decode_ceiling_tok_s": round(1 / med, 2), "loadavg": list(os.getloadavg())})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del sess
+        for f in (path, path.with_suffix(".onnx.data")):
+            f.unlink(missing_ok=True)
+    bw = measure_bandwidth(args.bw_gib, threads=max(args.threads))
+    env["loadavg_end"] = list(os.getloadavg())
+    return {"benchmark": "benchmarks/ort_decoder_bench.py kernel", "model": args.model,
+            "what": ("the decoder's weight matmuls alone (MatMulNBits, M = 1, decode order, random weights, LM head "
+                     "8-bit), one graph: ms per pass = a lower bound on a decode step with ONNX Runtime's kernel"),
+            "environment": env, "bandwidth": bw, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -558,10 +656,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--profile", action="store_true")
     m.add_argument("--no-roofline", action="store_true")
     m.add_argument("--bw-gib", type=float, default=1.0)
-    for sp in (b, m):
+    k = sub.add_parser("kernel", help="the decode-matmul ceiling: the decoder's MatMulNBits chained, M = 1")
+    k.add_argument("--model", default="mobilevlm-1.7b")
+    k.add_argument("--block-size", type=int, nargs="+", default=[128])
+    k.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    k.add_argument("--accuracy-level", type=int, default=4)
+    k.add_argument("--threads", type=int, nargs="+", default=[2])
+    k.add_argument("--repeats", type=int, default=15)
+    k.add_argument("--bw-gib", type=float, default=1.0)
+    k.add_argument("--work-dir", required=True, help="scratch folder for the graph (about 0.7 GiB at int4)")
+    for sp in (b, m, k):
         sp.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    res = cmd_build(args) if args.cmd == "build" else cmd_measure(args)
+    res = {"build": cmd_build, "measure": cmd_measure, "kernel": cmd_kernel}[args.cmd](args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -43,18 +43,21 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return save_tokenizer(tok, out)
 
 
-def tiny_bundle(tmp_path_factory, name: str = "tiny-ldpnetv2"):
-    """``(bundle_dir, model)`` for a tiny preset (random init, seed 0), exported once per process."""
-    if name not in _BUNDLES:
+def tiny_bundle(tmp_path_factory, name: str = "tiny-ldpnetv2", decoder_graph: str = "auto"):
+    """``(bundle_dir, model)`` for a tiny preset (random init, seed 0), exported once per process and decoder graph
+    (``auto``: the GroupQueryAttention graph where onnxruntime-genai is installed; ``portable``: Optimum concat)."""
+    key = name if decoder_graph == "auto" else f"{name}@{decoder_graph}"
+    if key not in _BUNDLES:
         from edgevlm.config import get_model_config
         from edgevlm.exporter.bundle_export import export_bundle
         from edgevlm.model.vlm import build_model
 
         model = build_model(get_model_config(name), seed=0).eval()
-        out = export_bundle(name, _root(tmp_path_factory) / name, model=model, random_init=True,
-                            tokenizer_dir=tokenizer_dir(tmp_path_factory), parity=False, seed=0)
-        _BUNDLES[name] = (Path(out), model)
-    return _BUNDLES[name]
+        out = export_bundle(name, _root(tmp_path_factory) / key, model=model, random_init=True,
+                            tokenizer_dir=tokenizer_dir(tmp_path_factory), parity=False, seed=0,
+                            decoder_graph=decoder_graph)
+        _BUNDLES[key] = (Path(out), model)
+    return _BUNDLES[key]
 
 
 def make_image(seed: int = 0, size: tuple[int, int] = (40, 60)) -> np.ndarray:

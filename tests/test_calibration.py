@@ -19,7 +19,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 def bundle(tmp_path_factory):
     from edgevlm.bundle import read_bundle
 
-    path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
+    path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2", decoder_graph="portable")   # concat KV: zero-length pasts
     return read_bundle(path)
 
 
@@ -151,6 +151,41 @@ def test_decoder_reader_prefill_and_decode_samples(bundle, ctx):
     while reader.get_next() is not None:
         n += 1
     assert n == len(samples)
+
+
+def test_decoder_reader_drives_a_shared_buffer_decoder(tmp_path_factory):
+    """GroupQueryAttention graph: fixed-length past buffers, no position_ids, the mask carries the positions; a
+    decode sample's past is the graph's own present after the prefill (rows 0..t-1), and its logits equal a prefill
+    of the whole sequence."""
+    pytest.importorskip("onnxruntime_genai")
+    from edgevlm.bundle import read_bundle
+    from edgevlm.quant.calibration import BundleContext, DecoderCalibrationReader, embedded_items
+
+    path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2", decoder_graph="gqa")
+    b = read_bundle(path)
+    assert b.component("decoder")["kv_cache"]["mode"] == "shared_buffer"
+    gctx = BundleContext.from_manifest(b.root, b.manifest)
+    items = embedded_items(2, image_size=56)
+    dec = b.component_path("decoder")
+    reader = DecoderCalibrationReader(gctx, items, b.component_path("vision"), dec, decode_steps=2)
+    samples = list(reader.samples())
+    first = [s for s in samples if s.item == items[0].id]
+    prefill, step = first[0], first[1]
+    t = prefill.feed["inputs_embeds"].shape[1]
+    assert "position_ids" not in prefill.feed and prefill.feed["attention_mask"].shape == (1, t)
+    pasts = [n for n in prefill.feed if n.startswith("past_key_values.")]
+    assert pasts and all(prefill.feed[n].shape[2] == t + 3 for n in pasts)       # prompt + decode steps + 1
+    assert step.feed["attention_mask"].shape == (1, t + 1)
+    sess = onnxruntime.InferenceSession(str(dec), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, prefill.feed)))
+    np.testing.assert_allclose(step.feed["past_key_values.0.key"][:, :, :t], outs["present.0.key"][:, :, :t],
+                               rtol=1e-5, atol=1e-6)
+    got = dict(zip(names, sess.run(None, step.feed)))["logits"][0, -1]
+    whole = np.concatenate([prefill.feed["inputs_embeds"], step.feed["inputs_embeds"]], axis=1)
+    full = {**prefill.feed, "inputs_embeds": whole, "attention_mask": np.ones((1, t + 1), np.int64)}
+    want = dict(zip(names, sess.run(None, full)))["logits"][0, -1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_decoder_reader_without_answers_uses_greedy_tokens(bundle, ctx, tmp_path):

@@ -28,13 +28,14 @@ _EXPORTED: dict[str, tuple] = {}
 
 
 def export_tiny(tmp_path_factory, name: str):
-    """``(bundle dir, in-memory model)`` for a tiny preset: random init (seed 0), parity on, exported once."""
+    """``(bundle dir, in-memory model)`` for a tiny preset: random init (seed 0), parity on, portable decoder graph
+    (these tests drive the Optimum past/present contract by hand), exported once."""
     if name not in _EXPORTED:
         from edgevlm.exporter.bundle_export import export_bundle
 
         model = build_model(get_model_config(name), seed=0).eval()
         path = export_bundle(name, tmp_path_factory.mktemp("export") / name, model=model, random_init=True, seed=0,
-                             target=TARGETS.get(name))
+                             target=TARGETS.get(name), decoder_graph="portable")    # the Optimum contract
         _EXPORTED[name] = (path, model)
     return _EXPORTED[name]
 
@@ -257,3 +258,41 @@ def test_unsupported_precision_is_a_typed_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="int3")
     assert not (tmp_path / "x").exists()
+
+
+# ---- the ONNX Runtime CPU decoder graph (GroupQueryAttention, shared KV buffer) -----------------------------------
+def test_cpu_export_writes_the_gqa_decoder_and_checks_it_against_pytorch(tmp_path):
+    """``auto`` on the CPU target: the builder's graph, parity-checked against PyTorch (prefill, decode steps and
+    the valid KV rows of the shared buffer) and described by its own KV contract in the manifest."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    from edgevlm.exporter.bundle_export import export_bundle
+
+    path = export_bundle("tiny-ldpnet", tmp_path / "b", random_init=True, seed=0)
+    m = json.loads((path / "manifest.json").read_text())
+    dec = m["components"]["decoder"]
+    assert dec["graph"] == "gqa" and m["export"]["decoder_graph"] == "gqa"
+    assert dec["kv_cache"]["mode"] == "shared_buffer" and dec["position_ids"] == "derived"
+    assert dec["kv_cache"]["max_length"] == get_model_config("tiny-ldpnet").context_length
+    assert dec["parity"]["passed"] and dec["parity"]["max_abs_diff"] < 1e-4
+    checks = {c["check"] for c in dec["parity"]["checks"]}
+    assert {"prefill_b1", "decode_b1_step1", "present_b1_final"} <= checks
+    ops = {n.op_type for n in onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "Concat" not in ops
+    assert {i["name"] for i in dec["inputs"]} >= {"inputs_embeds", "attention_mask"}
+    assert "position_ids" not in {i["name"] for i in dec["inputs"]}
+
+
+def test_decoder_graph_choice_is_checked(tmp_path):
+    from edgevlm.errors import ConfigError, TargetError
+    from edgevlm.exporter.bundle_export import resolve_decoder_graph, resolve_recipe, resolve_target
+
+    trt = resolve_target("jetson-orin")
+    assert resolve_decoder_graph("auto", trt, resolve_recipe("fp32", trt)) == "portable"
+    with pytest.raises(TargetError, match="portable"):
+        resolve_decoder_graph("gqa", trt, resolve_recipe("fp32", trt))
+    cpu = resolve_target("cpu")
+    with pytest.raises(ConfigError, match="auto, gqa, portable"):
+        resolve_decoder_graph("fused", cpu, resolve_recipe("fp32", cpu))
+    assert resolve_decoder_graph("portable", cpu, resolve_recipe("fp32", cpu)) == "portable"

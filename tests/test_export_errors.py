@@ -137,15 +137,22 @@ def test_opset_above_target_maximum_is_refused(tmp_path):
 
 
 # ---- atomicity --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("graph", ["portable", "gqa"])
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_failure_midway_leaves_nothing(fast_exports, tmp_path, exc):
+def test_failure_midway_leaves_nothing(fast_exports, tmp_path, exc, graph):
+    import edgevlm.exporter.bundle_export as BE
+
     def fail(*args, **kwargs):
         raise exc
 
-    fast_exports.setattr(E, "export_decoder", fail)          # vision.onnx is already in the temp dir by then
+    if graph == "gqa":
+        pytest.importorskip("onnxruntime_genai")
+        fast_exports.setattr(BE, "_export_gqa_decoder", fail)
+    else:
+        fast_exports.setattr(E, "export_decoder", fail)      # vision.onnx is already in the temp dir by then
     dest = tmp_path / "bundles" / "b"
     with pytest.raises(type(exc)):
-        export_bundle(MODEL, dest, random_init=True)
+        export_bundle(MODEL, dest, random_init=True, decoder_graph=graph)
     assert not dest.exists() and _leftovers(dest) == []
 
 

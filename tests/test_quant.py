@@ -47,13 +47,19 @@ def fp32_bundle(tmp_path_factory):
 _OUT: dict[str, Path] = {}
 
 
+def _portable(tmp_path_factory) -> Path:
+    """The fp32 bundle with the portable (Optimum, standard-ops) decoder: what TensorRT targets quantize."""
+    return tiny_bundle(tmp_path_factory, "tiny-ldpnetv2", decoder_graph="portable")[0]
+
+
 def _quantized(fp32_bundle, tmp_path_factory, precision, target, opts):
     from edgevlm.quant.apply import quantize_bundle
 
     key = f"{precision}|{target}|{sorted(opts.items())}"
     if key not in _OUT:
         out = tmp_path_factory.mktemp("quant") / "bundle"
-        quantize_bundle(fp32_bundle, out, precision, target=target, show=False, **SMALL, **opts)
+        src = _portable(tmp_path_factory) if target in TRT_TARGETS else fp32_bundle
+        quantize_bundle(src, out, precision, target=target, show=False, **SMALL, **opts)
         _OUT[key] = out
     return _OUT[key]
 
@@ -146,9 +152,12 @@ def test_ort_cpu_int4_uses_matmulnbits_and_the_checker_sees_it(fp32_bundle, tmp_
     out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
     _, nodes = _nodes(out / "decoder.onnx")
     nbits = [n for n in nodes if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
-    assert len(nbits) == 15                                       # 2 layers x 7 linears + lm_head
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
-    assert bits == [4] * 14 + [8]                                 # the int4 preset keeps the LM head 8-bit
+    assert len(nbits) == 11                          # GroupQueryAttention graph: 2 layers x (qkv, o, gate, up, down)
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)       # + lm_head
+    assert bits == [4] * 10 + [8]                                 # the int4 preset keeps the LM head 8-bit
+    _, fp32_nodes = _nodes(fp32_bundle / "decoder.onnx")
+    assert not any(n.op_type == "MatMul" for n in nodes) and sum(n.op_type == "MatMul" for n in fp32_nodes) == 11
+    assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == 2    # the graph kept its attention ops
     assert json.loads((out / "manifest.json").read_text())["components"]["decoder"]["contrib_ops"] is True
     assert any(i.code == "domain" for i in check_tensorrt_compat(out / "decoder.onnx", "10.3") if i.severity == ERROR)
 
@@ -157,7 +166,7 @@ def test_lm_head_int8_under_int4_decoder(fp32_bundle, tmp_path_factory):
     out = _quantized(fp32_bundle, tmp_path_factory, "int4,lm_head=int8", "cpu", {})
     m, nodes = _nodes(out / "decoder.onnx")
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
-    assert sorted(bits.values()).count(8) == 1 and sorted(bits.values()).count(4) == 14
+    assert sorted(bits.values()).count(8) == 1 and sorted(bits.values()).count(4) == 10
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["decoder"]["recipe"]["lm_head"] == "int8"
 
@@ -201,7 +210,7 @@ def test_apply_precision_on_a_partial_manifest(fp32_bundle, tmp_path):
             assert (root / f).is_file()
 
 
-def test_user_folder_calibration_end_to_end(fp32_bundle, tmp_path):
+def test_user_folder_calibration_end_to_end(tmp_path_factory, tmp_path):
     from edgevlm.quant.apply import quantize_bundle
     from tests.fixtures_bundles import write_png
 
@@ -209,7 +218,8 @@ def test_user_folder_calibration_end_to_end(fp32_bundle, tmp_path):
     imgs.mkdir()
     for i in range(4):
         write_png(imgs / f"{i}.png", seed=10 + i)
-    out = quantize_bundle(fp32_bundle, tmp_path / "q", "int8", target="jetson-orin", calibration=imgs, show=False,
+    out = quantize_bundle(_portable(tmp_path_factory), tmp_path / "q", "int8", target="jetson-orin",
+                          calibration=imgs, show=False,
                           calibration_samples=2, heldout_samples=2, decode_steps=1)
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert q["calibration"]["calibration"]["kind"] == "folder" and q["calibration"]["heldout"]["kind"] == "folder"

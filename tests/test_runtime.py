@@ -27,11 +27,12 @@ MAX_NEW = 24
 _SESSIONS: dict[str, Session] = {}
 
 
-def session_for(tmp_path_factory, name: str) -> Session:
-    if name not in _SESSIONS:
-        path, _ = tiny_bundle(tmp_path_factory, name)
-        _SESSIONS[name] = Session.from_bundle(path, threads=1, hash_stamps=None)
-    return _SESSIONS[name]
+def session_for(tmp_path_factory, name: str, decoder_graph: str = "auto") -> Session:
+    key = f"{name}@{decoder_graph}"
+    if key not in _SESSIONS:
+        path, _ = tiny_bundle(tmp_path_factory, name, decoder_graph=decoder_graph)
+        _SESSIONS[key] = Session.from_bundle(path, threads=1, hash_stamps=None)
+    return _SESSIONS[key]
 
 
 def reference_tokens(model, session: Session, prompt_ids, image, max_new_tokens: int) -> list[int]:
@@ -206,8 +207,10 @@ def test_greedy_ties_take_the_first_maximum():
 
 
 def test_decode_allocates_no_kv_copies_in_python(tmp_path_factory):
-    """The presents of step t are the pasts of step t+1: the same OrtValue objects, no numpy round trip."""
-    s = session_for(tmp_path_factory, "tiny-ldpnetv2")
+    """Concat graphs: the presents of step t are the pasts of step t+1: the same OrtValue objects, no numpy round
+    trip."""
+    s = session_for(tmp_path_factory, "tiny-ldpnetv2", "portable")
+    assert s.kv_spec.mode == "concat"
     seen = []
     orig = s.kv.commit
 
@@ -222,6 +225,20 @@ def test_decode_allocates_no_kv_copies_in_python(tmp_path_factory):
     assert len(seen) == len(r.tokens)                    # prefill + decode steps
     assert all(len(ids) == 2 * s.kv_spec.num_layers for ids in seen)
     assert math.isclose(s.kv.length, r.timings.prompt_tokens + len(r.tokens) - 1)
+
+
+def test_shared_buffer_decode_reuses_one_preallocated_buffer(tmp_path_factory):
+    """Shared-buffer graphs (the CPU export's default): every run binds the very same KV OrtValues as past and
+    present; nothing is allocated or re-bound per token, across requests too."""
+    pytest.importorskip("onnxruntime_genai")
+    s = session_for(tmp_path_factory, "tiny-ldpnetv2", "gqa")
+    assert s.kv_spec.mode == "shared_buffer" and not s._has_positions
+    before = [id(v) for v in s.kv._buffers]
+    ptrs = [v.data_ptr() for v in s.kv._buffers]
+    r1 = s.generate(make_image(7), QUESTION, max_new_tokens=4)
+    r2 = s.generate(make_image(8), QUESTION, max_new_tokens=4)
+    assert [id(v) for v in s.kv._buffers] == before and [v.data_ptr() for v in s.kv._buffers] == ptrs
+    assert s.kv.length == r2.timings.prompt_tokens + len(r2.tokens) - 1 and r1.tokens
 
 
 # ---- the ORT-CPU decoder variant: GroupQueryAttention with a shared past/present buffer ----------------------------

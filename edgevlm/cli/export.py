@@ -24,7 +24,8 @@ def default_out(model: str | None, checkpoint: str | None, random_init: bool, ta
 
 def export(model: str | None = None, checkpoint: str | None = None, random_init: bool = False,
            out: str | None = None, target: str = "cpu", precision: str = "fp32", opset: int = 20,
-           overwrite: bool = False, skip_parity: bool = False, seed: int = 0, json_output: bool = False) -> int:
+           overwrite: bool = False, skip_parity: bool = False, seed: int = 0, decoder_graph: str = "auto",
+           json_output: bool = False) -> int:
     """Export a model to an ONNX bundle and validate it against PyTorch with ONNX Runtime.
 
     Writes vision.onnx (pixel values -> image embeddings), embed_tokens.npy (token embedding table),
@@ -43,6 +44,9 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
         overwrite: replace an existing bundle at --out.
         skip_parity: do not validate the graphs against PyTorch (faster; the manifest says so).
         seed: seed of the random weights, the stand-in tokenizer and the parity inputs.
+        decoder_graph: auto | gqa | portable. gqa: ONNX Runtime CPU graph (GroupQueryAttention writing the KV cache
+            in place into one preallocated buffer; CPU targets, needs onnxruntime-genai); portable: standard ONNX
+            ops with a concatenated past/present (any runtime, TensorRT). auto: gqa on ONNX Runtime CPU targets.
         json_output: print the result as one JSON line instead of a summary.
     """
     from edgevlm.errors import ConfigError
@@ -87,7 +91,7 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
 
         path = export_bundle(model, out_path, checkpoint=checkpoint, random_init=random_init, target=tgt,
                              precision=precision, opset=opset, overwrite=overwrite, parity=not skip_parity,
-                             seed=seed, progress=progress)
+                             seed=seed, decoder_graph=decoder_graph, progress=progress)
 
     from edgevlm.bundle import read_bundle
 

@@ -4,7 +4,10 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
 
     model        build (random init, seeded) or load a checkpoint, or take an in-memory ``MobileVLM``
     vision       MobileVLM.encode_images -> vision.onnx (+ .data)            (onnx_export.export_vision)
-    decoder      LLaMA with explicit past KV -> decoder.onnx (+ .data)        (onnx_export.export_decoder)
+    decoder      LLaMA with explicit past KV -> decoder.onnx (+ .data): the portable graph (standard ops, Optimum
+                 past/present, TensorRT-parsable; onnx_export.export_decoder) or, for ONNX Runtime CPU targets, the
+                 GroupQueryAttention graph with one shared past/present KV buffer (ort_decoder.build_ort_decoder);
+                 ``decoder_graph`` / ``--decoder-graph`` picks (``resolve_decoder_graph``)
     embed        the token-embedding table -> embed_tokens.npy                (numpy gathers it at run time)
     tokenizer    the checkpoint's tokenizer, or a stand-in trained on the synthetic data (random init)
     reference    PyTorch outputs for the parity inputs; then the PyTorch model is freed (peak RSS = max, not sum)
@@ -50,6 +53,14 @@ EMBED_FILE = "embed_tokens.npy"
 TOKENIZER_EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                          "generation_config.json", "tokenizer.model")
 STAND_IN_SAMPLES = 1000              # synthetic conversations the stand-in tokenizer is trained on
+
+#: ``--decoder-graph`` choices. ``gqa``: ONNX Runtime contrib ops (GroupQueryAttention with the KV cache written in
+#: place into one preallocated buffer, SkipSimplifiedLayerNormalization, rotary inside attention), CPU targets only;
+#: ``portable``: standard ONNX ops with Optimum past/present (every target; TensorRT needs it); ``auto``: ``gqa`` on
+#: ONNX Runtime CPU targets when onnxruntime-genai (the ``export`` extra) is installed, else ``portable``.
+#: Measured (benchmarks/results/runtime_mobilevlm-1.7b.json, mobilevlm-1.7b int4, 2 threads): the portable graph
+#: spends 67 % of a decode step in Concat/Transpose of the growing KV cache; the gqa graph none.
+DECODER_GRAPHS = ("auto", "gqa", "portable")
 
 #: Stage id -> label, in order (the CLI shows them as a progress bar).
 STAGES: dict[str, str] = {
@@ -174,6 +185,47 @@ def tensorrt_checks(root: Path, cfg: ModelConfig, target, recipe: ExportRecipe) 
     from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
 
     return prepare_tensorrt_bundle(root, cfg, target, recipe.components)
+
+
+def _genai_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def resolve_decoder_graph(choice: str, target, recipe: ExportRecipe) -> str:
+    """``auto`` / ``gqa`` / ``portable`` (``DECODER_GRAPHS``) -> the decoder graph this export writes."""
+    from edgevlm.errors import MissingDependency
+
+    if choice not in DECODER_GRAPHS:
+        raise ConfigError(f"unknown decoder graph '{choice}'; choose one of {', '.join(DECODER_GRAPHS)}")
+    if choice == "portable":
+        return "portable"
+    cpu = target.backend == "onnxruntime-cpu"
+    fp32 = recipe.decoder.precision == "fp32"
+    if choice == "auto":
+        return "gqa" if cpu and fp32 and _genai_available() else "portable"
+    if not cpu:
+        raise TargetError(f"--decoder-graph gqa is an ONNX Runtime CPU graph (com.microsoft contrib ops); target "
+                          f"'{target.name}' runs {target.backend}, which needs the portable graph: use "
+                          f"--decoder-graph portable (or auto)")
+    if not fp32:
+        raise ConfigError(f"--decoder-graph gqa is exported in fp32 (and quantized afterwards); decoder precision "
+                          f"'{recipe.decoder.precision}' needs --decoder-graph portable")
+    if not _genai_available():
+        raise MissingDependency("onnxruntime-genai", "export", "The GroupQueryAttention decoder (--decoder-graph gqa)")
+    return "gqa"
+
+
+def _export_gqa_decoder(vlm, root: Path, cfg: ModelConfig):
+    """The ORT-CPU decoder (``ort_decoder.build_ort_decoder``, fp32, KV buffer = the model's context) as an
+    ``ExportedGraph`` whose report carries the builder's manifest entry."""
+    from edgevlm.exporter.onnx_export import ExportedGraph
+    from edgevlm.exporter.ort_decoder import build_ort_decoder
+
+    entry = build_ort_decoder(vlm.llm, root, precision="fp32", max_context=int(cfg.context_length))
+    return ExportedGraph(root / entry["file"], {"mask_constants_replaced": 0, "mask_value": None,
+                                                "builder_entry": entry})
 
 
 def memory_plan(cfg: ModelConfig, target, recipe: ExportRecipe) -> dict[str, Any] | None:
@@ -411,7 +463,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                   overwrite: bool = False, parity: bool = True, seed: int = 0,
                   tokenizer_dir: str | os.PathLike | None = None, model=None,
                   tolerances: S.ParityTolerances | None = None, parity_prompt_len: int | None = None,
-                  progress: Progress | None = None) -> Path:
+                  decoder_graph: str = "auto", progress: Progress | None = None) -> Path:
     """Export a MobileVLM to a validated bundle directory ``out``; returns its path.
 
     Args:
@@ -430,6 +482,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         model: an in-memory ``MobileVLM`` to export (e.g. just trained); ``random_init`` then only labels it.
         tolerances: parity tolerances overriding the precision's defaults (``spec.ParityTolerances``).
         parity_prompt_len: prompt length of the decoder parity prefill (default 16).
+        decoder_graph: ``auto`` (default), ``gqa`` or ``portable`` (``DECODER_GRAPHS``, ``resolve_decoder_graph``).
         progress: ``progress(stage, event, seconds)`` callback; ``event`` is "start", "done" or "skip".
     """
     from edgevlm.bundle import BundleWriter, model_entry, prompt_entry
@@ -438,7 +491,8 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         return _export_quantized(model_name_or_cfg, out, checkpoint=checkpoint, random_init=random_init,
                                  target=target, precision=precision, opset=opset, overwrite=overwrite, parity=parity,
                                  seed=seed, tokenizer_dir=tokenizer_dir, model=model, tolerances=tolerances,
-                                 parity_prompt_len=parity_prompt_len, progress=progress)
+                                 parity_prompt_len=parity_prompt_len, decoder_graph=decoder_graph,
+                                 progress=progress)
     t_start = time.perf_counter()
     cfg, kind = _resolve_source(model_name_or_cfg, checkpoint, random_init, model)
     S.check_opset(opset)
@@ -447,6 +501,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         raise TargetError(f"opset {opset} is above what target '{tgt.name}' parses (<= {tgt.opset_max}); use "
                           f"--opset {min(tgt.opset_max, S.DEFAULT_OPSET)}")
     recipe = resolve_recipe(precision, tgt, tolerances)
+    graph_kind = resolve_decoder_graph(decoder_graph, tgt, recipe)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"tokenizer directory '{tokenizer_dir}' does not exist")
     stages = _Stages(progress)
@@ -484,7 +539,10 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         from edgevlm.exporter import onnx_export as E
 
         vis = stages.run("vision", lambda: E.export_vision(vlm, root / "vision.onnx", opset=opset))
-        dec = stages.run("decoder", lambda: E.export_decoder(vlm, root / "decoder.onnx", opset=opset))
+        if graph_kind == "gqa":
+            dec = stages.run("decoder", lambda: _export_gqa_decoder(vlm, root, mcfg))
+        else:
+            dec = stages.run("decoder", lambda: E.export_decoder(vlm, root / "decoder.onnx", opset=opset))
         embed = stages.run("embed", lambda: E.save_embed_table(vlm, root / EMBED_FILE, recipe.embed_dtype))
         tok_src = tokenizer_dir if tokenizer_dir is not None else (checkpoint if kind == "checkpoint" else None)
         tok_entry = stages.run("tokenizer", lambda: write_tokenizer(root / TOKENIZER_DIR, mcfg, source_dir=tok_src,
@@ -551,6 +609,12 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                 comps[name] = entry
             comps["decoder"]["kv_cache"] = S.kv_cache_entry(mcfg, "float32")
             comps["decoder"]["logits"] = "last_position"
+            built = dec.report.get("builder_entry")
+            if built is not None:                     # the GroupQueryAttention graph: its own KV contract
+                comps["decoder"].update({k: built[k] for k in ("kv_cache", "logits", "position_ids", "flavor",
+                                                               "execution_providers")})
+                comps["decoder"]["recipe"] = {**comps["decoder"]["recipe"], "graph": built["recipe"]}
+            comps["decoder"]["graph"] = graph_kind
             comps["vision"]["visual_tokens"] = mcfg.visual_tokens
             embed_c = dict(embed)
             ordered = {"vision": comps["vision"], "embed": embed_c, "decoder": comps["decoder"]}
@@ -578,7 +642,9 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                 "memory_plan": plan,
                 "parity": {"passed": bool(parity_results) and all(r["passed"] for r in parity_results.values()),
                            "skipped": not parity, "seed": seed},
-                "export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": opset, "seed": seed,
+                "export": {"exporter": "torch.onnx.export(dynamo=True)" + (
+                           " + onnxruntime-genai model builder (decoder)" if graph_kind == "gqa" else ""),
+                       "decoder_graph": graph_kind, "opset": opset, "seed": seed,
                            "source_kind": kind, "versions": _versions(), "python": platform.python_version(),
                            "timings_s": dict(stages.timings), "peak_rss_bytes": peak_rss_bytes()},
                 "notes": notes,
@@ -596,4 +662,5 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
 
 __all__ = ["export_bundle", "resolve_recipe", "resolve_target", "write_tokenizer", "register_component_precision",
            "component_precisions", "ComponentPrecision", "ExportRecipe", "tensorrt_checks", "memory_plan",
-           "peak_rss_bytes", "STAGES", "DEFAULT_TARGET", "DEFAULT_PRECISION", "EMBED_FILE"]
+           "peak_rss_bytes", "STAGES", "DEFAULT_TARGET", "DEFAULT_PRECISION", "EMBED_FILE", "DECODER_GRAPHS",
+           "resolve_decoder_graph"]

@@ -401,7 +401,7 @@ class _Verifier:
                                    decode_logits=res2[0][0, -1].copy())
         self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (zero-length past) + one "
                  f"decode step fed the presents; logits [1, {'1' if last_only else 'T'}, {vocab}], presents "
-                 (f"{kv.shape(t)} -> {kv.shape(t + 1)}" if kv.mode == "concat" else
+                 + (f"{kv.shape(t)} -> {kv.shape(t + 1)}" if kv.mode == "concat" else
                   f"in one shared {kv.shape(t + 1)} buffer") + ", finite")
         precision = entry.get("precision", "fp32")
         fp32 = precision == "fp32" or (isinstance(precision, Mapping) and set(precision.values()) == {"fp32"})

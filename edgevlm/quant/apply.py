@@ -456,7 +456,10 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
                 rec["tensorrt_compat"] = trt_checks[name]
             entry = comps.setdefault(name, {})
             keep = {k: v for k, v in entry.items() if k in ("kv_cache", "logits", "visual_tokens", "mask_value",
-                                                            "mask_constants_replaced")}
+                                                            "mask_constants_replaced", "position_ids", "flavor",
+                                                            "execution_providers", "graph")}
+            if isinstance(entry.get("recipe"), dict) and "graph" in entry["recipe"]:
+                rec["graph"] = entry["recipe"]["graph"]         # how the fp32 graph was built (gqa decoder)
             entry.update(graph_entry(paths[name], precision=cr.precision, recipe=rec))
             entry.update(keep)
             entry.pop("parity", None)                          # recomputed after quantization by the exporter
@@ -674,6 +677,11 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
             raise QuantizationError(f"bundle '{src}' has a {m['components'][name].get('precision')} {name}; "
                                     f"quantize_bundle starts from an fp32 export (edgevlm export --precision fp32)")
     tgt = get_target(target if target is not None else (m.get("target") or {}).get("name", "cpu"))
+    dec_kv = (m["components"]["decoder"].get("kv_cache") or {}).get("mode", "concat")
+    if tgt.is_tensorrt and dec_kv != "concat":
+        raise TargetError(f"bundle '{src}' has the ONNX Runtime CPU decoder (GroupQueryAttention, kv_cache mode "
+                          f"'{dec_kv}'), which TensorRT cannot parse; export the fp32 bundle for a TensorRT target "
+                          f"(--target {tgt.name}) or with --decoder-graph portable, then quantize that")
     import copy
 
     manifest = copy.deepcopy(m)
