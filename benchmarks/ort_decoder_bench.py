@@ -535,10 +535,12 @@ def load_variants(graph: Path, mk, d: Path) -> dict[str, Any]:
 # The decode-matmul ceiling
 # ---------------------------------------------------------------------------------------------------------------
 def matmul_chain(hidden: int, ffn: int, layers: int, vocab: int, kv_dim: int, *, block_size: int, bits: int,
-                 accuracy_level: int, head_bits: int = 8, seed: int = 0) -> tuple[Any, int]:
+                 accuracy_level: int, head_bits: int = 8, fuse_gate_up: bool = False,
+                 seed: int = 0) -> tuple[Any, int]:
     """One ONNX graph with a LLaMA decoder's weight matmuls as MatMulNBits, in decode order: per layer packed QKV
     (``hidden -> hidden + 2 kv_dim``, sliced back to ``hidden``), O, gate, up (multiplied), down; then the LM head
-    (``head_bits``). Random weights, small scales (finite activations). Returns (model, weight + scale bytes)."""
+    (``head_bits``); ``fuse_gate_up``: gate and up as one ``N = 2 ffn`` matmul, split. Random weights, small scales
+    (finite activations). Returns (model, weight + scale bytes)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
@@ -566,7 +568,12 @@ def matmul_chain(hidden: int, ffn: int, layers: int, vocab: int, kv_dim: int, *,
         qkv = mnb(f"l{i}.qkv", h, hidden, hidden + 2 * kv_dim, bits)
         nodes.append(helper.make_node("Slice", [qkv, "s0", "s1", "ax"], [f"l{i}.attn"]))
         o = mnb(f"l{i}.o", f"l{i}.attn", hidden, hidden, bits)
-        g, u = mnb(f"l{i}.gate", o, hidden, ffn, bits), mnb(f"l{i}.up", o, hidden, ffn, bits)
+        if fuse_gate_up:
+            gu = mnb(f"l{i}.gate_up", o, hidden, 2 * ffn, bits)
+            g, u = f"l{i}.g", f"l{i}.u"
+            nodes.append(helper.make_node("Split", [gu], [g, u], axis=1, num_outputs=2))
+        else:
+            g, u = mnb(f"l{i}.gate", o, hidden, ffn, bits), mnb(f"l{i}.up", o, hidden, ffn, bits)
         nodes.append(helper.make_node("Mul", [g, u], [f"l{i}.act"]))
         h = mnb(f"l{i}.down", f"l{i}.act", ffn, hidden, bits)
     y = mnb("lm_head", h, hidden, vocab, head_bits)
@@ -585,15 +592,16 @@ def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
     from edgevlm.config import get_model_config
 
     llm = get_model_config(args.model).llm
-    kv_dim = llm.num_key_value_heads * (llm.hidden_size // llm.num_attention_heads)
+    kv_dim = llm.num_kv_heads * (llm.hidden_size // llm.num_heads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
     rows = []
-    for bs in args.block_size:
-        model, nbytes = matmul_chain(llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size,
-                                     kv_dim, block_size=bs, bits=args.bits, accuracy_level=args.accuracy_level)
-        path = work / f"chain_b{bs}_int{args.bits}.onnx"
+    for bs, fused in [(b, f) for b in args.block_size for f in ([False, True] if args.fuse_gate_up else [False])]:
+        model, nbytes = matmul_chain(llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.vocab_size,
+                                     kv_dim, block_size=bs, bits=args.bits, accuracy_level=args.accuracy_level,
+                                     fuse_gate_up=fused)
+        path = work / f"chain_b{bs}_int{args.bits}{'_fgu' if fused else ''}.onnx"
         for f in (path, path.with_suffix(".onnx.data")):
             f.unlink(missing_ok=True)
         onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
@@ -609,7 +617,7 @@ def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
                 sess.run(None, {"x": x})
                 times.append(time.perf_counter() - s0)
             med = statistics.median(times)
-            rows.append({"block_size": bs, "bits": args.bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
+            rows.append({"block_size": bs, "fuse_gate_up": fused, "bits": args.bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
                          "threads": t, "weight_bytes": nbytes, "ms_median": round(med * 1e3, 2),
                          "ms_min": round(min(times) * 1e3, 2), "gbps_median": round(nbytes / med / 1e9, 2),
                          "decode_ceiling_tok_s": round(1 / med, 2), "loadavg": list(os.getloadavg())})
@@ -663,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--accuracy-level", type=int, default=4)
     k.add_argument("--threads", type=int, nargs="+", default=[2])
     k.add_argument("--repeats", type=int, default=15)
+    k.add_argument("--fuse-gate-up", action="store_true", help="also measure gate+up fused into one matmul")
     k.add_argument("--bw-gib", type=float, default=1.0)
     k.add_argument("--work-dir", required=True, help="scratch folder for the graph (about 0.7 GiB at int4)")
     for sp in (b, m, k):
