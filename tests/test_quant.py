@@ -152,11 +152,11 @@ def test_ort_cpu_int4_uses_matmulnbits_and_the_checker_sees_it(fp32_bundle, tmp_
     out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
     _, nodes = _nodes(out / "decoder.onnx")
     nbits = [n for n in nodes if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
-    assert len(nbits) == 11                          # GroupQueryAttention graph: 2 layers x (qkv, o, gate, up, down)
+    assert len(nbits) == 9                           # GroupQueryAttention graph: 2 layers x (qkv, o, gate+up, down)
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)       # + lm_head
-    assert bits == [4] * 10 + [8]                                 # the int4 preset keeps the LM head 8-bit
+    assert bits == [4] * 8 + [8]                                  # the int4 preset keeps the LM head 8-bit
     _, fp32_nodes = _nodes(fp32_bundle / "decoder.onnx")
-    assert not any(n.op_type == "MatMul" for n in nodes) and sum(n.op_type == "MatMul" for n in fp32_nodes) == 11
+    assert not any(n.op_type == "MatMul" for n in nodes) and sum(n.op_type == "MatMul" for n in fp32_nodes) == 9
     assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == 2    # the graph kept its attention ops
     assert json.loads((out / "manifest.json").read_text())["components"]["decoder"]["contrib_ops"] is True
     assert any(i.code == "domain" for i in check_tensorrt_compat(out / "decoder.onnx", "10.3") if i.severity == ERROR)
@@ -166,7 +166,7 @@ def test_lm_head_int8_under_int4_decoder(fp32_bundle, tmp_path_factory):
     out = _quantized(fp32_bundle, tmp_path_factory, "int4,lm_head=int8", "cpu", {})
     m, nodes = _nodes(out / "decoder.onnx")
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
-    assert sorted(bits.values()).count(8) == 1 and sorted(bits.values()).count(4) == 10
+    assert sorted(bits.values()).count(8) == 1 and sorted(bits.values()).count(4) == 8
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["decoder"]["recipe"]["lm_head"] == "int8"
 

@@ -234,25 +234,31 @@ def environment(threads: int | Iterable[int] | None = None, bundles: Iterable[st
 
 # ==== rooflines ====================================================================================================
 def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Best-of-N read bandwidth (``np.sum`` over a ``gib`` GiB float32 array) with 1 and ``threads`` threads, and a
-    copy bandwidth (read + write bytes)."""
+    """Best-of-N read bandwidth over a ``gib`` GiB float32 array with 1 and ``threads`` threads, and a copy bandwidth
+    (read + write bytes). Two read kernels: ``np.sum`` (pairwise summation, partly compute-bound on one core) and
+    ``np.dot(x, x)`` (BLAS: one streaming load per element); ``read_gbs`` is the best of them, the roofline's figure."""
     n = int(gib * 2**30 // 4)
     a = np.ones(n, dtype=np.float32)                       # touched: pages are resident before timing
-    best1 = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best1 = max(best1, a.nbytes / (time.perf_counter() - t))
-    chunks = np.array_split(a, max(1, threads))
-    bestn = 0.0
-    for _ in range(repeats):
-        ts = [threading.Thread(target=np.sum, args=(c,)) for c in chunks]
-        t = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-        bestn = max(bestn, a.nbytes / (time.perf_counter() - t))
+    kernels = {"sum": np.sum, "dot": lambda c: np.dot(c, c)}
+
+    def best_of(fn, parts: int) -> float:
+        chunks = np.array_split(a, parts)
+        best = 0.0
+        for _ in range(repeats):
+            if parts == 1:
+                t = time.perf_counter()
+                fn(a)
+            else:
+                ts = [threading.Thread(target=fn, args=(c,)) for c in chunks]
+                t = time.perf_counter()
+                for th in ts:
+                    th.start()
+                for th in ts:
+                    th.join()
+            best = max(best, a.nbytes / (time.perf_counter() - t))
+        return best
+
+    rates = {f"{k}_{p}": best_of(fn, p) for k, fn in kernels.items() for p in sorted({1, max(1, threads)})}
     b = np.empty_like(a)
     bestc = 0.0
     for _ in range(max(2, repeats // 2)):
@@ -260,8 +266,11 @@ def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[str, flo
         np.copyto(b, a)
         bestc = max(bestc, 2 * a.nbytes / (time.perf_counter() - t))
     del a, b
-    return {"read_1thread_gbs": best1 / 1e9, f"read_{threads}threads_gbs": bestn / 1e9, "copy_gbs": bestc / 1e9,
-            "read_gbs": max(best1, bestn) / 1e9, "array_gib": gib, "repeats": repeats}
+    one = max(rates["sum_1"], rates["dot_1"])
+    many = max(v for k, v in rates.items() if k.endswith(f"_{max(1, threads)}"))
+    return {"read_1thread_gbs": one / 1e9, f"read_{threads}threads_gbs": many / 1e9, "copy_gbs": bestc / 1e9,
+            "read_gbs": max(one, many) / 1e9, "by_kernel_gbs": {k: round(v / 1e9, 2) for k, v in rates.items()},
+            "array_gib": gib, "repeats": repeats}
 
 
 def gemm_rates(threads: int, m: int, k: int, n: int, repeats: int = 3) -> dict[str, float]:
