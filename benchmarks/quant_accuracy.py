@@ -197,8 +197,25 @@ def main() -> int:
                 "total": ref["total"], "per_type": {k: v["accuracy"] for k, v in ref["per_type"].items()},
                 "bundle_bytes": fp32_bytes}
     rows = []
+    portable: Path | None = None             # TensorRT targets quantize the portable (standard-ops) fp32 graph
+
+    def source_for(target: str) -> Path:
+        nonlocal portable
+        from edgevlm.targets import get_target
+
+        if not get_target(target).is_tensorrt:
+            return fp32                          # the CPU export: GroupQueryAttention decoder
+        if portable is None:
+            portable = work / "fp32-portable"
+            if portable.exists():
+                shutil.rmtree(portable)
+            export_bundle(None, portable, checkpoint=ckpt, target=target, precision="fp32")
+        return portable
+
     for label, prec, tgt, opts in VARIANTS + (SWEEP if args.sweep else []):
-        r = run_variant(label, prec, tgt, opts, fp32, work, data, args, ref)
+        r = run_variant(label, prec, tgt, opts, source_for(tgt), work, data, args, ref)
+        r["fp32_decoder_graph"] = json.loads((source_for(tgt) / "manifest.json").read_text())["components"][
+            "decoder"].get("graph", "portable")
         r["size_ratio"] = round(r["bundle_bytes"] / fp32_bytes, 4)
         rows.append(r)
         dec = r["agreement_decisive"]
