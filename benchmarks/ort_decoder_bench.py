@@ -597,11 +597,13 @@ def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
     rows = []
-    for bs, fused in [(b, f) for b in args.block_size for f in ([False, True] if args.fuse_gate_up else [False])]:
+    combos = [(nb, b, f) for nb in args.bits for b in args.block_size
+              for f in ([False, True] if args.fuse_gate_up else [False])]
+    for bits, bs, fused in combos:
         model, nbytes = matmul_chain(llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.vocab_size,
-                                     kv_dim, block_size=bs, bits=args.bits, accuracy_level=args.accuracy_level,
+                                     kv_dim, block_size=bs, bits=bits, accuracy_level=args.accuracy_level,
                                      fuse_gate_up=fused)
-        path = work / f"chain_b{bs}_int{args.bits}{'_fgu' if fused else ''}.onnx"
+        path = work / f"chain_b{bs}_int{bits}{'_fgu' if fused else ''}.onnx"
         for f in (path, path.with_suffix(".onnx.data")):
             f.unlink(missing_ok=True)
         onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
@@ -617,7 +619,7 @@ def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
                 sess.run(None, {"x": x})
                 times.append(time.perf_counter() - s0)
             med = statistics.median(times)
-            rows.append({"block_size": bs, "fuse_gate_up": fused, "bits": args.bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
+            rows.append({"block_size": bs, "fuse_gate_up": fused, "bits": bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
                          "threads": t, "weight_bytes": nbytes, "ms_median": round(med * 1e3, 2),
                          "ms_min": round(min(times) * 1e3, 2), "gbps_median": round(nbytes / med / 1e9, 2),
                          "decode_ceiling_tok_s": round(1 / med, 2), "loadavg": list(os.getloadavg())})
@@ -667,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kernel", help="the decode-matmul ceiling: the decoder's MatMulNBits chained, M = 1")
     k.add_argument("--model", default="mobilevlm-1.7b")
     k.add_argument("--block-size", type=int, nargs="+", default=[128])
-    k.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    k.add_argument("--bits", type=int, nargs="+", default=[4], choices=[4, 8])
     k.add_argument("--accuracy-level", type=int, default=4)
     k.add_argument("--threads", type=int, nargs="+", default=[2])
     k.add_argument("--repeats", type=int, default=15)

@@ -223,9 +223,10 @@ def _export_gqa_decoder(vlm, root: Path, cfg: ModelConfig):
     from edgevlm.exporter.onnx_export import ExportedGraph
     from edgevlm.exporter.ort_decoder import build_ort_decoder
 
-    # fuse_gate_up: one matmul of N = 2 x ffn for the MLP's gate and up projections (+ Split): measured 3 % faster
-    # decode matmuls at int4 (benchmarks/ort_decoder_bench.py kernel --fuse-gate-up, mobilevlm-1.7b, 2 threads:
-    # 43.6 -> 42.3 ms and 42.5 -> 41.3 ms in two interleaved runs)
+    # fuse_gate_up: one matmul of N = 2 x ffn for the MLP's gate and up projections (+ Split): 24 fewer MatMulNBits
+    # per decode step on mobilevlm-1.7b. Its speed effect is within run-to-run noise (benchmarks/ort_decoder_bench.py
+    # kernel --fuse-gate-up, int4 block 128, 2 threads: 43.6 -> 42.3, 42.5 -> 41.3, 38.4 -> 39.5 ms per pass);
+    # the committed runtime results (benchmarks/results/runtime_mobilevlm-1.7b.json) were measured with it.
     entry = build_ort_decoder(vlm.llm, root, precision="fp32", max_context=int(cfg.context_length),
                               fuse_gate_up=True)
     return ExportedGraph(root / entry["file"], {"mask_constants_replaced": 0, "mask_value": None,
