@@ -9,8 +9,9 @@ max of the two, not the sum):
 Checks (each records max |diff|, cosine, the applied limit and pass/fail):
 
 * vision: random pixel values, batch 2 -> ``image_embeds``.
-* decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings with zero-length past
-  (``prefill_b{B}``, logits + presents), then ``decode_steps`` single-token steps (``decode_b{B}_step{k}``) whose
+* decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings from an empty cache (zero-length
+  pasts, or a fresh shared buffer for GroupQueryAttention graphs; ``edgevlm.runtime.kv_cache.HostKV``)
+  (``prefill_b{B}``, logits + the valid rows of the presents), then ``decode_steps`` single-token steps (``decode_b{B}_step{k}``) whose
   past is ONNX Runtime's *own* presents from the previous step (so the KV round trip is exercised), the next token
   being PyTorch's greedy choice; the presents after the last step are compared too (``present_b{B}_final``).
 

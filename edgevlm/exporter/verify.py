@@ -14,7 +14,8 @@ Checks (each a row: name, status pass / warn / skip / fail, detail):
 * ``onnx:<component>``: each ONNX graph loads in ONNX Runtime (CPU EP) and its I/O names, dtypes and dims match
   the manifest (a static dim must be equal, a symbolic one symbolic); ``embed``: the table's shape and dtype;
 * ``run:vision``: random pixel values -> ``[1, V, D]``, finite; ``run:decoder``: a prefill of the image embeddings
-  plus random text rows with zero-length pasts (per the manifest's ``kv_cache`` block), then one decode step fed
+  plus random text rows from an empty cache (zero-length pasts or a fresh shared buffer, per the manifest's
+  ``kv_cache`` block), then one decode step fed
   the presents -> logits / presents of the right shapes, finite; ``run:kv-consistency``: the decode step's logits
   equal a prefill of all T + 1 tokens (the KV cache carries the context); ``--samples`` random inputs each;
 * TensorRT targets: ``trt:compat:<component>`` (``trt_compat.check_tensorrt_compat`` for the target's TensorRT:
@@ -399,7 +400,7 @@ class _Verifier:
             if i == 0:
                 self.sample.update(embeds=embeds, next_embed=nxt, prefill_logits=logits[0, -1].copy(),
                                    decode_logits=res2[0][0, -1].copy())
-        self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (zero-length past) + one "
+        self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (empty cache) + one "
                  f"decode step fed the presents; logits [1, {'1' if last_only else 'T'}, {vocab}], presents "
                  + (f"{kv.shape(t)} -> {kv.shape(t + 1)}" if kv.mode == "concat" else
                   f"in one shared {kv.shape(t + 1)} buffer") + ", finite")
