@@ -580,7 +580,8 @@ def matmul_chain(hidden: int, ffn: int, layers: int, vocab: int, kv_dim: int, *,
     graph = helper.make_graph(nodes, "decode_matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                                         [1, hidden])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, vocab])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     return model, nbytes
 
@@ -619,7 +620,8 @@ def cmd_kernel(args: argparse.Namespace) -> dict[str, Any]:
                 sess.run(None, {"x": x})
                 times.append(time.perf_counter() - s0)
             med = statistics.median(times)
-            rows.append({"block_size": bs, "fuse_gate_up": fused, "bits": bits, "lm_head_bits": 8, "accuracy_level": args.accuracy_level,
+            rows.append({"block_size": bs, "fuse_gate_up": fused, "bits": bits, "lm_head_bits": 8,
+                         "accuracy_level": args.accuracy_level,
                          "threads": t, "weight_bytes": nbytes, "ms_median": round(med * 1e3, 2),
                          "ms_min": round(min(times) * 1e3, 2), "gbps_median": round(nbytes / med / 1e9, 2),
                          "decode_ceiling_tok_s": round(1 / med, 2), "loadavg": list(os.getloadavg())})

@@ -11,9 +11,10 @@ Checks (each records max |diff|, cosine, the applied limit and pass/fail):
 * vision: random pixel values, batch 2 -> ``image_embeds``.
 * decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings from an empty cache (zero-length
   pasts, or a fresh shared buffer for GroupQueryAttention graphs; ``edgevlm.runtime.kv_cache.HostKV``)
-  (``prefill_b{B}``, logits + the valid rows of the presents), then ``decode_steps`` single-token steps (``decode_b{B}_step{k}``) whose
-  past is ONNX Runtime's *own* presents from the previous step (so the KV round trip is exercised), the next token
-  being PyTorch's greedy choice; the presents after the last step are compared too (``present_b{B}_final``).
+  (``prefill_b{B}``, logits + the valid rows of the presents), then ``decode_steps`` single-token steps
+  (``decode_b{B}_step{k}``) whose past is ONNX Runtime's *own* presents from the previous step (so the KV round
+  trip is exercised), the next token being PyTorch's greedy choice; the presents after the last step are
+  compared too (``present_b{B}_final``).
 
 Tolerances come from ``spec.ParityTolerances`` (fp32 defaults in ``spec.FP32_TOLERANCES``; quantized recipes pass
 looser ones). A failure raises ``ExportMismatch`` naming the worst check and its numbers.
@@ -291,11 +292,9 @@ def check_decoder(path: str | os.PathLike, refs: Sequence[DecoderReference], tol
     t0 = time.perf_counter()
     sess = session or ort_session(path)
     out_names = [o.name for o in sess.get_outputs()]
-    present = [n for n in out_names if n.startswith("present.")]
     kv_dtype = next((i.type for i in sess.get_inputs() if i.name.startswith("past_key_values.")), "tensor(float)")
-    np_kv = np.float16 if kv_dtype == "tensor(float16)" else np.float32
     spec = KVSpec.from_graph_inputs({i.name: i.shape for i in sess.get_inputs()},
-                                    dtype="float16" if np_kv is np.float16 else "float32")
+                                    dtype=np.float16 if kv_dtype == "tensor(float16)" else np.float32)
     present = spec.present_names()                       # in past order (the graph may list them differently)
     res = ComponentParity("decoder", tolerances=tolerances.to_dict())
     for ref in refs:

@@ -460,7 +460,7 @@ class DecoderCalibrationReader(CalibrationDataReader):
         if self._vision is None:
             self._vision = ort_session(self.vision_graph, self.threads)
             self._decoder = ort_session(self.decoder_graph, self.threads)
-            self._present_names = self._host_kv(0).spec.present_names()       # in HostKV.update order
+            self._present_names = self._kv_spec().present_names()              # in HostKV.update order
             self._logits_name = next(o.name for o in self._decoder.get_outputs()
                                      if not o.name.startswith("present."))
         return self._vision, self._decoder
@@ -484,16 +484,20 @@ class DecoderCalibrationReader(CalibrationDataReader):
                               f"with static heads and head_dim")
         return shape[1], shape[3]
 
-    def _host_kv(self, prompt_len: int):
-        """Plain-run KV state for this graph (concat or shared-buffer, ``edgevlm.runtime.kv_cache.HostKV``)."""
-        from edgevlm.runtime.kv_cache import HostKV, KVSpec
+    def _kv_spec(self):
+        """The graph's KV layout and mode (``edgevlm.runtime.kv_cache.KVSpec``), every past checked static."""
+        from edgevlm.runtime.kv_cache import KVSpec
 
         for name in self.past_names:
             self._kv_dims(name)                                                          # static heads/head_dim
-        first = self.inputs[self.past_names[0]]
-        spec = KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
-                                        dtype="float16" if first.dtype == np.float16 else "float32")
-        return HostKV(spec, capacity=prompt_len + self.decode_steps + 1, dtype=first.dtype)
+        return KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
+                                        dtype=self.inputs[self.past_names[0]].dtype)
+
+    def _host_kv(self, prompt_len: int):
+        """Plain-run KV state for one item (concat or shared-buffer, ``edgevlm.runtime.kv_cache.HostKV``)."""
+        from edgevlm.runtime.kv_cache import HostKV
+
+        return HostKV(self._kv_spec(), capacity=prompt_len + self.decode_steps + 1)
 
     def samples(self) -> Iterator[DecoderSample]:
         """Every sample, lazily: per item a prefill then its decode steps."""

@@ -93,13 +93,12 @@ class DecoderRunner:
         from edgevlm.quant.calibration import graph_inputs, ort_session
         from edgevlm.runtime.kv_cache import HostKV, KVSpec
 
-        self.sess = session or ort_session(path)
+        self.sess = session or ort_session(path, threads)
         self.inputs = graph_inputs(path)
         outs = [o.name for o in self.sess.get_outputs()]
         self.logits_name = next(n for n in outs if not n.startswith("present."))
         spec = KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
-                                        dtype="float16" if self.inputs["past_key_values.0.key"].dtype == np.float16
-                                        else "float32")
+                                        dtype=self.inputs["past_key_values.0.key"].dtype)
         self.present = spec.present_names()
         self.out_names = [self.logits_name, *self.present]
         self.dtypes = {n: g.dtype for n, g in self.inputs.items()}

@@ -81,9 +81,10 @@ class KVSpec:
                    str(kv["past_key"]), str(kv["past_value"]), str(kv["present_key"]), str(kv["present_value"]))
 
     @classmethod
-    def from_graph_inputs(cls, inputs: Mapping[str, Sequence[Any]], *, dtype: str = "float32") -> "KVSpec":
+    def from_graph_inputs(cls, inputs: Mapping[str, Sequence[Any]], *, dtype: Any = np.float32) -> "KVSpec":
         """The spec of a graph known only by its inputs (``name -> shape``), Optimum/builder naming
-        (``past_key_values.{i}.key``): heads and head_dim from the past shapes, the mode from ``mode_from_inputs``."""
+        (``past_key_values.{i}.key``): heads and head_dim from the past shapes, the mode from ``mode_from_inputs``;
+        ``dtype``: the past tensors' numpy dtype (float32 or float16)."""
         past = sorted((n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key")),
                       key=lambda n: int(n.split(".")[1]))
         if not past:
@@ -93,7 +94,7 @@ class KVSpec:
         if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
             raise BundleError(f"decoder input '{past[0]}' has shape {shape}; expected [batch, heads, seq, head_dim] "
                               f"with static heads and head_dim")
-        return cls(len(past), int(shape[1]), int(shape[3]), dtype, ("batch", "heads", "seq", "head_dim"),
+        return cls(len(past), int(shape[1]), int(shape[3]), np.dtype(dtype).name, ("batch", "heads", "seq", "head_dim"),
                    mode_from_inputs(inputs), "past_key_values.{i}.key", "past_key_values.{i}.value",
                    "present.{i}.key", "present.{i}.value")
 
@@ -286,6 +287,5 @@ class HostKV:
 
     def valid(self, presents: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """The first ``length`` rows of each tensor (of ``presents``, default the carried pasts)."""
-        axis = self.spec.layout.index("seq")
-        src = self.pasts if presents is None else presents
-        return [np.take(p, np.arange(self.length), axis=axis) if p.shape[axis] != self.length else p for p in src]
+        rows = tuple(slice(0, self.length) if a == "seq" else slice(None) for a in self.spec.layout)
+        return [p[rows] for p in (self.pasts if presents is None else presents)]
