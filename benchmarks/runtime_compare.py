@@ -13,8 +13,10 @@ seed 0: the same weights the bundle was exported from), ``ort-<precision>`` for 
 loaded in separate processes: ``:load-verify-full`` (sha256 of every file), then ``ort-<precision>`` with the
 runtime's defaults (hash stamps: nothing re-hashed; no optimized-graph cache; the measured requests run in this one),
 ``:load-graphcache-cold/warm`` (the opt-in optimized-graph cache, written then read) and ``:load-prepacked-cold/warm``
-(the same with prepacked weights saved). ``--spinning-sweep`` adds ``:spin`` (intra-op spinning on), ``--profile``
-adds ``:profile`` (ORT profiler, operator table per phase).
+(the same with prepacked weights saved). Bundles with a ``native_decode`` plan (int4/int8 CPU exports) decode on the
+native kernel by default; ``:ort-decode`` is the same bundle with every decode step on ONNX Runtime.
+``--spinning-sweep`` adds ``:spin`` (intra-op spinning on), ``--profile`` adds ``:profile`` (ORT profiler, operator
+table per phase, decode on ONNX Runtime).
 
 Every measured request uses a distinct random image (no cache reuse), greedy decoding with EOS ignored (exactly
 ``--new-tokens`` tokens), after one warm-up request; medians over ``--repeats`` requests.
@@ -91,8 +93,8 @@ def worker_ort(args) -> dict[str, Any]:
     s = Session.from_bundle(args.bundle, threads=args.threads, optimized_cache=cache, verify_hashes=args.verify,
                             hash_stamps=args.stamps,
                             spinning=args.spinning, profile_dir=args.profile_dir,
-                            save_prepacked=args.save_prepacked)
-    out: dict[str, Any] = {"load_s": s.load_s, "load_breakdown": s.load_breakdown, "sha256": s.verification,
+                            save_prepacked=args.save_prepacked, native_decode=args.native_decode)
+    out: dict[str, Any] = {"load_s": s.load_s, "decode_backend": s.decode_backend, "native": s.native_info, "load_breakdown": s.load_breakdown, "sha256": s.verification,
                            "cache": {k: v.cache for k, v in s.session_info.items()},
                            "bundle_sha256": s.bundle.manifest_sha256, "bundle_bytes": s.bundle.total_size,
                            "decoder_bytes": _component_bytes(s.bundle, "decoder"),
@@ -229,6 +231,7 @@ def worker_main(argv: list[str]) -> None:
     p.add_argument("--spinning", action="store_true")
     p.add_argument("--save-prepacked", action="store_true")
     p.add_argument("--profile-dir", default=None)
+    p.add_argument("--native-decode", default="auto", choices=["auto", "on", "off"])
     args = p.parse_args(argv)
     result = worker_ort(args) if args.worker == "ort" else worker_torch(args)
     print("RESULT " + json.dumps(result))
@@ -403,10 +406,16 @@ def main() -> None:
         for state in ("cold", "warm"):
             configs[f"{name}:load-prepacked-{state}"] = [*ort_cmd, "--load-only", "--cache", str(pp),
                                                          "--save-prepacked"]
+        native = "native_decode" in json.loads((Path(path) / "manifest.json").read_text())["components"]["decoder"]
+        if native:                    # the same bundle with every decode step on ONNX Runtime (A/B in one run)
+            configs[f"{name}:ort-decode"] = [*ort_cmd, "--native-decode", "off"]
         if args.spinning_sweep:
             configs[f"{name}:spin"] = [*ort_cmd, "--spinning"]
-        if args.profile:
-            configs[f"{name}:profile"] = [*ort_cmd, "--repeats", "1", "--profile-dir", str(work / f"profile-{prec}")]
+            if native:
+                configs[f"{name}:ort-decode:spin"] = [*ort_cmd, "--native-decode", "off", "--spinning"]
+        if args.profile:   # ORT's operator profile: decode steps on ORT too, so the table covers every phase
+            configs[f"{name}:profile"] = [*ort_cmd, "--repeats", "1", "--profile-dir", str(work / f"profile-{prec}"),
+                                          "--native-decode", "off"]
 
     results: dict[str, Any] = {}
     for name, cmd in configs.items():
@@ -420,8 +429,9 @@ def main() -> None:
         if "error" in res:
             print(f"  {name} failed: {res['error'][-800:]}", flush=True)
 
-    roof = {name: roofline_rows(name.removesuffix(":spin"), r, costs, bw, gemm) for name, r in results.items()
-            if ":" not in name or name.endswith(":spin")}
+    measured = (":spin", ":ort-decode", ":ort-decode:spin")
+    roof = {name: roofline_rows(name.split(":")[0], r, costs, bw, gemm) for name, r in results.items()
+            if ":" not in name or name.endswith(measured)}
     # -- table
     print()
     hdr = f"{'config':<36}{'load s':>8}{'vision ms':>11}{'prefill t/s':>13}{'decode t/s':>12}{'bound t/s':>11}" \
@@ -467,7 +477,7 @@ def main() -> None:
     for name, r in results.items():
         if ":" in name and "load" in name and "load_s" in r:
             summary[name] = {"load_s": round(r["load_s"], 3)}
-        elif "error" not in r and (":" not in name or name.endswith(":spin")):
+        elif "error" not in r and (":" not in name or name.endswith(measured)):
             summary[name] = {k: round(r[k], 3) for k in ("load_s", "vision_ms", "prefill_tok_s", "decode_tok_s",
                                                          "peak_rss_mb") if k in r}
             if roof.get(name):

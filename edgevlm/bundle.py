@@ -223,6 +223,10 @@ def referenced_paths(manifest: dict[str, Any]) -> list[tuple[str, str]]:
             for i, value in enumerate(node):
                 walk(value, f"{where}[{i}]")
 
+    if isinstance(comps, dict):
+        for name, entry in comps.items():
+            if isinstance(entry, dict) and isinstance(entry.get("native_decode"), dict):
+                walk(entry["native_decode"], f"components.{name}.native_decode")
     if "engines" in manifest:
         walk(manifest["engines"], "engines")
     trt = manifest.get("tensorrt")

@@ -44,6 +44,7 @@ def test_import_runtime_leaves_torch_out(tmp_path):
         from edgevlm.runtime import Session, SamplingParams, BackendOptions
         import edgevlm.runtime.session, edgevlm.runtime.backends, edgevlm.runtime.kv_cache
         import edgevlm.runtime.sampling, edgevlm.runtime.timings, edgevlm.cli.run, edgevlm.bundle
+        import edgevlm.runtime.native, edgevlm.runtime.native.engine, edgevlm.runtime.native.build
         print(json.dumps(sorted(sys.modules)))
     """)
     p = _run(code, tmp_path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from edgevlm.cli import positional
 
@@ -35,7 +35,8 @@ def _table(result: Any, session: Any) -> None:
     parts.add_row("prefill", f"{t.prefill_ms:.1f}", f"{t.prompt_tokens} tokens, {t.prefill_tok_s:.1f} tok/s")
     parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
     parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
-                  f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token")
+                  f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token, "
+                  f"{t.decode_backend}")
     parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
     parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
     parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
@@ -65,7 +66,8 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, threads: int | None = None,
         provider: list[str] | None = None, stream: bool = False, json_output: bool = False, raw_prompt: bool = False,
         verify: bool = True, cache: bool = False, cache_dir: str | None = None, warmup: bool = False,
-        spinning: bool = False, profile_dir: str | None = None) -> int:
+        spinning: bool = False, profile_dir: str | None = None,
+        native_decode: Literal["auto", "on", "off"] = "auto") -> int:
     """Answer one image question with a bundle (numpy + ONNX Runtime, no torch) and print the latency decomposition.
 
     The table splits the request into preprocess / tokenize / vision / prefill / decode / sampling and lays them
@@ -97,12 +99,16 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         spinning: let ORT worker threads spin between parallel sections (off by default: it slows everything
             down when other processes share the cores; may help a little on a dedicated device).
         profile_dir: write ONNX Runtime profiles (JSON traces) into this directory.
+        native_decode: auto (default): decode steps on edgevlm's native int4/int8 kernel when the bundle has a
+            native_decode plan and this CPU can build it (x86-64 with AVX-512 VNNI and a C compiler), else on
+            ONNX Runtime; on: fail instead of falling back; off: always ONNX Runtime.
     """
     from edgevlm.runtime import Session
 
     cache_opt: Any = (cache_dir or "auto") if (cache or cache_dir) else None
     session = Session.from_bundle(bundle, threads=threads, providers=provider, verify_hashes=verify,
-                                  optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup)
+                                  optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup,
+                                  native_decode=native_decode)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop=stop, raw_prompt=raw_prompt)
     if stream and not json_output:
@@ -120,6 +126,7 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         out["model"] = session.config.name
         out["load_info"] = {k: v.to_dict() for k, v in session.session_info.items()}
         out["load_info"]["sha256"] = session.verification
+        out["load_info"]["native_decode"] = session.native_info
         if profiles:
             out["profiles"] = profiles
         print(json.dumps(out))

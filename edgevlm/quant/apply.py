@@ -463,6 +463,9 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             entry.update(graph_entry(paths[name], precision=cr.precision, recipe=rec))
             entry.update(keep)
             entry.pop("parity", None)                          # recomputed after quantization by the exporter
+            entry.pop("native_decode", None)
+            if name == "decoder":
+                entry.update(_native_entry(model, _component_file(manifest, name)))
         if embed_entry is not None:
             comps.setdefault("embed", {}).update(embed_entry)
         for name in GRAPHS:
@@ -507,6 +510,33 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _native_entry(model: Any, graph_file: str) -> dict[str, Any]:
+    """``{"native_decode": plan}`` for a quantized GroupQueryAttention decoder the runtime's native kernel can
+    run (``edgevlm.exporter.native_plan``), else ``{}`` (the reason is logged)."""
+    from edgevlm.exporter.native_plan import NotPlannable, native_decode_plan
+
+    if not any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        return {}
+    try:
+        plan = native_decode_plan(model)
+    except NotPlannable as exc:
+        log.info("no native_decode plan for %s: %s", graph_file, exc)
+        return {}
+    folder = Path(graph_file).parent
+    if str(folder) not in ("", "."):                 # external data paths are relative to the graph's folder
+        def rebase(node: Any) -> None:
+            if isinstance(node, dict):
+                if "file" in node:
+                    node["file"] = (folder / node["file"]).as_posix()
+                for v in node.values():
+                    rebase(v)
+            elif isinstance(node, list):
+                for v in node:
+                    rebase(v)
+        rebase(plan)
+    return {"native_decode": plan}
 
 
 def _load_graph_only(path: Path):

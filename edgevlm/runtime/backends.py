@@ -163,6 +163,9 @@ class BackendOptions:
         save_prepacked: also store the kernels' prepacked weight layouts in the optimized-graph cache
             (``session.save_external_prepacked_constant_initializers``), so a cached load maps them instead of
             repacking; costs a second copy of the weights on disk.
+        native_decode: ``"auto"`` (default): decode steps run on the native kernel (``edgevlm.runtime.native``)
+            when the bundle has a ``native_decode`` plan, the providers are CPU only and this machine can build
+            it, else on ONNX Runtime; ``"on"``: the same but an error when it cannot; ``"off"``: ONNX Runtime.
     """
 
     threads: int | None = None
@@ -173,6 +176,7 @@ class BackendOptions:
     graph_optimization_level: str = "all"
     decoder_arena: bool = False
     save_prepacked: bool = False
+    native_decode: str = "auto"
     extra_config: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -211,6 +211,13 @@ class SharedBufferKVCache(KVCache):
     def commit(self, new_length: int) -> None:
         self.length = new_length
 
+    def pointers(self) -> list[int]:
+        """Host addresses of the buffers, ``[past key 0, past value 0, ...]`` (CPU device only): the native
+        decode kernel reads and writes them in place."""
+        if self.device_type != "cpu":
+            raise ValueError("KV buffers live on the device; their host pointers are not addressable")
+        return [v.data_ptr() for v in self._buffers]
+
 
 KV_MODES: dict[str, type[KVCache]] = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
 

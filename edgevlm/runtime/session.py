@@ -209,6 +209,75 @@ def _preload_request_modules() -> None:
         pass
 
 
+NATIVE_MODES = ("auto", "on", "off")
+
+
+class _NativeSetup:
+    """Builds the native decoder (``edgevlm.runtime.native``) on a helper thread while ONNX Runtime creates the
+    decoder session, so copying the weights into huge-page memory overlaps ORT's own weight prepacking. ``finish()``
+    joins and returns the ``NativeDecoder`` or None; ``info`` says which and why."""
+
+    def __init__(self, session: "Session", dentry: dict[str, Any], opts: BackendOptions) -> None:
+        mode = str(opts.native_decode)
+        if mode not in NATIVE_MODES:
+            raise ConfigError(f"native_decode must be one of {', '.join(NATIVE_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.info: dict[str, Any] = {"backend": "onnxruntime", "mode": mode, "reason": None}
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._t = time.perf_counter()
+        reason = self._reason(session, dentry)
+        if reason:
+            self.info["reason"] = reason
+            if mode == "on":
+                from edgevlm.runtime.native import NativeUnavailable
+
+                raise NativeUnavailable(f"native_decode='on' but {reason}")
+            return
+        plan, root, spec, threads = dentry["native_decode"], session.bundle.root, session.kv_spec, session.threads
+        self._thread = threading.Thread(target=self._build, args=(root, plan, spec, threads), daemon=True,
+                                        name="edgevlm-native-setup")
+        self._thread.start()
+
+    @staticmethod
+    def _reason(session: "Session", dentry: dict[str, Any]) -> str | None:
+        if session.options.native_decode == "off":
+            return "native_decode='off'"
+        if session.device_type != "cpu" or any((p if isinstance(p, str) else p[0]) != "CPUExecutionProvider"
+                                               for p in session.providers):
+            return "the providers are not CPU only"
+        if not session._logits_last_only or session._logits_dtype != np.float32:
+            return "the decoder's logits are not a float32 last-position output"
+        from edgevlm.runtime.native import availability, plan_reason
+
+        return availability() or plan_reason(dentry.get("native_decode"), session.kv_spec)
+
+    def _build(self, root: Path, plan: dict[str, Any], spec: KVSpec, threads: int) -> None:
+        try:
+            from edgevlm.runtime.native import NativeDecoder
+
+            self._result = NativeDecoder(root, plan, spec, threads=threads)
+        except BaseException as exc:  # re-raised or reported by finish() on the caller's thread
+            self._error = exc
+
+    def finish(self) -> Any:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self.info["setup_s"] = round(time.perf_counter() - self._t, 4)
+        if self._error is not None:
+            from edgevlm.runtime.native import NativeUnavailable
+
+            if self.mode == "on" or not isinstance(self._error, NativeUnavailable):
+                raise self._error                           # a corrupt plan is a bundle error, not a fallback
+            self.info["reason"] = str(self._error)
+            log.warning("native decode unavailable, decoding with ONNX Runtime: %s", self._error)
+            return None
+        self.info.update(backend="native", weight_bytes=self._result.weight_bytes)
+        return self._result
+
+
 class Session:
     """A loaded bundle ready to answer requests. Create with ``Session.from_bundle``."""
 
@@ -303,6 +372,7 @@ class Session:
         self._mask_dtype = _dtype(din["attention_mask"], "decoder attention_mask")
         self._pos_dtype = _dtype(din["position_ids"], "decoder position_ids") if self._has_positions else np.int64
         self._logits_dtype = _dtype(dout[self._logits_name], "decoder logits")
+        native = _NativeSetup(self, dentry, opts)         # copies the decoder weights while ORT loads them
         self.decoder_session, info = self._create("decoder", "decoder", dentry)
         self.session_info["decoder"] = info
         breakdown["decoder_session_s"] = info.seconds
@@ -320,6 +390,13 @@ class Session:
         self._binding = self.decoder_session.io_binding()
         self.kv: KVCache = make_kv_cache(self.kv_spec, self._binding, device_type=self.device_type,
                                          max_len=self.context_length)
+        self._logits_row = self._logits.reshape(-1)                                        # [vocab] view
+        t = time.perf_counter()
+        self.native = native.finish()
+        breakdown["native_decode_wait_s"] = time.perf_counter() - t
+        self.native_info = native.info
+        if self.native is not None:
+            self.native.bind(self.kv.pointers(), self.context_length)
         self._lock = threading.Lock()
         self.verification = "full" if bundle.hashes_verified else "off"
         self.load_s = time.perf_counter() - t_load          # from_bundle adds the bundle read to this
@@ -333,7 +410,7 @@ class Session:
                     optimized_cache: str | os.PathLike | bool | None = None,
                     hash_stamps: str | os.PathLike | None = "auto", spinning: bool = False,
                     profile_dir: str | os.PathLike | None = None, graph_optimization_level: str = "all",
-                    decoder_arena: bool = False, save_prepacked: bool = False,
+                    decoder_arena: bool = False, save_prepacked: bool = False, native_decode: str = "auto",
                     max_pixels: int = DEFAULT_MAX_PIXELS,
                     warmup: bool = False, options: BackendOptions | None = None) -> "Session":
         """Open a bundle (validated; sha256 of every file checked unless ``verify_hashes=False``) and create the
@@ -357,6 +434,10 @@ class Session:
             decoder_arena: use ORT's memory arena for the decoder (off by default).
             save_prepacked: store prepacked weights in the optimized-graph cache too (faster cached loads on
                 some graphs; a second copy of the weights on disk).
+            native_decode: ``"auto"`` (default) runs decode steps on the native kernel when the bundle has a
+                ``native_decode`` plan (int4/int8 CPU exports) and this CPU can build it (x86-64, AVX-512 VNNI, a C
+                compiler), else on ONNX Runtime; ``"on"`` raises ``NativeUnavailable`` instead of falling back;
+                ``"off"`` always uses ONNX Runtime. ``Session.native_info`` says which ran and why.
             max_pixels: images above this many pixels are refused before decoding (decompression bombs).
             warmup: run one tiny request after loading (its time is ``load_breakdown['warmup_s']``, not
                 ``load_s``) so the first real request does not pay first-run allocations.
@@ -366,7 +447,8 @@ class Session:
         opts = options or BackendOptions(threads=threads, providers=providers, optimized_cache=optimized_cache,
                                          spinning=spinning, profile_dir=profile_dir,
                                          graph_optimization_level=graph_optimization_level,
-                                         decoder_arena=decoder_arena, save_prepacked=save_prepacked)
+                                         decoder_arena=decoder_arena, save_prepacked=save_prepacked,
+                                         native_decode=native_decode)
         stamps = None if hash_stamps is None else (cache_home() / "verified" if hash_stamps == "auto"
                                                     else Path(hash_stamps))
         bundle, verified = open_verified(path, verify_hashes=verify_hashes, stamp_dir=stamps)
@@ -530,7 +612,8 @@ class Session:
             decode_cpu = 0.0
             paused = 0.0
             clock = Clock()
-            timings = RequestTimings(load_s=self.load_s, threads=self.threads, load_breakdown=dict(self.load_breakdown))
+            timings = RequestTimings(load_s=self.load_s, threads=self.threads, load_breakdown=dict(self.load_breakdown),
+                                     decode_backend=self.decode_backend)
 
             # ---- prompt + image ----------------------------------------------------------------------------------
             with clock("tokenize"):
@@ -612,11 +695,14 @@ class Session:
                     break
                 t_step = time.perf_counter()
                 c_step = time.process_time()
-                np.copyto(self._step_embeds[0, 0], self.embed_table[tok], casting="unsafe")
-                self._step_pos[0, 0] = n_ctx
-                self._bind_step(self._step_embeds, self._step_pos, n_ctx + 1)
-                self._bind_outputs()
-                self._run_decoder()
+                if self.native is not None:                    # same KV buffers, same weights, no ORT call
+                    self.native.step(self.embed_table[tok], n_ctx, self._logits_row)
+                else:
+                    np.copyto(self._step_embeds[0, 0], self.embed_table[tok], casting="unsafe")
+                    self._step_pos[0, 0] = n_ctx
+                    self._bind_step(self._step_embeds, self._step_pos, n_ctx + 1)
+                    self._bind_outputs()
+                    self._run_decoder()
                 self.kv.commit(n_ctx + 1)
                 n_ctx += 1
                 dt = time.perf_counter() - t_step
@@ -639,8 +725,14 @@ class Session:
             return Result(text=final_text, tokens=produced, timings=timings, finish_reason=finish, prompt=text,
                           prompt_ids=list(ids))
 
+    @property
+    def decode_backend(self) -> str:
+        """``"native"`` when decode steps run on the native kernel, else ``"onnxruntime"``."""
+        return "native" if self.native is not None else "onnxruntime"
+
     def close(self) -> None:
-        """Drop the ORT sessions (frees their memory)."""
+        """Drop the ORT sessions and the native decoder (frees their memory)."""
+        self.native = None
         for name in ("_binding", "decoder_session", "vision_session"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -648,4 +740,4 @@ class Session:
     def __repr__(self) -> str:
         return (f"Session(bundle='{self.bundle.root}', model='{self.config.name}', threads={self.threads}, "
                 f"providers={[p if isinstance(p, str) else p[0] for p in self.providers]}, "
-                f"kv_mode='{self.kv_spec.mode}', load_s={self.load_s:.3f})")
+                f"kv_mode='{self.kv_spec.mode}', decode='{self.decode_backend}', load_s={self.load_s:.3f})")

@@ -144,6 +144,7 @@ class RequestTimings:
     peak_rss_mb: float = 0.0
     rss_mb: float = 0.0
     threads: int = 0
+    decode_backend: str = "onnxruntime"
     load_breakdown: dict[str, float] = field(default_factory=dict)
 
     def parts_ms(self) -> dict[str, float]:

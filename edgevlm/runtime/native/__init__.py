@@ -1,0 +1,12 @@
+"""Native decode for quantized CPU bundles: one C kernel (``decode.c``, AVX-512 VNNI + OpenMP) that runs a whole
+decode step over the decoder's MatMulNBits weights in place and shares the KV buffers with ONNX Runtime, which
+still runs the prefill. ``build`` compiles and caches it per CPU; ``engine.NativeDecoder`` drives it from the
+manifest's ``native_decode`` plan. See docs/runtime.md ("Native decode").
+
+Never imports torch or onnx.
+"""
+
+from edgevlm.runtime.native.build import NativeUnavailable, availability
+from edgevlm.runtime.native.engine import NativeDecoder, plan_reason
+
+__all__ = ["NativeDecoder", "NativeUnavailable", "availability", "plan_reason"]

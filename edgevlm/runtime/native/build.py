@@ -1,0 +1,151 @@
+"""Compile and load the native decode kernel (``decode.c``) for this CPU, cached.
+
+The kernel is plain C with AVX-512 VNNI intrinsics and OpenMP. It is compiled on the machine that runs it
+(``-O3 -march=native -fopenmp``), the way llama.cpp builds by default, because the right code depends on the exact
+CPU. The shared library lands in ``cache_home()/native/`` under a name keyed by the source's sha256, the compiler's
+version, the flags and the CPU fingerprint. It is written to a temporary name and renamed, so concurrent loads never
+see a half-written file. Later loads reuse it: one ``dlopen``, no compile.
+
+``availability()`` says whether the kernel can run here and, if not, why: not x86-64 Linux, no AVX-512 VNNI, no C
+compiler, or the compile failed. ``load()`` raises ``NativeUnavailable`` with that reason. The runtime then falls
+back to ONNX Runtime for decode (``native="auto"``) or reports the error (``native="on"``).
+
+Never imports torch (device side).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from edgevlm.errors import RuntimeBackendError
+
+__all__ = ["NativeUnavailable", "SOURCE", "CFLAGS", "REQUIRED_FLAGS", "cpu_flags", "find_compiler", "availability",
+           "load", "library_path"]
+
+SOURCE = Path(__file__).with_name("decode.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+#: /proc/cpuinfo flags the kernel's intrinsics need.
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "fma")
+_ABI = 1
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+class NativeUnavailable(RuntimeBackendError):
+    """The native decode kernel cannot run on this machine (the message says why and what to do)."""
+
+
+def cpu_flags() -> set[str]:
+    """ISA flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def find_compiler() -> str | None:
+    """``$CC``, else the first of cc / gcc / clang on PATH."""
+    env = os.environ.get("CC")
+    if env:
+        return shutil.which(env) or (env if Path(env).is_file() else None)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def availability() -> str | None:
+    """``None`` when the kernel can be built and run here, else the reason it cannot."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the native decode kernel is x86-64 Linux only (this is {platform.system()} {platform.machine()})"
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)} (the native decode kernel needs AVX-512 VNNI)"
+    if find_compiler() is None and not _cached_candidates():
+        return "no C compiler found (install gcc, or set CC) to build the native decode kernel"
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def _cache_dir() -> Path:
+    from edgevlm.runtime.backends import cache_home
+
+    return cache_home() / "native"
+
+
+def _cached_candidates() -> list[Path]:
+    from edgevlm.runtime.backends import cpu_fingerprint
+
+    d = _cache_dir()
+    return sorted(d.glob(f"evlm-decode-*-{cpu_fingerprint()}.so")) if d.is_dir() else []
+
+
+def library_path(cc: str | None = None) -> Path:
+    """Where the library for this source, compiler, flags and CPU is (or will be) cached."""
+    from edgevlm.runtime.backends import cpu_fingerprint
+
+    cc = cc or find_compiler() or "none"
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((*CFLAGS, _compiler_version(cc))).encode())
+    return _cache_dir() / f"evlm-decode-{key.hexdigest()[:16]}-{cpu_fingerprint()}.so"
+
+
+def _compile(cc: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest.parent)
+    os.close(fd)
+    try:
+        p = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                           timeout=300)
+        if p.returncode != 0:
+            raise NativeUnavailable(f"compiling the native decode kernel with {cc} failed (exit {p.returncode}): "
+                                    f"{(p.stderr or p.stdout).strip()[-800:]}; decode runs on ONNX Runtime "
+                                    f"(pass native='off' to skip the attempt)")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL:
+    """The compiled kernel for this machine (built on first use, then cached); ``NativeUnavailable`` if it cannot
+    run here."""
+    reason = availability()
+    if reason:
+        raise NativeUnavailable(reason)
+    cc = find_compiler()
+    with _lock:
+        path = library_path(cc) if cc else _cached_candidates()[-1]
+        if str(path) in _loaded:
+            return _loaded[str(path)]
+        if not path.is_file():
+            assert cc is not None
+            _compile(cc, path)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeUnavailable(f"the native decode kernel '{path}' cannot be loaded ({exc}); delete it to "
+                                    f"rebuild, or pass native='off'") from exc
+        if lib.evlm_abi_version() != _ABI:
+            raise NativeUnavailable(f"the native decode kernel '{path}' has ABI {lib.evlm_abi_version()}, this "
+                                    f"edgevlm needs {_ABI}; delete it to rebuild")
+        _loaded[str(path)] = lib
+        return lib

@@ -1,0 +1,198 @@
+"""The native decode kernel (edgevlm.runtime.native) against numpy references and against ONNX Runtime on the same
+bundle: the quantizer writes the plan, the kernel's matrix-vector product is the MatMulNBits arithmetic, a session
+decoding natively gives ONNX Runtime's tokens, and every way to get it wrong is a typed error."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fixtures_bundles import QUESTION, make_image, tiny_bundle
+
+from edgevlm.errors import BundleError, ConfigError
+from edgevlm.runtime.native import NativeUnavailable, availability, plan_reason
+
+SMALL = {"calibration_samples": 3, "heldout_samples": 2, "decode_steps": 2}
+needs_kernel = pytest.mark.skipif(availability() is not None, reason=f"native kernel unavailable: {availability()}")
+_Q: dict[str, object] = {}
+
+
+def _quantized(tmp_path_factory, precision: str):
+    pytest.importorskip("onnxruntime_genai")
+    from edgevlm.quant.apply import quantize_bundle
+
+    if precision not in _Q:
+        src, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
+        out = tmp_path_factory.mktemp(f"native-{precision}") / "bundle"
+        quantize_bundle(src, out, precision, target="cpu", show=False, **SMALL)
+        _Q[precision] = out
+    return _Q[precision]
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision,bits", [("int4", 4), ("int8", 8)])
+def test_quantized_cpu_bundle_carries_a_native_plan(tmp_path_factory, precision, bits):
+    path = _quantized(tmp_path_factory, precision)
+    plan = _manifest(path)["components"]["decoder"]["native_decode"]
+    assert plan["version"] == 1 and len(plan["layers"]) == 2
+    assert (plan["hidden"], plan["num_heads"], plan["kv_heads"], plan["head_dim"]) == (64, 4, 4, 16)
+    assert plan["intermediate"] == 128 and plan["vocab"] == 384 and plan["rotary_half"] == 8
+    layer = plan["layers"][0]
+    assert layer["qkv"]["N"] == 3 * 64 and layer["gate_up"]["N"] == 2 * 128 and layer["up"] is None
+    assert {layer[k]["bits"] for k in ("qkv", "o", "gate_up", "down")} == {bits}
+    assert plan["lm_head"]["bits"] == 8 and plan["lm_head"]["N"] == 384
+    assert layer["past_key"] == "past_key_values.0.key"
+    assert layer["qkv"]["weight"]["file"] == "decoder.onnx.data"
+
+
+def test_fp32_bundle_has_no_plan_and_decodes_with_onnxruntime(tmp_path_factory):
+    from edgevlm.runtime import Session
+
+    src, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
+    assert "native_decode" not in _manifest(src)["components"]["decoder"]
+    s = Session.from_bundle(src, threads=1, hash_stamps=None)
+    assert s.decode_backend == "onnxruntime" and "no native_decode plan" in s.native_info["reason"]
+    with pytest.raises(NativeUnavailable, match="native_decode='on' but the bundle has no native_decode plan"):
+        Session.from_bundle(src, threads=1, hash_stamps=None, native_decode="on")
+    with pytest.raises(ConfigError, match="native_decode must be one of"):
+        Session.from_bundle(src, threads=1, hash_stamps=None, native_decode="fast")
+
+
+def test_plan_reason_names_what_the_kernel_cannot_run(tmp_path_factory):
+    from edgevlm.runtime.kv_cache import KVSpec
+
+    path = _quantized(tmp_path_factory, "int4")
+    m = _manifest(path)
+    plan, spec = m["components"]["decoder"]["native_decode"], KVSpec.from_manifest(m["components"]["decoder"]
+                                                                                       ["kv_cache"])
+    assert plan_reason(plan, spec) is None
+    bad = json.loads(json.dumps(plan))
+    bad["layers"][1]["down"]["block_size"] = 32
+    assert "4-bit block 32" in plan_reason(bad, spec)
+    assert "version 9" in plan_reason({**plan, "version": 9}, spec)
+    assert "KV inputs" in plan_reason({**plan, "layers": plan["layers"][::-1]}, spec)
+
+
+# ---- the kernel --------------------------------------------------------------------------------------------------
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """[N, nb, blk] integer codes -> MatMulNBits bytes (4-bit: element 2j low nibble, 2j+1 high nibble)."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+
+
+def _quant_x(x: np.ndarray, blk: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activation quantization in numpy: int8 per block, scale max|x| / 127, round half to even."""
+    xp = np.zeros(nb * blk, np.float32)
+    xp[:x.size] = x
+    xb = xp.reshape(nb, blk)
+    amax = np.abs(xb).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv[:, None]).astype(np.float32)
+    return q, (amax / np.float32(127)).astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,blk,K,with_zp", [(4, 128, 200, False), (4, 256, 512, True), (4, 128, 64, True),
+                                                (8, 64, 200, False), (8, 128, 256, True)])
+def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp):
+    from edgevlm.runtime.native import build
+    from edgevlm.runtime.native.engine import _Linear
+
+    lib = build.load()
+    rng = np.random.default_rng(bits * 1000 + blk + K)
+    N, nb = 37, -(-K // blk)
+    top = 15 if bits == 4 else 255
+    codes = rng.integers(0, top + 1, (N, nb, blk))
+    scales = rng.uniform(0.01, 0.1, (N, nb)).astype(np.float32)
+    if with_zp:
+        zps = rng.integers(0, top + 1, (N, nb))
+        if bits == 4:
+            zpad = np.zeros((N, 2 * ((nb + 1) // 2)), np.uint8)
+            zpad[:, :nb] = zps
+            zbytes = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8)
+        else:
+            zbytes = zps.astype(np.uint8)
+    else:
+        zps, zbytes = np.full((N, nb), 8 if bits == 4 else 128), None
+    B = np.ascontiguousarray(_pack(codes, bits))
+    x = rng.standard_normal(K).astype(np.float32)
+    lin = _Linear(B.ctypes.data, scales.ctypes.data, zbytes.ctypes.data if zbytes is not None else None, N, K, blk,
+                  bits)
+    y = np.zeros(N, np.float32)
+    xq, xs, xc = np.zeros(nb * blk, np.int8), np.zeros(nb, np.float32), np.zeros(nb, np.float32)
+    lib.evlm_gemv.argtypes = [ctypes.POINTER(_Linear)] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    lib.evlm_gemv(ctypes.byref(lin), x.ctypes.data, y.ctypes.data, xq.ctypes.data, xs.ctypes.data, xc.ctypes.data,
+                  2)
+    # exactly the quantized arithmetic (int8 activations per block)
+    qx, sx = _quant_x(x, blk, nb)
+    w = (codes - zps[..., None]).astype(np.float64)                       # [N, nb, blk]
+    want = np.einsum("nbk,bk->nb", w, qx.astype(np.float64)) * scales * sx[None, :]
+    np.testing.assert_allclose(y, want.sum(axis=1), rtol=1e-4, atol=1e-3 * np.abs(want.sum(axis=1)).max())
+    # and close to the fp32 product of the dequantized weights
+    dense = ((codes - zps[..., None]) * scales[..., None]).reshape(N, -1)[:, :K]
+    ref = dense @ x
+    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
+    from edgevlm.runtime import Session
+
+    path = _quantized(tmp_path_factory, precision)
+    nat = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on")
+    ort = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="off")
+    assert nat.decode_backend == "native" and ort.decode_backend == "onnxruntime"
+    img = make_image(3)
+    a = nat.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
+    b = ort.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
+    assert a.tokens == b.tokens and len(a.tokens) == 24
+    assert a.timings.decode_backend == "native" and b.timings.decode_backend == "onnxruntime"
+    la, lb = nat.last_logits, ort.last_logits
+    assert np.abs(la - lb).max() < 0.05 * np.abs(lb).max()
+    # the KV rows the native steps wrote are the ones ONNX Runtime writes for the same tokens
+    n = a.timings.prompt_tokens + len(a.tokens) - 1
+    ka, kb = nat.kv._buffers[0].numpy()[0, :, :n], ort.kv._buffers[0].numpy()[0, :, :n]
+    assert np.abs(ka - kb).max() < 0.05 * np.abs(kb).max()
+    # sampling and a second request on the same buffers
+    s1 = nat.generate(img, QUESTION, max_new_tokens=8, temperature=0.8, seed=1)
+    s2 = ort.generate(img, QUESTION, max_new_tokens=8, temperature=0.8, seed=1)
+    assert s1.tokens == s2.tokens
+
+
+@needs_kernel
+def test_native_decode_stops_at_the_context(tmp_path_factory):
+    from edgevlm.runtime import Session
+
+    s = Session.from_bundle(_quantized(tmp_path_factory, "int4"), threads=1, hash_stamps=None, native_decode="on")
+    r = s.generate(make_image(4), QUESTION, max_new_tokens=10_000, ignore_eos=True)
+    assert r.finish_reason == "context_full"
+    assert r.timings.prompt_tokens + len(r.tokens) - 1 == s.context_length
+    with pytest.raises(ValueError, match="outside the KV buffer"):
+        s.native.step(s.embed_table[5], s.context_length, s._logits_row)
+
+
+@needs_kernel
+def test_tampered_plan_is_a_bundle_error(tmp_path_factory, tmp_path):
+    from edgevlm.runtime import Session
+
+    dst = tmp_path / "b"
+    shutil.copytree(_quantized(tmp_path_factory, "int4"), dst)
+    m = _manifest(dst)
+    ref = m["components"]["decoder"]["native_decode"]["layers"][1]["o"]["weight"]
+    ref["offset"] = (dst / "decoder.onnx.data").stat().st_size - 8
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="does not fit 'decoder.onnx.data'"):
+        Session.from_bundle(dst, threads=1, hash_stamps=None)
+    ref["offset"], ref["file"] = 0, "../outside.data"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="native_decode"):
+        Session.from_bundle(dst, threads=1, hash_stamps=None)
