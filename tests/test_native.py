@@ -196,3 +196,27 @@ def test_tampered_plan_is_a_bundle_error(tmp_path_factory, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="native_decode"):
         Session.from_bundle(dst, threads=1, hash_stamps=None)
+
+
+def test_availability_names_what_is_missing(monkeypatch, tmp_path, tmp_path_factory):
+    from edgevlm.runtime import Session
+    from edgevlm.runtime.native import build
+
+    monkeypatch.setattr(build.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
+    assert "lacks avx512f, avx512bw, avx512_vnni" in build.availability()
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.REQUIRED_FLAGS))
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    monkeypatch.setattr(build, "library_path", lambda: tmp_path / "absent.so")
+    assert "no C compiler found" in build.availability()
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        build.load()
+    # a session on a plan-carrying bundle falls back to ONNX Runtime and says why; "on" refuses
+    path = _quantized(tmp_path_factory, "int4")
+    s = Session.from_bundle(path, threads=1, hash_stamps=None)
+    assert s.decode_backend == "onnxruntime" and "no C compiler" in s.native_info["reason"]
+    with pytest.raises(NativeUnavailable, match="native_decode='on' but no C compiler"):
+        Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    assert "x86-64 Linux only" in build.availability()

@@ -192,7 +192,8 @@ def run_session(job: dict[str, Any], progress: Callable[[str], None] | None = No
                 "providers": [p if isinstance(p, str) else p[0] for p in s.providers],
                 "cache": {k: v.cache for k, v in s.session_info.items()}, "verification": s.verification,
                 "visual_tokens": s.visual_tokens, "context_length": s.context_length,
-                "manifest_sha256": s.bundle.manifest_sha256, "rss_after_load_mb": _rss_mb()})
+                "manifest_sha256": s.bundle.manifest_sha256, "rss_after_load_mb": _rss_mb(),
+                "decode_backend": s.decode_backend, "native_decode": s.native_info})
     say(f"loaded {Path(job['bundle']).name} in {s.load_s:.2f} s ({s.threads} threads, {job['backend']})")
     raw = job.get("prompt_mode", "raw") == "raw"
     prompts: dict[int, tuple[str, int]] = {}

@@ -331,20 +331,6 @@ class Session:
         self.device_type = device_type_for(self.providers)
         self.session_info: dict[str, SessionInfo] = {}
 
-        # ---- vision ---------------------------------------------------------------------------------------------
-        ventry = bundle.component("vision")
-        vin, vout = _io(ventry, "inputs", "vision"), _io(ventry, "outputs", "vision")
-        if len(vin) != 1 or len(vout) != 1:
-            raise BundleError("component 'vision' must have one input (pixel values) and one output (image "
-                              "embeddings); re-export the bundle")
-        (self._vision_in, vin_e), = vin.items()
-        (self._vision_out, _), = vout.items()
-        self._pixel_dtype = _dtype(vin_e, "vision input")
-        self.vision_session, info = self._create("vision", "vision", ventry)
-        self.session_info["vision"] = info
-        breakdown["vision_session_s"] = info.seconds
-        _check_session_io(self.vision_session, ventry, "vision")
-
         # ---- decoder --------------------------------------------------------------------------------------------
         dentry = bundle.component("decoder")
         self.kv_spec = KVSpec.from_manifest(dentry.get("kv_cache"))
@@ -372,7 +358,23 @@ class Session:
         self._mask_dtype = _dtype(din["attention_mask"], "decoder attention_mask")
         self._pos_dtype = _dtype(din["position_ids"], "decoder position_ids") if self._has_positions else np.int64
         self._logits_dtype = _dtype(dout[self._logits_name], "decoder logits")
-        native = _NativeSetup(self, dentry, opts)         # copies the decoder weights while ORT loads them
+        native = _NativeSetup(self, dentry, opts)         # copies the decoder weights while ORT creates the sessions
+
+        # ---- vision ---------------------------------------------------------------------------------------------
+        ventry = bundle.component("vision")
+        vin, vout = _io(ventry, "inputs", "vision"), _io(ventry, "outputs", "vision")
+        if len(vin) != 1 or len(vout) != 1:
+            raise BundleError("component 'vision' must have one input (pixel values) and one output (image "
+                              "embeddings); re-export the bundle")
+        (self._vision_in, vin_e), = vin.items()
+        (self._vision_out, _), = vout.items()
+        self._pixel_dtype = _dtype(vin_e, "vision input")
+        self.vision_session, info = self._create("vision", "vision", ventry)
+        self.session_info["vision"] = info
+        breakdown["vision_session_s"] = info.seconds
+        _check_session_io(self.vision_session, ventry, "vision")
+
+        # ---- decoder session ------------------------------------------------------------------------------------
         self.decoder_session, info = self._create("decoder", "decoder", dentry)
         self.session_info["decoder"] = info
         breakdown["decoder_session_s"] = info.seconds

@@ -2,8 +2,8 @@
 
 The kernel is plain C with AVX-512 VNNI intrinsics and OpenMP. It is compiled on the machine that runs it
 (``-O3 -march=native -fopenmp``), the way llama.cpp builds by default, because the right code depends on the exact
-CPU. The shared library lands in ``cache_home()/native/`` under a name keyed by the source's sha256, the compiler's
-version, the flags and the CPU fingerprint. It is written to a temporary name and renamed, so concurrent loads never
+CPU. The shared library lands in ``cache_home()/native/`` under a name keyed by the sha256 of the source and the
+flags, and by the CPU fingerprint (so a cached build also serves a machine without a compiler). It is written to a temporary name and renamed, so concurrent loads never
 see a half-written file. Later loads reuse it: one ``dlopen``, no compile.
 
 ``availability()`` says whether the kernel can run here and, if not, why: not x86-64 Linux, no AVX-512 VNNI, no C
@@ -74,16 +74,9 @@ def availability() -> str | None:
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)} (the native decode kernel needs AVX-512 VNNI)"
-    if find_compiler() is None and not _cached_candidates():
+    if find_compiler() is None and not library_path().is_file():
         return "no C compiler found (install gcc, or set CC) to build the native decode kernel"
     return None
-
-
-def _compiler_version(cc: str) -> str:
-    try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
 
 
 def _cache_dir() -> Path:
@@ -92,19 +85,11 @@ def _cache_dir() -> Path:
     return cache_home() / "native"
 
 
-def _cached_candidates() -> list[Path]:
+def library_path() -> Path:
+    """Where the library for this source, these flags and this CPU is (or will be) cached."""
     from edgevlm.runtime.backends import cpu_fingerprint
 
-    d = _cache_dir()
-    return sorted(d.glob(f"evlm-decode-*-{cpu_fingerprint()}.so")) if d.is_dir() else []
-
-
-def library_path(cc: str | None = None) -> Path:
-    """Where the library for this source, compiler, flags and CPU is (or will be) cached."""
-    from edgevlm.runtime.backends import cpu_fingerprint
-
-    cc = cc or find_compiler() or "none"
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((*CFLAGS, _compiler_version(cc))).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(CFLAGS).encode())
     return _cache_dir() / f"evlm-decode-{key.hexdigest()[:16]}-{cpu_fingerprint()}.so"
 
 
@@ -133,11 +118,13 @@ def load() -> ctypes.CDLL:
         raise NativeUnavailable(reason)
     cc = find_compiler()
     with _lock:
-        path = library_path(cc) if cc else _cached_candidates()[-1]
+        path = library_path()
         if str(path) in _loaded:
             return _loaded[str(path)]
         if not path.is_file():
-            assert cc is not None
+            if cc is None:
+                raise NativeUnavailable("no C compiler found (install gcc, or set CC) to build the native decode "
+                                        "kernel")
             _compile(cc, path)
         try:
             lib = ctypes.CDLL(str(path))
