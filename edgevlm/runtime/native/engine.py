@@ -113,6 +113,25 @@ class _Tensors:
     def close(self) -> None:
         self.maps.clear()                                  # unmapped once no view is left
 
+    def huge_page_bytes(self) -> int | None:
+        """Bytes of the arena backed by transparent huge pages (Linux ``/proc/self/smaps``; None if unknown)."""
+        if self.arena is None:
+            return None
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self.arena))
+        try:
+            with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+                inside = False
+                for line in f:
+                    head = line.split(" ", 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(x, 16) for x in head.split("-"))
+                        inside = lo <= addr < hi
+                    elif inside and line.startswith("AnonHugePages:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return None
+        return None
+
     def get(self, ref: Mapping[str, Any], dtype: str, shape: Sequence[int] | None = None) -> np.ndarray:
         name = ref.get("name", "?")
         if ref.get("dtype") != dtype:
@@ -207,6 +226,7 @@ class NativeDecoder:
         self.max_len = 0
         self._x = np.zeros(d, np.float32)
         self.weight_bytes = sum(a.nbytes for a in t.keep)
+        self.huge_page_bytes = t.huge_page_bytes()
 
     def _linear(self, lp: Mapping[str, Any]) -> _Linear:
         n, k, blk, bits = int(lp["N"]), int(lp["K"]), int(lp["block_size"]), int(lp["bits"])
