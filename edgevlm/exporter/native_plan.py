@@ -146,7 +146,6 @@ def native_decode_plan(model: Any) -> dict[str, Any]:
         ln1, e = _norm_weight(g, ln1_node, where)
         (o,) = g.cons(gqa.output[0], "MatMulNBits", where)
         (post,) = g.cons(o.output[0], "SkipSimplifiedLayerNormalization", where)
-        ln2, _ = _norm_weight(g, post, where)
         mms = g.cons(post.output[0], "MatMulNBits", where, count=None)
         up = None
         if len(mms) == 1:
@@ -179,9 +178,9 @@ def native_decode_plan(model: Any) -> dict[str, Any]:
             eps, scale = e, float(a.get("scale", 0.0))
             cos, sin = _ref(g, ins[7], where), _ref(g, ins[8], where)
             hd = cos["shape"][1] * 2 if cos["shape"] else 0
-            q_lin = _linear(g, qkv, where)
-            head_dim = q_lin["N"] // (heads + 2 * kvh)
-            dims = {"hidden": q_lin["K"], "num_heads": heads, "kv_heads": kvh, "head_dim": head_dim,
+            n_qkv, hidden = (int(_attrs(qkv)[k]) for k in ("N", "K"))
+            head_dim = n_qkv // (heads + 2 * kvh)
+            dims = {"hidden": hidden, "num_heads": heads, "kv_heads": kvh, "head_dim": head_dim,
                     "rotary_half": hd // 2, "max_positions": int(cos["shape"][0])}
         if (heads, kvh) != (dims["num_heads"], dims["kv_heads"]):
             raise NotPlannable(f"{where}: head counts differ between layers")

@@ -64,9 +64,7 @@ def plan_reason(plan: Any, kv_spec: Any) -> str | None:
     for i, layer in enumerate(plan["layers"]):
         if layer["past_key"] != kv_spec.past_key.format(i=i) or layer["past_value"] != kv_spec.past_value.format(i=i):
             return f"layer {i} of the native_decode plan reads KV inputs {layer['past_key']}/{layer['past_value']}"
-    lins = [plan["lm_head"]] + [lin for layer in plan["layers"]
-                                for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["up"], layer["down"])
-                                if lin is not None]
+    lins = _linears(plan)
     for lin in lins:
         if lin["bits"] not in (4, 8) or lin["block_size"] % (128 if lin["bits"] == 4 else 64):
             return f"{lin['node']}: {lin['bits']}-bit block {lin['block_size']} (the kernel takes 4-bit blocks of " \
@@ -78,16 +76,17 @@ def plan_reason(plan: Any, kv_spec: Any) -> str | None:
     return None
 
 
+def _linears(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every MatMulNBits entry of the plan: the LM head, then each layer's qkv, o, gate_up, up (if separate), down."""
+    return [plan["lm_head"]] + [lp[f] for lp in plan["layers"] for f in ("qkv", "o", "gate_up", "up", "down")
+                                if lp[f] is not None]
+
+
 def _file_refs(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """Every tensor reference of the plan that points into a file."""
-    def lin(lp: Any) -> list[Any]:
-        return [] if lp is None else [r for r in (lp["weight"], lp["scales"], lp.get("zero_points")) if r]
-
-    refs = [plan["cos_cache"], plan["sin_cache"], plan["final_norm"], *lin(plan["lm_head"])]
-    for lp in plan["layers"]:
-        refs += [lp["input_norm"], lp["post_attention_norm"]]
-        for field in ("qkv", "o", "gate_up", "up", "down"):
-            refs += lin(lp[field])
+    refs = [plan["cos_cache"], plan["sin_cache"], plan["final_norm"]]
+    refs += [lp[k] for lp in plan["layers"] for k in ("input_norm", "post_attention_norm")]
+    refs += [r for lin in _linears(plan) for r in (lin["weight"], lin["scales"], lin.get("zero_points")) if r]
     return [r for r in refs if "inline" not in r]
 
 
@@ -210,8 +209,7 @@ class NativeDecoder:
         m.head = self._linear(plan["lm_head"])
         m.layers = self._layers
         self.max_positions = max_pos
-        lins = [plan["lm_head"]] + [lp[f] for lp in plan["layers"] for f in ("qkv", "o", "gate_up", "up", "down")
-                                    if lp[f] is not None]
+        lins = _linears(plan)
         max_k = max(-(-lin["K"] // lin["block_size"]) * lin["block_size"] for lin in lins)
         max_nb = max(-(-lin["K"] // lin["block_size"]) for lin in lins)
         h, hd, kvh = m.num_heads, m.head_dim, m.kv_heads
