@@ -12,6 +12,11 @@
  * scale), and the zero point enters as zp * sum(x_q). Norms, RoPE (half rotation, as GroupQueryAttention with
  * rotary_interleaved = 0), softmax attention and SiLU run in fp32.
  *
+ * Threading: one OpenMP parallel region per step. Each matmul's rows are split into one contiguous run per thread,
+ * with work stealing at the tail (see the row scheduler), and the small vector work between matmuls (norms,
+ * activation quantization, residual adds) is done redundantly by every thread on private copies, so a step has six
+ * barriers per layer instead of one per stage.
+ *
  * Layouts (MatMulNBits): B [N, n_blocks, blk * bits / 8] uint8 (4-bit: element 2j in the low nibble of byte j,
  * 2j+1 in the high nibble), scales [N, n_blocks] fp32, optional zero points (4-bit: [N, ceil(n_blocks / 2)], two
  * per byte, low nibble first; 8-bit: [N, n_blocks]); defaults 8 / 128. KV buffers [kv_heads, max_len, head_dim]
@@ -55,37 +60,69 @@ typedef struct {
     const float *ln_final;
     evlm_linear head;
     evlm_layer *layers;
-    /* scratch, allocated by the caller */
-    float *h, *xn, *qkv, *attn, *gu, *act, *scores; /* scores: [num_heads, max_len] */
-    int8_t *xq;                                      /* [max padded K] */
-    float *xs, *xc;                                  /* per-block activation scale, scale * sum(x_q) */
+    /* scratch, allocated by the caller. Shared: qkv, attn, y, gu, act, scores. Per thread (stride in elements):
+     * h, xn [threads, hidden]; xq [threads, xq_stride]; xs, xc [threads, xs_stride]; ranges: threads * 128 bytes
+     * (64-byte aligned inside) for the row scheduler. */
+    float *h, *xn, *qkv, *attn, *y, *gu, *act, *scores; /* scores: [num_heads, max_len] */
+    int8_t *xq;
+    float *xs, *xc;
+    int xq_stride, xs_stride;
+    uint64_t *ranges;
 } evlm_model;
 
 /* ---- activation quantization ------------------------------------------------------------------------------ */
+/* One block, scalar: the reference for tail blocks (K not a multiple of blk). */
+static void quant_block_scalar(const float *x, int n, int blk, int bits, int8_t *q, float *xs, float *xc) {
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < blk; i++) {
+        int qi = i < n ? (int)lrintf(x[i] * inv) : 0;
+        sum += qi;
+        q[bits == 4 ? ((i & 1) ? blk / 2 + (i >> 1) : (i >> 1)) : i] = (int8_t)qi;
+    }
+    *xs = amax / 127.f;
+    *xc = *xs * (float)sum;
+}
+
 /* x[K] -> int8 per block of blk (zero-padded to nb * blk); 4-bit layout puts even elements first, then odd, in
- * each block, to match the nibble order of the weight bytes. */
+ * each block, to match the nibble order of the weight bytes. Full blocks are vectorized: cvtps rounds to nearest
+ * even like lrintf, so both paths give the same codes. */
 static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *xs, float *xc) {
-    int nb = (K + blk - 1) / blk;
+    const int nb = (K + blk - 1) / blk;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (int b = 0; b < nb; b++) {
-        int k0 = b * blk;
-        float amax = 0.f;
-        for (int i = 0; i < blk; i++) {
-            int k = k0 + i;
-            float v = k < K ? fabsf(x[k]) : 0.f;
-            amax = v > amax ? v : amax;
-        }
-        float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
+        const float *xb = x + (size_t)b * blk;
         int8_t *q = xq + (size_t)b * blk;
-        for (int i = 0; i < blk; i++) {
-            int k = k0 + i;
-            int qi = k < K ? (int)lrintf(x[k] * inv) : 0;
-            sum += qi;
-            int at = bits == 4 ? ((i & 1) ? blk / 2 + (i >> 1) : (i >> 1)) : i;
-            q[at] = (int8_t)qi;
+        if ((b + 1) * blk > K) {
+            quant_block_scalar(xb, K - b * blk, blk, bits, q, xs + b, xc + b);
+            continue;
+        }
+        __m512 mx = _mm512_setzero_ps();
+        for (int i = 0; i < blk; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        if (bits == 4) {
+            for (int i = 0; i < blk; i += 32) {
+                __m512 a = _mm512_loadu_ps(xb + i), c = _mm512_loadu_ps(xb + i + 16);
+                __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, even, c), inv));
+                __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, odd, c), inv));
+                _mm_storeu_si128((__m128i *)(q + i / 2), _mm512_cvtsepi32_epi8(qe));
+                _mm_storeu_si128((__m128i *)(q + blk / 2 + i / 2), _mm512_cvtsepi32_epi8(qo));
+                sum = _mm512_add_epi32(sum, _mm512_add_epi32(qe, qo));
+            }
+        } else {
+            for (int i = 0; i < blk; i += 16) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
+                _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(qi));
+                sum = _mm512_add_epi32(sum, qi);
+            }
         }
         xs[b] = amax / 127.f;
-        xc[b] = xs[b] * (float)sum;
+        xc[b] = xs[b] * (float)_mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -96,16 +133,16 @@ static inline float zero_point(const evlm_linear *w, int n, int b, int nb) {
     return (float)((b & 1) ? (z >> 4) : (z & 0x0F));
 }
 
-/* ---- y[N] = W x for one MatMulNBits weight; called by every thread of a parallel region (orphaned omp for) */
-static void gemv(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y) {
+/* ---- y[n0:n1] = W[n0:n1] x for one MatMulNBits weight ------------------------------------------------------- */
+static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y, int n0,
+                      int n1) {
     const int nb = (w->K + w->blk - 1) / w->blk;
     const int blk = w->blk;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     if (w->bits == 4) {
         const size_t rowbytes = (size_t)nb * blk / 2;
         const int chunks = blk / 128;
-#pragma omp for schedule(static)
-        for (int n = 0; n < w->N; n++) {
+        for (int n = n0; n < n1; n++) {
             const uint8_t *row = w->B + (size_t)n * rowbytes;
             const float *sw = w->scales + (size_t)n * nb;
             __m512 acc = _mm512_setzero_ps();
@@ -129,8 +166,7 @@ static void gemv(const evlm_linear *w, const int8_t *xq, const float *xs, const 
     } else {
         const size_t rowbytes = (size_t)nb * blk;
         const int chunks = blk / 64;
-#pragma omp for schedule(static)
-        for (int n = 0; n < w->N; n++) {
+        for (int n = n0; n < n1; n++) {
             const uint8_t *row = w->B + (size_t)n * rowbytes;
             const float *sw = w->scales + (size_t)n * nb;
             __m512 acc = _mm512_setzero_ps();
@@ -151,18 +187,90 @@ static void gemv(const evlm_linear *w, const int8_t *xq, const float *xs, const 
     }
 }
 
-/* quantize x (one thread) then y = W x (all threads); ends with the omp-for barrier */
-static void linear(const evlm_model *m, const evlm_linear *w, const float *x, float *y) {
-#pragma omp single
-    quant_x(x, w->K, w->blk, w->bits, m->xq, m->xs, m->xc);
-    gemv(w, m->xq, m->xs, m->xc, y);
+/* ---- row scheduler ------------------------------------------------------------------------------------------
+ * Each thread owns a contiguous run of row chunks and streams it front to back (one sequential stream per thread:
+ * what the hardware prefetchers and the software prefetch above want). A thread that finishes early takes chunks
+ * from the back of the others' runs, so a thread slowed down by a neighbour (or preempted) no longer holds every
+ * other thread at the barrier. A run is one 64-bit word: generation (16 bits) | front (24) | back (24); owner and
+ * thieves move it with compare-and-swap. The generation counts gemv calls (every thread makes the same sequence
+ * from the same starting count, kept in slot 0's second word between steps), so a run left over from the previous
+ * call is recognised and re-initialised by whoever comes first. */
+#define EVLM_CHUNK_BYTES 16384
+
+static inline uint64_t run_pack(uint64_t gen, uint64_t front, uint64_t back) {
+    return (gen & 0xFFFF) << 48 | (front & 0xFFFFFF) << 24 | (back & 0xFFFFFF);
+}
+
+static inline uint64_t *run_slot(uint64_t *ranges, int t) {      /* 64-byte aligned, 128 bytes apart */
+    uintptr_t base = ((uintptr_t)ranges + 63) & ~(uintptr_t)63;
+    return (uint64_t *)(base + (size_t)t * 128);
+}
+
+/* the current-generation state of thread v's run (installing it if it is still the previous call's) */
+static uint64_t run_get(uint64_t *slot, uint64_t gen, int v, int T, int nchunks) {
+    uint64_t s = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    while ((s >> 48) != (gen & 0xFFFF)) {
+        uint64_t fresh = run_pack(gen, (uint64_t)nchunks * v / T, (uint64_t)nchunks * (v + 1) / T);
+        if (__atomic_compare_exchange_n(slot, &s, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return fresh;
+    }
+    return s;
+}
+
+/* Called by every thread of the parallel region; ends with a barrier (y complete). gen: this call's number. */
+static void gemv(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y,
+                 uint64_t *ranges, uint64_t gen) {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int nb = (w->K + w->blk - 1) / w->blk;
+    const size_t rowbytes = (size_t)nb * w->blk * w->bits / 8;
+    int rows = (int)(EVLM_CHUNK_BYTES / rowbytes);
+    rows = rows < 1 ? 1 : rows;
+    const int nchunks = (w->N + rows - 1) / rows;
+    for (int k = 0; k < T; k++) {
+        const int v = (t + k) % T;                       /* own run first (front to back), then the others' */
+        uint64_t *slot = run_slot(ranges, v);
+        uint64_t s = run_get(slot, gen, v, T, nchunks);
+        for (;;) {
+            const uint64_t front = (s >> 24) & 0xFFFFFF, back = s & 0xFFFFFF;
+            if (front >= back) break;
+            const uint64_t c = k == 0 ? front : back - 1;
+            const uint64_t next = k == 0 ? run_pack(gen, front + 1, back) : run_pack(gen, front, back - 1);
+            if (!__atomic_compare_exchange_n(slot, &s, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+            const int n0 = (int)c * rows, n1 = n0 + rows < w->N ? n0 + rows : w->N;
+            gemv_rows(w, xq, xs, xc, y, n0, n1);
+            s = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+        }
+    }
+#pragma omp barrier
+}
+
+/* ---- small fp32 pieces (AVX-512) ----------------------------------------------------------------------------- */
+/* e^x for |x| < 88: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor polynomial (rel. err.
+ * < 2e-7) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
 }
 
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float r = 1.f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+    __m512 ss = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) ss = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), ss);
+    float s = _mm512_reduce_add_ps(ss);
+    for (; i < n; i++) s += x[i] * x[i];
+    const float r = 1.f / sqrtf(s / n + eps);
+    for (i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
 static void rope(float *v, const float *c, const float *s, int half) {
@@ -185,77 +293,102 @@ static inline void axpy16(float a, const float *x, float *y, int n) {
                                                                             _mm512_loadu_ps(y + i)));
 }
 
+/* softmax(q K[0:T]^T * scale) V[0:T] for one head -> out[hd]; sc: [T] scratch */
+static void attend(const float *q, const float *K, const float *V, int T, int hd, float scale, float *sc,
+                   float *out) {
+    float mx = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        sc[t] = dot16(q, K + (size_t)t * hd, hd) * scale;
+        mx = sc[t] > mx ? sc[t] : mx;
+    }
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= T; t += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmx));
+        _mm512_storeu_ps(sc + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    float sum = _mm512_reduce_add_ps(vsum);
+    for (; t < T; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    const float inv = 1.f / sum;
+    for (t = 0; t < T; t++) axpy16(sc[t] * inv, V + (size_t)t * hd, out, hd);
+}
+
 /* One decode step. x: the new token's embedding [hidden]; pos: tokens already in the KV cache (the new token's
- * position); logits: [vocab]. Returns 0, or -1 when pos is outside the KV buffer / rotary table. */
+ * position); logits: [vocab]. Returns 0, or -1 when pos is outside the KV buffer / rotary table.
+ *
+ * Every thread keeps its own copy of the residual stream (h), normalizes and quantizes it itself: identical
+ * arithmetic on identical inputs, so the copies agree, and the only barriers left are the ones where a thread
+ * needs the others' output (after each matmul, after attention and after the SiLU). */
 int evlm_decode_step(const evlm_model *m, const float *x, int pos, float *logits) {
     if (pos < 0 || pos >= m->max_len || pos >= m->max_pos) return -1;
-    const int D = m->hidden, hd = m->head_dim, H = m->num_heads, KVH = m->kv_heads, T = pos + 1;
+    const int D = m->hidden, hd = m->head_dim, H = m->num_heads, KVH = m->kv_heads, T = pos + 1, I = m->inter;
     const int group = H / KVH;
-    memcpy(m->h, x, sizeof(float) * (size_t)D);
+    uint64_t *gen_store = run_slot(m->ranges, 0) + 1;
+    const uint64_t gen0 = *gen_store;
 #pragma omp parallel num_threads(m->threads)
     {
+        const int t = omp_get_thread_num();
+        uint64_t gen = gen0;                                /* gemv calls so far, the same on every thread */
+        float *h = m->h + (size_t)t * D, *xn = m->xn + (size_t)t * D;
+        int8_t *xq = m->xq + (size_t)t * m->xq_stride;
+        float *xs = m->xs + (size_t)t * m->xs_stride, *xc = m->xc + (size_t)t * m->xs_stride;
+        memcpy(h, x, sizeof(float) * (size_t)D);
         for (int l = 0; l < m->num_layers; l++) {
             const evlm_layer *L = &m->layers[l];
-            /* attention block: xn = rmsnorm(h); qkv = Wqkv xn */
-#pragma omp single
-            rmsnorm(m->h, L->ln1, D, m->eps, m->xn);
-            linear(m, &L->qkv, m->xn, m->qkv);
-            /* rotary on q and k, append k / v at row pos */
-#pragma omp single
-            {
+            /* attention block: qkv = Wqkv rmsnorm(h) */
+            rmsnorm(h, L->ln1, D, m->eps, xn);
+            quant_x(xn, D, L->qkv.blk, L->qkv.bits, xq, xs, xc);
+            gemv(&L->qkv, xq, xs, xc, m->qkv, m->ranges, ++gen);
+            /* per KV head: rotary on k, append k / v at row pos; then rotary on q and attention for its group */
+#pragma omp for schedule(static)
+            for (int g = 0; g < KVH; g++) {
                 const float *c = m->cos_cache + (size_t)pos * m->rot_half;
                 const float *s = m->sin_cache + (size_t)pos * m->rot_half;
-                for (int h = 0; h < H + KVH; h++) rope(m->qkv + (size_t)h * hd, c, s, m->rot_half);
-                for (int h = 0; h < KVH; h++) {
-                    memcpy(L->k_cache + ((size_t)h * m->max_len + pos) * hd, m->qkv + (size_t)(H + h) * hd,
-                           sizeof(float) * hd);
-                    memcpy(L->v_cache + ((size_t)h * m->max_len + pos) * hd, m->qkv + (size_t)(H + KVH + h) * hd,
-                           sizeof(float) * hd);
+                float *k = m->qkv + (size_t)(H + g) * hd;
+                rope(k, c, s, m->rot_half);
+                float *K = L->k_cache + (size_t)g * m->max_len * hd, *V = L->v_cache + (size_t)g * m->max_len * hd;
+                memcpy(K + (size_t)pos * hd, k, sizeof(float) * hd);
+                memcpy(V + (size_t)pos * hd, m->qkv + (size_t)(H + KVH + g) * hd, sizeof(float) * hd);
+                for (int hh = g * group; hh < (g + 1) * group; hh++) {
+                    float *q = m->qkv + (size_t)hh * hd;
+                    rope(q, c, s, m->rot_half);
+                    attend(q, K, V, T, hd, m->scale, m->scores + (size_t)hh * m->max_len, m->attn + (size_t)hh * hd);
                 }
             }
-            /* softmax(q K^T * scale) V, one head per iteration */
-#pragma omp for schedule(static)
-            for (int h = 0; h < H; h++) {
-                const float *q = m->qkv + (size_t)h * hd;
-                const float *K = L->k_cache + (size_t)(h / group) * m->max_len * hd;
-                const float *V = L->v_cache + (size_t)(h / group) * m->max_len * hd;
-                float *sc = m->scores + (size_t)h * m->max_len;
-                float mx = -INFINITY;
-                for (int t = 0; t < T; t++) {
-                    sc[t] = dot16(q, K + (size_t)t * hd, hd) * m->scale;
-                    mx = sc[t] > mx ? sc[t] : mx;
-                }
-                float sum = 0.f;
-                for (int t = 0; t < T; t++) {
-                    sc[t] = expf(sc[t] - mx);
-                    sum += sc[t];
-                }
-                float *out = m->attn + (size_t)h * hd;
-                memset(out, 0, sizeof(float) * hd);
-                float inv = 1.f / sum;
-                for (int t = 0; t < T; t++) axpy16(sc[t] * inv, V + (size_t)t * hd, out, hd);
-            }
-            linear(m, &L->o, m->attn, m->xn);
+            quant_x(m->attn, H * hd, L->o.blk, L->o.bits, xq, xs, xc);
+            gemv(&L->o, xq, xs, xc, m->y, m->ranges, ++gen);
             /* residual, MLP block */
-#pragma omp single
-            {
-                for (int i = 0; i < D; i++) m->h[i] += m->xn[i];
-                rmsnorm(m->h, L->ln2, D, m->eps, m->xn);
-            }
-            linear(m, &L->gate_up, m->xn, m->gu);
-            if (L->up.B) gemv(&L->up, m->xq, m->xs, m->xc, m->gu + m->inter);   /* same input, same quantization */
+            for (int i = 0; i < D; i++) h[i] += m->y[i];
+            rmsnorm(h, L->ln2, D, m->eps, xn);
+            quant_x(xn, D, L->gate_up.blk, L->gate_up.bits, xq, xs, xc);
+            gemv(&L->gate_up, xq, xs, xc, m->gu, m->ranges, ++gen);
+            if (L->up.B) gemv(&L->up, xq, xs, xc, m->gu + I, m->ranges, ++gen);  /* same input and quantization */
 #pragma omp for schedule(static)
-            for (int i = 0; i < m->inter; i++) {
-                float g = m->gu[i];
-                m->act[i] = g / (1.f + expf(-g)) * m->gu[m->inter + i];
+            for (int i = 0; i < I; i += 16) {                /* act = silu(gate) * up */
+                if (i + 16 <= I) {
+                    __m512 g = _mm512_loadu_ps(m->gu + i);
+                    __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(
+                        _mm512_setzero_ps(), g))));
+                    _mm512_storeu_ps(m->act + i, _mm512_mul_ps(sg, _mm512_loadu_ps(m->gu + I + i)));
+                } else {
+                    for (int j = i; j < I; j++) m->act[j] = m->gu[j] / (1.f + expf(-m->gu[j])) * m->gu[I + j];
+                }
             }
-            linear(m, &L->down, m->act, m->xn);
-#pragma omp single
-            for (int i = 0; i < D; i++) m->h[i] += m->xn[i];
+            quant_x(m->act, I, L->down.blk, L->down.bits, xq, xs, xc);
+            gemv(&L->down, xq, xs, xc, m->y, m->ranges, ++gen);
+            for (int i = 0; i < D; i++) h[i] += m->y[i];
         }
-#pragma omp single
-        rmsnorm(m->h, m->ln_final, D, m->eps, m->xn);
-        linear(m, &m->head, m->xn, logits);
+        rmsnorm(h, m->ln_final, D, m->eps, xn);
+        quant_x(xn, D, m->head.blk, m->head.bits, xq, xs, xc);
+        gemv(&m->head, xq, xs, xc, logits, m->ranges, ++gen);
+#pragma omp master
+        *gen_store = gen;
     }
     return 0;
 }
@@ -267,9 +400,11 @@ void evlm_quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *x
 
 /* One matrix-vector product (for tests and the kernel benchmark). */
 void evlm_gemv(const evlm_linear *w, const float *x, float *y, int8_t *xq, float *xs, float *xc, int threads) {
+    uint64_t ranges[16 * 17] = {0};                        /* 16 threads at most here, one 128-byte slot each */
     quant_x(x, w->K, w->blk, w->bits, xq, xs, xc);
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
 #pragma omp parallel num_threads(threads)
-    gemv(w, xq, xs, xc, y);
+    gemv(w, xq, xs, xc, y, ranges, 1);
 }
 
-int evlm_abi_version(void) { return 1; }
+int evlm_abi_version(void) { return 2; }

@@ -1,9 +1,10 @@
 """``NativeDecoder``: decode steps with the native kernel on a bundle's quantized decoder weights, in place.
 
 Inputs: the manifest's ``components.decoder.native_decode`` plan (written by the exporter,
-``edgevlm.exporter.native_plan``), the bundle directory (weights are memory-mapped from the decoder's external data
-file, not copied), and the KV buffers of the ONNX Runtime session (``SharedBufferKVCache.pointers()``), which the
-prefill filled. One ``step(embedding, pos)`` runs every layer for one token and writes the logits row.
+``edgevlm.exporter.native_plan``), the bundle directory (the weights are copied once from the decoder's external data
+file into one anonymous, huge-page-advised mapping), and the KV buffers of the ONNX Runtime session
+(``SharedBufferKVCache.pointers()``), which the prefill filled. One ``step(embedding, pos)`` runs every layer for one
+token and writes the logits row.
 
 The plan's references are checked against the files (bounds, dtypes, shapes) before any pointer reaches C, and the
 bundle's sha256 check has already covered the bytes. Never imports torch or onnx.
@@ -42,8 +43,8 @@ class _Model(ctypes.Structure):
                                             "vocab", "max_len", "rot_half", "threads")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos_cache", _P), ("sin_cache", _P),
         ("max_pos", ctypes.c_int), ("ln_final", _P), ("head", _Linear), ("layers", ctypes.POINTER(_Layer)),
-        ("h", _P), ("xn", _P), ("qkv", _P), ("attn", _P), ("gu", _P), ("act", _P), ("scores", _P), ("xq", _P),
-        ("xs", _P), ("xc", _P)]
+        ("h", _P), ("xn", _P), ("qkv", _P), ("attn", _P), ("y", _P), ("gu", _P), ("act", _P), ("scores", _P),
+        ("xq", _P), ("xs", _P), ("xc", _P), ("xq_stride", ctypes.c_int), ("xs_stride", ctypes.c_int), ("ranges", _P)]
 
 
 def plan_reason(plan: Any, kv_spec: Any) -> str | None:
@@ -212,14 +213,20 @@ class NativeDecoder:
         lins = _linears(plan)
         max_k = max(-(-lin["K"] // lin["block_size"]) * lin["block_size"] for lin in lins)
         max_nb = max(-(-lin["K"] // lin["block_size"]) for lin in lins)
-        h, hd, kvh = m.num_heads, m.head_dim, m.kv_heads
-        self._scratch = {"h": np.zeros(d, np.float32), "xn": np.zeros(max(d, inter), np.float32),
+        h, hd, kvh, nt = m.num_heads, m.head_dim, m.kv_heads, self.threads
+        # per thread: the residual stream, its norm and its quantization (see evlm_decode_step); the row
+        # scheduler's runs take 128 bytes per thread plus 64 for alignment
+        max_k = -(-max_k // 64) * 64
+        max_nb = -(-max_nb // 16) * 16
+        self._scratch = {"h": np.zeros(nt * d, np.float32), "xn": np.zeros(nt * d, np.float32),
                          "qkv": np.zeros((h + 2 * kvh) * hd, np.float32), "attn": np.zeros(h * hd, np.float32),
-                         "gu": np.zeros(2 * inter, np.float32), "act": np.zeros(inter, np.float32),
-                         "xq": np.zeros(max_k, np.int8), "xs": np.zeros(max_nb, np.float32),
-                         "xc": np.zeros(max_nb, np.float32)}
+                         "y": np.zeros(d, np.float32), "gu": np.zeros(2 * inter, np.float32),
+                         "act": np.zeros(inter, np.float32), "xq": np.zeros(nt * max_k, np.int8),
+                         "xs": np.zeros(nt * max_nb, np.float32), "xc": np.zeros(nt * max_nb, np.float32),
+                         "ranges": np.zeros(16 * nt + 8, np.uint64)}
         for name, arr in self._scratch.items():
             setattr(m, name, arr.ctypes.data)
+        m.xq_stride, m.xs_stride = max_k, max_nb
         t.close()                                          # the weights live in the arena now
         self.max_len = 0
         self._x = np.zeros(d, np.float32)
