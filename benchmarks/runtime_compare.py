@@ -14,7 +14,8 @@ loaded in separate processes: ``:load-verify-full`` (sha256 of every file), then
 runtime's defaults (hash stamps: nothing re-hashed; no optimized-graph cache; the measured requests run in this one),
 ``:load-graphcache-cold/warm`` (the opt-in optimized-graph cache, written then read) and ``:load-prepacked-cold/warm``
 (the same with prepacked weights saved). Bundles with a ``native_decode`` plan (int4/int8 CPU exports) decode on the
-native kernel by default; ``:ort-decode`` is the same bundle with every decode step on ONNX Runtime.
+native kernel by default (its attention reading an fp16 copy of the KV cache); ``:ort-decode`` is the same bundle with
+every decode step on ONNX Runtime, ``:kv32`` native decode with attention on the fp32 KV buffers.
 ``--spinning-sweep`` adds ``:spin`` (intra-op spinning on), ``--profile`` adds ``:profile`` (ORT profiler, operator
 table per phase, decode on ONNX Runtime).
 
@@ -93,7 +94,8 @@ def worker_ort(args) -> dict[str, Any]:
     s = Session.from_bundle(args.bundle, threads=args.threads, optimized_cache=cache, verify_hashes=args.verify,
                             hash_stamps=args.stamps,
                             spinning=args.spinning, profile_dir=args.profile_dir,
-                            save_prepacked=args.save_prepacked, native_decode=args.native_decode)
+                            save_prepacked=args.save_prepacked, native_decode=args.native_decode,
+                            native_kv=args.native_kv)
     out: dict[str, Any] = {"load_s": s.load_s, "decode_backend": s.decode_backend, "native": s.native_info, "load_breakdown": s.load_breakdown, "sha256": s.verification,
                            "cache": {k: v.cache for k, v in s.session_info.items()},
                            "bundle_sha256": s.bundle.manifest_sha256, "bundle_bytes": s.bundle.total_size,
@@ -232,6 +234,7 @@ def worker_main(argv: list[str]) -> None:
     p.add_argument("--save-prepacked", action="store_true")
     p.add_argument("--profile-dir", default=None)
     p.add_argument("--native-decode", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--native-kv", default="float16", choices=["float16", "float32"])
     args = p.parse_args(argv)
     result = worker_ort(args) if args.worker == "ort" else worker_torch(args)
     print("RESULT " + json.dumps(result))
@@ -303,7 +306,8 @@ def roofline_rows(name: str, res: dict[str, Any], costs: dict[str, float], bw: d
     else:
         wbytes = res.get("decoder_bytes") or costs["decoder_params_no_embed"] * 4
         rate = gemm.get("ort_fp32_gflops", gemm.get("numpy_fp32_gflops", 0.0))
-    kv = costs["kv_bytes_per_token_fp32"] * (0.5 if name.endswith("bf16") else 1.0) * ctx
+    native_kv = (res.get("native") or {}).get("kv_dtype") if res.get("decode_backend") == "native" else None
+    kv = costs["kv_bytes_per_token_fp32"] * (0.5 if name.endswith("bf16") or native_kv == "float16" else 1.0) * ctx
     per_token = wbytes + kv
     bound = bw["read_gbs"] * 1e9 / per_token
     prefill_bound = rate * 1e9 / (2 * costs["decoder_body_params"]) if rate else 0.0
@@ -409,6 +413,7 @@ def main() -> None:
         native = "native_decode" in json.loads((Path(path) / "manifest.json").read_text())["components"]["decoder"]
         if native:                    # the same bundle with every decode step on ONNX Runtime (A/B in one run)
             configs[f"{name}:ort-decode"] = [*ort_cmd, "--native-decode", "off"]
+            configs[f"{name}:kv32"] = [*ort_cmd, "--native-kv", "float32"]   # native, attention on the fp32 KV
         if args.spinning_sweep:
             configs[f"{name}:spin"] = [*ort_cmd, "--spinning"]
             if native:

@@ -100,7 +100,9 @@ def test_parts_never_exceed_the_total_and_rates_are_tokens_over_seconds(sweep):
             assert r["prefill_tok_s"] == pytest.approx(r["prompt_tokens"] / (r["prefill_ms"] / 1e3), rel=1e-3)
             assert r["decode_steps"] == r["generated_tokens"] - 1
             if r["decode_steps"]:
-                assert r["decode_tok_s"] == pytest.approx(r["decode_steps"] / (r["decode_ms"] / 1e3), rel=1e-3)
+                # records hold ms rounded to 1e-4: on the tiny bundles a native step is tens of microseconds
+                rel = 1e-3 + 1e-4 / r["decode_ms"]
+                assert r["decode_tok_s"] == pytest.approx(r["decode_steps"] / (r["decode_ms"] / 1e3), rel=rel)
                 assert r["decode_token_ms_p50"] <= r["decode_token_ms_p95"] + 1e-6
             assert r["peak_rss_mb"] > 0
         for metric, st in c["stats"].items():

@@ -169,6 +169,35 @@ def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
 
 
 @needs_kernel
+def test_fp16_cache_holds_the_fp32_rows_and_fp32_mode_reads_onnxruntimes_buffers(tmp_path_factory):
+    from edgevlm.runtime import Session
+
+    path = _quantized(tmp_path_factory, "int4")
+    h = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on")
+    f = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on", native_kv="float32")
+    o = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="off")
+    assert h.native_info["kv_dtype"] == "float16" and f.native_info["kv_dtype"] == "float32"
+    img = make_image(5)
+    a, b, c = (s.generate(img, QUESTION, max_new_tokens=16, ignore_eos=True) for s in (h, f, o))
+    assert a.tokens == b.tokens == c.tokens
+    # every row the prefill and the steps wrote is in the fp16 copy, rounded to nearest (numpy's float16 cast)
+    n = a.timings.prompt_tokens + len(a.tokens) - 1
+    kv16 = h.native._kv16
+    for layer in (0, 1):
+        for j in (0, 1):
+            rows32 = h.kv._buffers[2 * layer + j].numpy()[0, :, :n]
+            np.testing.assert_array_equal(kv16[layer, j, :, :n], rows32.astype(np.float16))
+            assert not kv16[layer, j, :, n:].any()
+    assert f.native._kv16 is None
+    # both close to ONNX Runtime's logits
+    err16, err32 = (np.abs(s.last_logits - o.last_logits).max() for s in (h, f))
+    scale = np.abs(o.last_logits).max()
+    assert err32 < 0.05 * scale and err16 < 0.05 * scale
+    with pytest.raises(ConfigError, match="native_kv must be one of"):
+        Session.from_bundle(path, threads=1, hash_stamps=None, native_kv="int8")
+
+
+@needs_kernel
 def test_native_decode_stops_at_the_context(tmp_path_factory):
     from edgevlm.runtime import Session
 

@@ -83,14 +83,17 @@ def _labels(bundles: list[dict[str, Any]]) -> None:
 
 # ---- rooflines -----------------------------------------------------------------------------------------------------
 def _roofline(cfg_rec: dict[str, Any], bundle: dict[str, Any], costs: dict[str, Any] | None,
-              roof: dict[str, Any] | None) -> dict[str, Any]:
+              roof: dict[str, Any] | None, native: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decode / prefill / vision bounds for one configuration. ``native``: the session's ``native_info`` (the
+    native kernel's attention may read an fp16 copy of the KV cache: the bytes actually read are what count)."""
     if not roof or not costs:
         return {}
     bw = (roof.get("bandwidth") or {}).get("read_gbs")
     gemm = roof.get("gemm") or {}
     rate = gemm.get("ort_fp32_gflops") or gemm.get("numpy_fp32_gflops")
     out: dict[str, Any] = {}
-    kv_scale = {"float16": 0.5, "bfloat16": 0.5}.get(bundle.get("kv_dtype", "float32"), 1.0)
+    kv_dtype = (native or {}).get("kv_dtype") if (native or {}).get("backend") == "native" else None
+    kv_scale = {"float16": 0.5, "bfloat16": 0.5}.get(kv_dtype or bundle.get("kv_dtype", "float32"), 1.0)
     ctx = cfg_rec["prompt_tokens"] + cfg_rec["output_tokens"] / 2
     if bw:
         per_tok = bundle["decoder_bytes"] + costs["kv_bytes_per_token_fp32"] * kv_scale * ctx
@@ -158,7 +161,7 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
                     "prompt_tokens_requested": c["prompt_tokens_requested"], "text_tokens": c["text_tokens"],
                     "prompt_tokens": b["visual_tokens"] + c["text_tokens"], "output_tokens": c["output_tokens"],
                     "prompt": c["prompt"], "load_s": s["load_s"], "requests": reqs, "stats": stats}
-            crec["roofline"] = _roofline(crec, b, costs[b["path"]], roofline)
+            crec["roofline"] = _roofline(crec, b, costs[b["path"]], roofline, s.get("native_decode"))
             configurations.append(crec)
             ids.append(cid)
         srec["configurations"] = ids

@@ -36,7 +36,8 @@ def _table(result: Any, session: Any) -> None:
     parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
     parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
                   f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token, "
-                  f"{t.decode_backend}")
+                  f"{t.decode_backend}" + (f" ({session.native_info['kv_dtype']} KV)"
+                                           if session.native_info.get("kv_dtype") else ""))
     parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
     parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
     parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
@@ -67,7 +68,8 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         provider: list[str] | None = None, stream: bool = False, json_output: bool = False, raw_prompt: bool = False,
         verify: bool = True, cache: bool = False, cache_dir: str | None = None, warmup: bool = False,
         spinning: bool = False, profile_dir: str | None = None,
-        native_decode: Literal["auto", "on", "off"] = "auto") -> int:
+        native_decode: Literal["auto", "on", "off"] = "auto",
+        native_kv: Literal["float16", "float32"] = "float16") -> int:
     """Answer one image question with a bundle (numpy + ONNX Runtime, no torch) and print the latency decomposition.
 
     The table splits the request into preprocess / tokenize / vision / prefill / decode / sampling and lays them
@@ -102,13 +104,15 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         native_decode: auto (default): decode steps on edgevlm's native int4/int8 kernel when the bundle has a
             native_decode plan and this CPU can build it (x86-64 with AVX-512 VNNI and a C compiler), else on
             ONNX Runtime; on: fail instead of falling back; off: always ONNX Runtime.
+        native_kv: what the native kernel's attention reads: float16 (default; an fp16 copy of the KV cache, half
+            the bytes per step) or float32 (ONNX Runtime's own buffers).
     """
     from edgevlm.runtime import Session
 
     cache_opt: Any = (cache_dir or "auto") if (cache or cache_dir) else None
     session = Session.from_bundle(bundle, threads=threads, providers=provider, verify_hashes=verify,
                                   optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup,
-                                  native_decode=native_decode)
+                                  native_decode=native_decode, native_kv=native_kv)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop=stop, raw_prompt=raw_prompt)
     if stream and not json_output:

@@ -166,6 +166,9 @@ class BackendOptions:
         native_decode: ``"auto"`` (default): decode steps run on the native kernel (``edgevlm.runtime.native``)
             when the bundle has a ``native_decode`` plan, the providers are CPU only and this machine can build
             it, else on ONNX Runtime; ``"on"``: the same but an error when it cannot; ``"off"``: ONNX Runtime.
+        native_kv: what the native kernel's attention reads: ``"float16"`` (default; an fp16 copy of the KV cache,
+            half the KV bytes per step, as llama.cpp's default cache) or ``"float32"`` (the ONNX Runtime buffers,
+            bit-for-bit the cache the prefill wrote).
     """
 
     threads: int | None = None
@@ -177,6 +180,7 @@ class BackendOptions:
     decoder_arena: bool = False
     save_prepacked: bool = False
     native_decode: str = "auto"
+    native_kv: str = "float16"
     extra_config: dict[str, str] = field(default_factory=dict)
 
     @property

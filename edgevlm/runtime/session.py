@@ -210,6 +210,7 @@ def _preload_request_modules() -> None:
 
 
 NATIVE_MODES = ("auto", "on", "off")
+NATIVE_KV_DTYPES = ("float16", "float32")          # = edgevlm.runtime.native.KV_DTYPES (not imported: lazy)
 
 
 class _NativeSetup:
@@ -221,7 +222,9 @@ class _NativeSetup:
         mode = str(opts.native_decode)
         if mode not in NATIVE_MODES:
             raise ConfigError(f"native_decode must be one of {', '.join(NATIVE_MODES)}, got {mode!r}")
-        self.mode = mode
+        if opts.native_kv not in NATIVE_KV_DTYPES:
+            raise ConfigError(f"native_kv must be one of {', '.join(NATIVE_KV_DTYPES)}, got {opts.native_kv!r}")
+        self.mode, self.kv_dtype = mode, str(opts.native_kv)
         self.info: dict[str, Any] = {"backend": "onnxruntime", "mode": mode, "reason": None}
         self._result: Any = None
         self._error: BaseException | None = None
@@ -257,7 +260,7 @@ class _NativeSetup:
         try:
             from edgevlm.runtime.native import NativeDecoder
 
-            self._result = NativeDecoder(root, plan, spec, threads=threads)
+            self._result = NativeDecoder(root, plan, spec, threads=threads, kv_dtype=self.kv_dtype)
         except BaseException as exc:  # re-raised or reported by finish() on the caller's thread
             self._error = exc
 
@@ -274,7 +277,7 @@ class _NativeSetup:
             self.info["reason"] = str(self._error)
             log.warning("native decode unavailable, decoding with ONNX Runtime: %s", self._error)
             return None
-        self.info.update(backend="native", weight_bytes=self._result.weight_bytes,
+        self.info.update(backend="native", kv_dtype=self.kv_dtype, weight_bytes=self._result.weight_bytes,
                          huge_page_bytes=self._result.huge_page_bytes)
         return self._result
 
@@ -414,7 +417,7 @@ class Session:
                     hash_stamps: str | os.PathLike | None = "auto", spinning: bool = False,
                     profile_dir: str | os.PathLike | None = None, graph_optimization_level: str = "all",
                     decoder_arena: bool = False, save_prepacked: bool = False, native_decode: str = "auto",
-                    max_pixels: int = DEFAULT_MAX_PIXELS,
+                    native_kv: str = "float16", max_pixels: int = DEFAULT_MAX_PIXELS,
                     warmup: bool = False, options: BackendOptions | None = None) -> "Session":
         """Open a bundle (validated; sha256 of every file checked unless ``verify_hashes=False``) and create the
         ONNX Runtime sessions.
@@ -441,6 +444,8 @@ class Session:
                 ``native_decode`` plan (int4/int8 CPU exports) and this CPU can build it (x86-64, AVX-512 VNNI, a C
                 compiler), else on ONNX Runtime; ``"on"`` raises ``NativeUnavailable`` instead of falling back;
                 ``"off"`` always uses ONNX Runtime. ``Session.native_info`` says which ran and why.
+            native_kv: ``"float16"`` (default): the native kernel's attention reads an fp16 copy of the KV cache
+                (half the KV bytes per step); ``"float32"``: it reads ONNX Runtime's fp32 buffers.
             max_pixels: images above this many pixels are refused before decoding (decompression bombs).
             warmup: run one tiny request after loading (its time is ``load_breakdown['warmup_s']``, not
                 ``load_s``) so the first real request does not pay first-run allocations.
@@ -451,7 +456,7 @@ class Session:
                                          spinning=spinning, profile_dir=profile_dir,
                                          graph_optimization_level=graph_optimization_level,
                                          decoder_arena=decoder_arena, save_prepacked=save_prepacked,
-                                         native_decode=native_decode)
+                                         native_decode=native_decode, native_kv=native_kv)
         stamps = None if hash_stamps is None else (cache_home() / "verified" if hash_stamps == "auto"
                                                     else Path(hash_stamps))
         bundle, verified = open_verified(path, verify_hashes=verify_hashes, stamp_dir=stamps)
@@ -646,6 +651,8 @@ class Session:
                 self._bind_outputs()
                 self._run_decoder()
                 self.kv.commit(length)
+                if self.native is not None:
+                    self.native.sync(0, length)                # the prefill's rows into the fp16 cache, if any
             timings.prompt_tokens, timings.visual_tokens = length, self.visual_tokens
             timings.text_tokens = length - self.visual_tokens
 

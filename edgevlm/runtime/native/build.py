@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("decode.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 #: /proc/cpuinfo flags the kernel's intrinsics need.
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "fma")
-_ABI = 2
+_ABI = 3
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
 

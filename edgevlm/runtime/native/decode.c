@@ -1,6 +1,7 @@
 /* edgevlm native decode step: one token through a LLaMA-style decoder whose weights are ONNX Runtime
  * MatMulNBits blobs (4-bit or 8-bit, per-block scales), reading and writing the same shared KV buffers the
- * GroupQueryAttention graph uses for prefill.
+ * GroupQueryAttention graph uses for prefill. Optionally attention reads an fp16 copy of the cache (half the bytes per
+ * step; filled from the fp32 rows by evlm_kv_sync after a prefill, and written alongside them by every step).
  *
  * Why: at batch 1 a decode step is a chain of matrix-vector products over the whole weight set, so its speed is
  * the rate at which those weights stream from DRAM. ONNX Runtime 1.32's MatMulNBits kernel reaches ~60 % of the
@@ -49,7 +50,8 @@ typedef struct {
     evlm_linear gate_up;       /* fused [gate | up] rows, or gate only when up.B != NULL */
     evlm_linear up;
     evlm_linear down;
-    float *k_cache, *v_cache;  /* [kv_heads, max_len, head_dim] */
+    float *k_cache, *v_cache;  /* [kv_heads, max_len, head_dim]: the ONNX Runtime session's buffers */
+    uint16_t *k16, *v16;       /* the same layout in fp16 (attention reads these), or NULL: read the fp32 ones */
 } evlm_layer;
 
 typedef struct {
@@ -281,24 +283,36 @@ static void rope(float *v, const float *c, const float *s, int half) {
     }
 }
 
-static inline float dot16(const float *a, const float *b, int n) {
+/* 16 KV values from row data at element i: fp32, or fp16 widened */
+static inline __m512 kv_load(const void *row, int i, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
+               : _mm512_loadu_ps((const float *)row + i);
+}
+
+static inline float dot16(const float *a, const void *b, int n, int f16) {
     __m512 acc = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), kv_load(b, i, f16), acc);
     return _mm512_reduce_add_ps(acc);
 }
 
-static inline void axpy16(float a, const float *x, float *y, int n) {
+static inline void axpy16(float a, const void *x, float *y, int n, int f16) {
     __m512 va = _mm512_set1_ps(a);
-    for (int i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i),
+    for (int i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, kv_load(x, i, f16),
                                                                             _mm512_loadu_ps(y + i)));
 }
 
-/* softmax(q K[0:T]^T * scale) V[0:T] for one head -> out[hd]; sc: [T] scratch */
-static void attend(const float *q, const float *K, const float *V, int T, int hd, float scale, float *sc,
+static void to_fp16(const float *x, uint16_t *out, int n) {            /* n % 16 == 0 */
+    for (int i = 0; i < n; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* softmax(q K[0:T]^T * scale) V[0:T] for one head -> out[hd]; sc: [T] scratch; K, V: fp32 rows, or fp16 (f16) */
+static void attend(const float *q, const void *K, const void *V, int f16, int T, int hd, float scale, float *sc,
                    float *out) {
+    const size_t row = (size_t)hd * (f16 ? 2 : 4);
     float mx = -INFINITY;
     for (int t = 0; t < T; t++) {
-        sc[t] = dot16(q, K + (size_t)t * hd, hd) * scale;
+        sc[t] = dot16(q, (const char *)K + t * row, hd, f16) * scale;
         mx = sc[t] > mx ? sc[t] : mx;
     }
     const __m512 vmx = _mm512_set1_ps(mx);
@@ -316,7 +330,10 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
     }
     memset(out, 0, sizeof(float) * hd);
     const float inv = 1.f / sum;
-    for (t = 0; t < T; t++) axpy16(sc[t] * inv, V + (size_t)t * hd, out, hd);
+    if (f16)
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 1);
+    else
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
 }
 
 /* One decode step. x: the new token's embedding [hidden]; pos: tokens already in the KV cache (the new token's
@@ -352,13 +369,23 @@ int evlm_decode_step(const evlm_model *m, const float *x, int pos, float *logits
                 const float *s = m->sin_cache + (size_t)pos * m->rot_half;
                 float *k = m->qkv + (size_t)(H + g) * hd;
                 rope(k, c, s, m->rot_half);
-                float *K = L->k_cache + (size_t)g * m->max_len * hd, *V = L->v_cache + (size_t)g * m->max_len * hd;
-                memcpy(K + (size_t)pos * hd, k, sizeof(float) * hd);
-                memcpy(V + (size_t)pos * hd, m->qkv + (size_t)(H + KVH + g) * hd, sizeof(float) * hd);
+                const float *v = m->qkv + (size_t)(H + KVH + g) * hd;
+                const size_t off = (size_t)g * m->max_len * hd;
+                memcpy(L->k_cache + off + (size_t)pos * hd, k, sizeof(float) * hd);
+                memcpy(L->v_cache + off + (size_t)pos * hd, v, sizeof(float) * hd);
+                const int f16 = L->k16 != NULL;
+                const void *K = L->k_cache + off, *V = L->v_cache + off;
+                if (f16) {
+                    to_fp16(k, L->k16 + off + (size_t)pos * hd, hd);
+                    to_fp16(v, L->v16 + off + (size_t)pos * hd, hd);
+                    K = L->k16 + off;
+                    V = L->v16 + off;
+                }
                 for (int hh = g * group; hh < (g + 1) * group; hh++) {
                     float *q = m->qkv + (size_t)hh * hd;
                     rope(q, c, s, m->rot_half);
-                    attend(q, K, V, T, hd, m->scale, m->scores + (size_t)hh * m->max_len, m->attn + (size_t)hh * hd);
+                    attend(q, K, V, f16, T, hd, m->scale, m->scores + (size_t)hh * m->max_len,
+                           m->attn + (size_t)hh * hd);
                 }
             }
             quant_x(m->attn, H * hd, L->o.blk, L->o.bits, xq, xs, xc);
@@ -393,6 +420,20 @@ int evlm_decode_step(const evlm_model *m, const float *x, int pos, float *logits
     return 0;
 }
 
+/* Rows [start, end) of every layer's fp32 cache -> its fp16 copy (after a prefill filled them). */
+void evlm_kv_sync(const evlm_model *m, int start, int end) {
+    const int hd = m->head_dim, n = m->num_layers * m->kv_heads;
+    if (start < 0 || end > m->max_len || start >= end) return;
+#pragma omp parallel for num_threads(m->threads) schedule(static)
+    for (int i = 0; i < n; i++) {
+        const evlm_layer *L = &m->layers[i / m->kv_heads];
+        if (!L->k16) continue;
+        const size_t off = ((size_t)(i % m->kv_heads) * m->max_len + start) * hd;
+        to_fp16(L->k_cache + off, L->k16 + off, (end - start) * hd);
+        to_fp16(L->v_cache + off, L->v16 + off, (end - start) * hd);
+    }
+}
+
 /* The block quantization alone (for tests of the Python-side reference). */
 void evlm_quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *xs, float *xc) {
     quant_x(x, K, blk, bits, xq, xs, xc);
@@ -407,4 +448,4 @@ void evlm_gemv(const evlm_linear *w, const float *x, float *y, int8_t *xq, float
     gemv(w, xq, xs, xc, y, ranges, 1);
 }
 
-int evlm_abi_version(void) { return 2; }
+int evlm_abi_version(void) { return 3; }

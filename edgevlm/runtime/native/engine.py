@@ -22,9 +22,10 @@ import numpy as np
 from edgevlm.errors import BundleError
 from edgevlm.runtime.native.build import NativeUnavailable, load
 
-__all__ = ["NativeDecoder", "plan_reason", "SUPPORTED_PLAN_VERSION"]
+__all__ = ["NativeDecoder", "plan_reason", "SUPPORTED_PLAN_VERSION", "KV_DTYPES"]
 
 SUPPORTED_PLAN_VERSION = 1
+KV_DTYPES = ("float16", "float32")    # what attention reads: an fp16 copy of the cache (default) or the fp32 one
 _P = ctypes.c_void_p
 
 
@@ -35,7 +36,7 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("up", _Linear),
-                ("down", _Linear), ("k_cache", _P), ("v_cache", _P)]
+                ("down", _Linear), ("k_cache", _P), ("v_cache", _P), ("k16", _P), ("v16", _P)]
 
 
 class _Model(ctypes.Structure):
@@ -175,15 +176,25 @@ class _Tensors:
 
 
 class NativeDecoder:
-    """The native decode step over one bundle's weights. ``bind`` it to KV buffers before ``step``."""
+    """The native decode step over one bundle's weights. ``bind`` it to KV buffers before ``step``.
 
-    def __init__(self, root: str | Path, plan: Mapping[str, Any], kv_spec: Any, *, threads: int) -> None:
+    ``kv_dtype="float16"`` (default) keeps an fp16 copy of the KV cache that attention reads: half the KV bytes per
+    step (the fp32 buffers are still written, so ONNX Runtime's view of the cache stays whole). Call ``sync`` after
+    ONNX Runtime wrote rows (the prefill). ``"float32"`` reads the ONNX Runtime buffers directly."""
+
+    def __init__(self, root: str | Path, plan: Mapping[str, Any], kv_spec: Any, *, threads: int,
+                 kv_dtype: str = "float16") -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         reason = plan_reason(plan, kv_spec)
         if reason:
             raise NativeUnavailable(reason)
+        self.kv_dtype = kv_dtype
         self.lib = load()
         self.lib.evlm_decode_step.argtypes = [ctypes.POINTER(_Model), _P, ctypes.c_int, _P]
         self.lib.evlm_decode_step.restype = ctypes.c_int
+        self.lib.evlm_kv_sync.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
+        self.lib.evlm_kv_sync.restype = None
         self.plan = plan
         self.threads = int(threads)
         arena = sum(-(-int(r["length"]) // 64) * 64 for r in _file_refs(plan))
@@ -229,6 +240,7 @@ class NativeDecoder:
         m.xq_stride, m.xs_stride = max_k, max_nb
         t.close()                                          # the weights live in the arena now
         self.max_len = 0
+        self._kv16: np.ndarray | None = None
         self._x = np.zeros(d, np.float32)
         self.weight_bytes = sum(a.nbytes for a in t.keep)
         self.huge_page_bytes = t.huge_page_bytes()
@@ -251,13 +263,25 @@ class NativeDecoder:
         ``[1, kv_heads, max_len, head_dim]`` float32)."""
         if len(kv_pointers) != 2 * len(self.plan["layers"]):
             raise ValueError(f"expected {2 * len(self.plan['layers'])} KV pointers, got {len(kv_pointers)}")
-        for i in range(len(self.plan["layers"])):
-            self._layers[i].k_cache, self._layers[i].v_cache = kv_pointers[2 * i], kv_pointers[2 * i + 1]
+        m, nl = self._model, len(self.plan["layers"])
+        self._kv16 = None
+        if self.kv_dtype == "float16":                     # zero pages until written: RSS grows with the context
+            self._kv16 = np.zeros((nl, 2, m.kv_heads, int(max_len), m.head_dim), np.float16)
+        for i in range(nl):
+            lyr = self._layers[i]
+            lyr.k_cache, lyr.v_cache = kv_pointers[2 * i], kv_pointers[2 * i + 1]
+            lyr.k16 = self._kv16[i, 0].ctypes.data if self._kv16 is not None else None
+            lyr.v16 = self._kv16[i, 1].ctypes.data if self._kv16 is not None else None
         self.max_len = int(max_len)
         self._model.max_len = self.max_len
         scores = np.zeros(self._model.num_heads * self.max_len, np.float32)
         self._scratch["scores"] = scores
         self._model.scores = scores.ctypes.data
+
+    def sync(self, start: int, end: int) -> None:
+        """Copy KV rows ``[start, end)`` that ONNX Runtime wrote (a prefill) into the fp16 cache."""
+        if self._kv16 is not None and 0 <= start < end <= self.max_len:
+            self.lib.evlm_kv_sync(ctypes.byref(self._model), int(start), int(end))
 
     def step(self, embedding: np.ndarray, pos: int, logits: np.ndarray) -> None:
         """Run one token (``embedding`` ``[hidden]``) at position ``pos`` (= tokens already cached); writes
