@@ -265,8 +265,12 @@ class NativeDecoder:
             raise ValueError(f"expected {2 * len(self.plan['layers'])} KV pointers, got {len(kv_pointers)}")
         m, nl = self._model, len(self.plan["layers"])
         self._kv16 = None
-        if self.kv_dtype == "float16":                     # zero pages until written: RSS grows with the context
-            self._kv16 = np.zeros((nl, 2, m.kv_heads, int(max_len), m.head_dim), np.float16)
+        if self.kv_dtype == "float16":
+            # anonymous zero pages, not np.zeros: numpy advises huge pages for large arrays, and one written row
+            # per head would then make 2 MiB resident; this way RSS grows with the context actually used
+            shape = (nl, 2, m.kv_heads, int(max_len), m.head_dim)
+            self._kv16_map = mmap.mmap(-1, int(np.prod(shape)) * 2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._kv16 = np.frombuffer(self._kv16_map, np.float16).reshape(shape)
         for i in range(nl):
             lyr = self._layers[i]
             lyr.k_cache, lyr.v_cache = kv_pointers[2 * i], kv_pointers[2 * i + 1]
