@@ -312,8 +312,11 @@ def roofline_rows(name: str, res: dict[str, Any], costs: dict[str, float], bw: d
     bound = bw["read_gbs"] * 1e9 / per_token
     prefill_bound = rate * 1e9 / (2 * costs["decoder_body_params"]) if rate else 0.0
     vision_bound_ms = costs["vision_gflops"] / rate * 1e3 if rate else 0.0
-    return {"decode_bytes_per_token": per_token, "decode_bound_tok_s": bound,
+    weights_only = bw["read_gbs"] * 1e9 / wbytes              # the formula: weights only, no KV reads
+    return {"decode_bytes_per_token": per_token, "decode_kv_bytes_per_token": kv, "decode_bound_tok_s": bound,
             "decode_fraction_of_bound": res["decode_tok_s"] / bound if bound else 0.0,
+            "decode_bound_weights_only_tok_s": weights_only,
+            "decode_fraction_of_weights_only_bound": res["decode_tok_s"] / weights_only,
             "prefill_bound_tok_s": prefill_bound,
             "prefill_fraction_of_bound": res["prefill_tok_s"] / prefill_bound if prefill_bound else 0.0,
             "vision_bound_ms": vision_bound_ms, "gemm_rate_used_gflops": rate}
@@ -434,13 +437,13 @@ def main() -> None:
         if "error" in res:
             print(f"  {name} failed: {res['error'][-800:]}", flush=True)
 
-    measured = (":spin", ":ort-decode", ":ort-decode:spin")
+    measured = (":spin", ":ort-decode", ":ort-decode:spin", ":kv32")
     roof = {name: roofline_rows(name.split(":")[0], r, costs, bw, gemm) for name, r in results.items()
             if ":" not in name or name.endswith(measured)}
     # -- table
     print()
     hdr = f"{'config':<36}{'load s':>8}{'vision ms':>11}{'prefill t/s':>13}{'decode t/s':>12}{'bound t/s':>11}" \
-          f"{'p95 ms':>9}{'peak RSS MiB':>14}"
+          f"{'of bound':>10}{'p95 ms':>9}{'peak RSS MiB':>14}"
     print(hdr)
     print("-" * len(hdr))
     for name, r in results.items():
@@ -450,7 +453,9 @@ def main() -> None:
         rf = roof.get(name, {})
         print(f"{name:<36}{r.get('load_s', 0):>8.2f}{r.get('vision_ms', float('nan')):>11.1f}"
               f"{r.get('prefill_tok_s', float('nan')):>13.1f}{r.get('decode_tok_s', float('nan')):>12.2f}"
-              f"{rf.get('decode_bound_tok_s', float('nan')):>11.2f}{r.get('decode_token_ms_p95', float('nan')):>9.1f}"
+              f"{rf.get('decode_bound_tok_s', float('nan')):>11.2f}"
+              f"{rf.get('decode_fraction_of_bound', float('nan')) * 100:>9.1f}%"
+              f"{r.get('decode_token_ms_p95', float('nan')):>9.1f}"
               f"{r.get('peak_rss_mb', 0):>14.0f}")
     for name, r in results.items():
         for pname, summ in (r.get("profile_summary") or {}).items():
