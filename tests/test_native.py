@@ -143,6 +143,55 @@ def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp):
 
 
 @needs_kernel
+def test_row_scheduler_covers_every_row_once_at_any_thread_count():
+    """Work stealing moves chunks between threads, never the arithmetic of a row: every thread count gives the
+    single-thread result bit for bit, and no row is left unwritten (y starts as NaN on every call). More threads
+    than cores (here) means preempted owners, i.e. the stealing paths run."""
+    from edgevlm.runtime.native import build
+    from edgevlm.runtime.native.engine import _Linear
+
+    lib = build.load()
+    lib.evlm_gemv.argtypes = [ctypes.POINTER(_Linear)] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    rng = np.random.default_rng(7)
+    for bits, N, K in ((4, 3001, 512), (8, 517, 1024)):
+        blk = 128
+        nb = K // blk
+        B = np.ascontiguousarray(_pack(rng.integers(0, 2**bits, (N, nb, blk)), bits))
+        scales = rng.uniform(0.01, 0.1, (N, nb)).astype(np.float32)
+        lin = _Linear(B.ctypes.data, scales.ctypes.data, None, N, K, blk, bits)
+        x = rng.standard_normal(K).astype(np.float32)
+        xq, xs, xc = np.zeros(K, np.int8), np.zeros(nb, np.float32), np.zeros(nb, np.float32)
+
+        def gemv(threads):
+            y = np.full(N, np.nan, np.float32)
+            lib.evlm_gemv(ctypes.byref(lin), x.ctypes.data, y.ctypes.data, xq.ctypes.data, xs.ctypes.data,
+                          xc.ctypes.data, threads)
+            return y
+
+        want = gemv(1)
+        assert np.isfinite(want).all()
+        for threads in (2, 3, 7, 16):
+            for _ in range(5):
+                np.testing.assert_array_equal(gemv(threads), want)
+
+
+@needs_kernel
+def test_native_step_is_the_same_at_any_thread_count(tmp_path_factory):
+    from edgevlm.runtime import Session
+
+    path = _quantized(tmp_path_factory, "int4")
+    img = make_image(6)
+    runs = []
+    for threads in (1, 2, 5):
+        s = Session.from_bundle(path, threads=threads, hash_stamps=None, native_decode="on")
+        r = s.generate(img, QUESTION, max_new_tokens=12, ignore_eos=True)
+        runs.append((r.tokens, s.last_logits.copy()))
+    for tokens, logits in runs[1:]:
+        assert tokens == runs[0][0]
+        np.testing.assert_array_equal(logits, runs[0][1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
     from edgevlm.runtime import Session

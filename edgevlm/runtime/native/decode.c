@@ -448,4 +448,26 @@ void evlm_gemv(const evlm_linear *w, const float *x, float *y, int8_t *xq, float
     gemv(w, xq, xs, xc, y, ranges, 1);
 }
 
+/* Read n bytes (n % 64 == 0, p 64-byte aligned), each thread one contiguous slice: the read-bandwidth reference
+ * of benchmarks/native_kernel_bench.py. Returns a checksum so that the loads stay. */
+uint64_t evlm_read_stream(const uint8_t *p, size_t n, int threads) {
+    uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        const size_t T = (size_t)omp_get_num_threads(), t = (size_t)omp_get_thread_num(), lines = n / 64;
+        const size_t lo = lines * t / T * 64, hi = lines * (t + 1) / T * 64;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        size_t i = lo;
+        for (; i + 256 <= hi; i += 256) {
+            a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+            a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
+            a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
+            a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
+        }
+        for (; i < hi; i += 64) a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+        total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+    }
+    return total;
+}
+
 int evlm_abi_version(void) { return 3; }
