@@ -210,7 +210,6 @@ def _preload_request_modules() -> None:
 
 
 NATIVE_MODES = ("auto", "on", "off")
-NATIVE_KV_DTYPES = ("float16", "float32")          # = edgevlm.runtime.native.KV_DTYPES (not imported: lazy)
 
 
 class _NativeSetup:
@@ -222,8 +221,10 @@ class _NativeSetup:
         mode = str(opts.native_decode)
         if mode not in NATIVE_MODES:
             raise ConfigError(f"native_decode must be one of {', '.join(NATIVE_MODES)}, got {mode!r}")
-        if opts.native_kv not in NATIVE_KV_DTYPES:
-            raise ConfigError(f"native_kv must be one of {', '.join(NATIVE_KV_DTYPES)}, got {opts.native_kv!r}")
+        from edgevlm.runtime.native import KV_DTYPES
+
+        if opts.native_kv not in KV_DTYPES:
+            raise ConfigError(f"native_kv must be one of {', '.join(KV_DTYPES)}, got {opts.native_kv!r}")
         self.mode, self.kv_dtype = mode, str(opts.native_kv)
         self.info: dict[str, Any] = {"backend": "onnxruntime", "mode": mode, "reason": None}
         self._result: Any = None

@@ -7,6 +7,6 @@ Never imports torch or onnx.
 """
 
 from edgevlm.runtime.native.build import NativeUnavailable, availability
-from edgevlm.runtime.native.engine import NativeDecoder, plan_reason
+from edgevlm.runtime.native.engine import KV_DTYPES, NativeDecoder, plan_reason
 
-__all__ = ["NativeDecoder", "NativeUnavailable", "availability", "plan_reason"]
+__all__ = ["KV_DTYPES", "NativeDecoder", "NativeUnavailable", "availability", "plan_reason"]
