@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -74,6 +75,30 @@ def _outputs(model, seed=1):
         return model(ids, px).logits
 
 
+def assert_same_model(loaded, model) -> None:
+    """``loaded`` is ``model``: exact by construction, then within float32 rounding as loaded.
+
+    1. Every tensor (parameters and buffers, non-persistent ones included) is bit-identical, under the same name.
+    2. Outputs are bit-identical once both models' tensors sit in fresh allocations (``copy.deepcopy``): PyTorch's
+       CPU kernels choose their vector code paths by pointer alignment, and a tensor read from safetensors is
+       16-byte aligned where the allocator gives 64, so the same weights can be summed in another order.
+    3. The loaded model as it is (safetensors-backed tensors) gives the same outputs within float32 reordering
+       error: a dot product of K terms reordered differs by at most ~K * 2**-24 * sum|a_i * b_i|; with K <= 128 and
+       unit-scale activations that is <= 1e-5 (measured: <= 1.8e-7 on AVX2 and AVX-512 machines), i.e. torch's
+       float32 defaults (atol 1e-5, rtol 1.3e-6).
+    """
+    sa, sb = loaded.state_dict(), model.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ba, bb = dict(loaded.named_buffers()), dict(model.named_buffers())
+    assert sorted(ba) == sorted(bb)
+    for k in ba:
+        assert torch.equal(ba[k], bb[k]), k
+    torch.testing.assert_close(_outputs(copy.deepcopy(loaded)), _outputs(copy.deepcopy(model)), atol=0, rtol=0)
+    torch.testing.assert_close(_outputs(loaded), _outputs(model), atol=1e-5, rtol=1.3e-6)
+
+
 @pytest.mark.parametrize("name", list(PROJ_KEYS))
 def test_released_format_loads_with_every_key_consumed(tmp_path, name):
     torch.manual_seed(0)
@@ -87,7 +112,7 @@ def test_released_format_loads_with_every_key_consumed(tmp_path, name):
     loaded, cfg = load_checkpoint(ckpt)
     assert cfg.projector_type == model.cfg.projector_type
     assert not any(t.is_meta for t in loaded.state_dict().values())
-    torch.testing.assert_close(_outputs(loaded), _outputs(model), atol=0, rtol=0)
+    assert_same_model(loaded, model)
 
 
 @pytest.mark.parametrize("fmt,shards", [("safetensors", 3), ("bin", 1), ("bin", 2)])
@@ -95,7 +120,7 @@ def test_sharded_and_bin_checkpoints(tmp_path, fmt, shards):
     model = build_model(get_model_config("tiny-ldpnetv2")).eval()
     ckpt = write_released_checkpoint(model, tmp_path / "c", fmt, shards)
     loaded, _ = load_checkpoint(ckpt)
-    torch.testing.assert_close(_outputs(loaded), _outputs(model), atol=0, rtol=0)
+    assert_same_model(loaded, model)
 
 
 @pytest.mark.parametrize("name", list(PROJ_KEYS))
@@ -109,7 +134,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, name):
     assert json.loads((out / "config.json").read_text())["model_type"] == "mobilevlm"
     loaded, cfg = load_checkpoint(out)
     assert cfg == model.cfg
-    torch.testing.assert_close(_outputs(loaded), _outputs(model), atol=0, rtol=0)
+    assert_same_model(loaded, model)
 
 
 def test_save_shards_large_models(tmp_path):
@@ -117,7 +142,7 @@ def test_save_shards_large_models(tmp_path):
     out = save_checkpoint(model, tmp_path / "s", max_shard_size="200KB")
     assert (out / "model.safetensors.index.json").is_file()
     loaded, _ = load_checkpoint(out)
-    torch.testing.assert_close(_outputs(loaded), _outputs(model.eval()), atol=0, rtol=0)
+    assert_same_model(loaded, model.eval())
 
 
 def test_missing_directory_and_files(tmp_path):
@@ -175,3 +200,43 @@ def test_released_config_without_edgevlm_block_means_clip_l14_336():
     from dataclasses import replace
 
     assert cfg.vision == ref.vision and replace(cfg.llm, name=ref.llm.name) == ref.llm and cfg.visual_tokens == 144
+
+
+class _RunsCode:
+    """Unpickling this would run ``write_marker(path)``: the payload of a malicious pytorch_model.bin."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pickle code ran"))
+
+
+def test_pickled_code_is_refused_without_running_it(tmp_path, capsys):
+    from edgevlm.cli import main
+
+    model = build_model(get_model_config("tiny-ldpnet"))
+    ckpt = write_released_checkpoint(model, tmp_path / "c", fmt="bin")
+    marker = tmp_path / "pwned.txt"
+    sd = released_state_dict(model)
+    sd["model.norm.weight"] = _RunsCode(marker)
+    torch.save(sd, ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="contains pickled Python code") as e:
+        load_checkpoint(ckpt)
+    msg = str(e.value)
+    assert "(it references " in msg and "safetensors" in msg and "never runs code" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__     # torch's advice is not chained on
+    assert not marker.exists()
+    # the CLI: exit 2, one error line, no traceback, still nothing ran
+    rc = main(["export", "--model", "tiny-ldpnet", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "pickled Python code" in err[0]
+    assert "Traceback" not in "\n".join(err) and not marker.exists() and not (tmp_path / "b").exists()
+    # a pickle of plain values that is not a state dict is a typed error too
+    torch.save({"model.norm.weight": "not a tensor"}, ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not tensors"):
+        load_checkpoint(ckpt)
+    torch.save([torch.ones(2)], ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_checkpoint(ckpt)

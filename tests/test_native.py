@@ -17,8 +17,38 @@ from edgevlm.errors import BundleError, ConfigError
 from edgevlm.runtime.native import NativeUnavailable, availability, plan_reason
 
 SMALL = {"calibration_samples": 3, "heldout_samples": 2, "decode_steps": 2}
-needs_kernel = pytest.mark.skipif(availability() is not None, reason=f"native kernel unavailable: {availability()}")
 _Q: dict[str, object] = {}
+
+
+def _fallback_checked(tmp_path_factory=None) -> None:
+    """The kernel tests run where the kernel runs. Elsewhere (an AVX2-only or ARM CPU, no compiler,
+    ``EDGEVLM_CPU_MASK``) they assert what holds there instead, then skip with the reason (listed by ``-ra``):
+    ``availability()`` names a reason true of this machine, ``load()`` raises it, and a session on a plan-carrying
+    bundle decodes with ONNX Runtime and says why while ``native_decode='on'`` refuses."""
+    reason = availability()
+    if reason is None:
+        return
+    from edgevlm.runtime.native import build
+
+    flags = build.cpu_flags()
+    if "lacks" in reason:
+        missing = [f for f in build.REQUIRED_FLAGS if f not in flags]
+        assert missing and f"lacks {', '.join(missing)}" in reason
+    elif "compiler" in reason:
+        assert all(f in flags for f in build.REQUIRED_FLAGS) and build.find_compiler() is None
+    else:
+        assert "x86-64 Linux only" in reason and build.platform.machine().lower() not in ("x86_64", "amd64")
+    with pytest.raises(NativeUnavailable, match=reason.split(" (")[0]):
+        build.load()
+    if tmp_path_factory is not None:
+        from edgevlm.runtime import Session
+
+        path = _quantized(tmp_path_factory, "int4")
+        s = Session.from_bundle(path, threads=1, hash_stamps=None)
+        assert s.decode_backend == "onnxruntime" and s.native_info["reason"] == reason
+        with pytest.raises(NativeUnavailable, match="native_decode='on' but"):
+            Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
+    pytest.skip(f"native kernel unavailable here ({reason}); checked the ONNX Runtime fallback instead")
 
 
 def _quantized(tmp_path_factory, precision: str):
@@ -99,10 +129,10 @@ def _quant_x(x: np.ndarray, blk: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127)).astype(np.float32)
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits,blk,K,with_zp", [(4, 128, 200, False), (4, 256, 512, True), (4, 128, 64, True),
                                                 (8, 64, 200, False), (8, 128, 256, True)])
 def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp):
+    _fallback_checked()
     from edgevlm.runtime.native import build
     from edgevlm.runtime.native.engine import _Linear
 
@@ -142,11 +172,11 @@ def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp):
     assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
 
 
-@needs_kernel
 def test_row_scheduler_covers_every_row_once_at_any_thread_count():
     """Work stealing moves chunks between threads, never the arithmetic of a row: every thread count gives the
     single-thread result bit for bit, and no row is left unwritten (y starts as NaN on every call). More threads
     than cores (here) means preempted owners, i.e. the stealing paths run."""
+    _fallback_checked()
     from edgevlm.runtime.native import build
     from edgevlm.runtime.native.engine import _Linear
 
@@ -175,8 +205,8 @@ def test_row_scheduler_covers_every_row_once_at_any_thread_count():
                 np.testing.assert_array_equal(gemv(threads), want)
 
 
-@needs_kernel
 def test_native_step_is_the_same_at_any_thread_count(tmp_path_factory):
+    _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
 
     path = _quantized(tmp_path_factory, "int4")
@@ -191,9 +221,9 @@ def test_native_step_is_the_same_at_any_thread_count(tmp_path_factory):
         np.testing.assert_array_equal(logits, runs[0][1])
 
 
-@needs_kernel
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
+    _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
 
     path = _quantized(tmp_path_factory, precision)
@@ -217,8 +247,8 @@ def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
     assert s1.tokens == s2.tokens
 
 
-@needs_kernel
 def test_fp16_cache_holds_the_fp32_rows_and_fp32_mode_reads_onnxruntimes_buffers(tmp_path_factory):
+    _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
 
     path = _quantized(tmp_path_factory, "int4")
@@ -246,8 +276,8 @@ def test_fp16_cache_holds_the_fp32_rows_and_fp32_mode_reads_onnxruntimes_buffers
         Session.from_bundle(path, threads=1, hash_stamps=None, native_kv="int8")
 
 
-@needs_kernel
 def test_native_decode_stops_at_the_context(tmp_path_factory):
+    _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
 
     s = Session.from_bundle(_quantized(tmp_path_factory, "int4"), threads=1, hash_stamps=None, native_decode="on")
@@ -258,8 +288,8 @@ def test_native_decode_stops_at_the_context(tmp_path_factory):
         s.native.step(s.embed_table[5], s.context_length, s._logits_row)
 
 
-@needs_kernel
 def test_tampered_plan_is_a_bundle_error(tmp_path_factory, tmp_path):
+    _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
 
     dst = tmp_path / "b"
@@ -298,3 +328,25 @@ def test_availability_names_what_is_missing(monkeypatch, tmp_path, tmp_path_fact
         Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
     assert "x86-64 Linux only" in build.availability()
+
+
+def test_cpu_mask_hides_flags_from_the_runtimes_dispatch(monkeypatch, tmp_path_factory):
+    """EDGEVLM_CPU_MASK=avx512 makes this CPU look AVX2-only to edgevlm's own dispatch (on every machine: where the
+    CPU has no AVX-512 there is nothing to hide and the answer is the same)."""
+    from edgevlm.runtime import Session, cpuinfo
+
+    raw = cpuinfo.raw_cpu_flags()
+    monkeypatch.setenv(cpuinfo.MASK_ENV, "avx512, amx")
+    flags = cpuinfo.cpu_flags()
+    assert not any(f.startswith(("avx512", "amx")) for f in flags) and flags <= raw
+    assert flags | cpuinfo.masked_flags() == set(raw)
+    if cpuinfo.is_x86():
+        assert cpuinfo.has_int8_dot() == ("avx_vnni" in raw or "avx_vnni_int8" in raw)
+    reason = availability()
+    assert reason is not None
+    if any(f.startswith("avx512") for f in raw):
+        assert f"hidden by {cpuinfo.MASK_ENV}" in reason
+    s = Session.from_bundle(_quantized(tmp_path_factory, "int4"), threads=1, hash_stamps=None)
+    assert s.decode_backend == "onnxruntime" and s.native_info["reason"] == reason
+    monkeypatch.setenv(cpuinfo.MASK_ENV, "vnni")
+    assert not cpuinfo.has_int8_dot() and cpuinfo.int8_saturates() == cpuinfo.is_x86()

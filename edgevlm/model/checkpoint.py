@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -185,6 +187,34 @@ def _weight_files(ckpt: Path) -> list[Path]:
                           f"(model.safetensors.index.json / pytorch_model.bin.index.json)")
 
 
+def _load_pickled_weights(f: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` through torch's ``weights_only`` unpickler: tensors, containers and plain values
+    only, so no code in the file can run. Anything else is refused (``pickle.UnpicklingError``)."""
+    obj = torch.load(str(f), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]                          # a training checkpoint that wraps the state dict
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{f} holds a {type(obj).__name__}, not a state dict (tensor name -> tensor); pass "
+                              f"a Hugging Face checkpoint directory whose weight files map names to tensors")
+    not_tensors = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{f} holds entries that are not tensors ({', '.join(not_tensors[:6])}); pass a "
+                              f"Hugging Face checkpoint directory whose weight files map names to tensors")
+    return obj
+
+
+def _pickle_refused(f: Path, exc: Exception) -> CheckpointError:
+    """The typed error for a pickle that torch's safe loader refuses: name what it wanted to import, never
+    suggest loading it unsafely, say how to get safetensors instead."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" (it references {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{f} contains pickled Python code{what}, not only tensors; edgevlm loads weights with torch's "
+        f"weights_only unpickler and never runs code from a checkpoint. Convert the weights to safetensors where "
+        f"they were made (model.save_pretrained(dir, safe_serialization=True)) or download the checkpoint's "
+        f"safetensors version where its publisher offers one, and pass that directory")
+
+
 def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -195,7 +225,9 @@ def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             if f.suffix == ".safetensors":
                 sd.update(load_file(str(f)))
             else:
-                sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+                sd.update(_load_pickled_weights(f))
+        except pickle.UnpicklingError as exc:
+            raise _pickle_refused(f, exc) from None
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
             raise CheckpointError(f"cannot read weights file {f} ({type(exc).__name__}: {exc}); the file is "
                                   f"corrupt or truncated: download it again") from exc

@@ -6,9 +6,10 @@ CPU. The shared library lands in ``cache_home()/native/`` under a name keyed by 
 flags, and by the CPU fingerprint (so a cached build also serves a machine without a compiler). It is written to a temporary name and renamed, so concurrent loads never
 see a half-written file. Later loads reuse it: one ``dlopen``, no compile.
 
-``availability()`` says whether the kernel can run here and, if not, why: not x86-64 Linux, no AVX-512 VNNI, no C
-compiler, or the compile failed. ``load()`` raises ``NativeUnavailable`` with that reason. The runtime then falls
-back to ONNX Runtime for decode (``native="auto"``) or reports the error (``native="on"``).
+``availability()`` says whether the kernel can run here and, if not, why: not x86-64 Linux, no AVX-512 VNNI (or
+hidden by ``EDGEVLM_CPU_MASK``, see ``edgevlm.runtime.cpuinfo``), no C compiler, or the compile failed. ``load()``
+raises ``NativeUnavailable`` with that reason. The runtime then falls back to ONNX Runtime for decode
+(``native="auto"``) or reports the error (``native="on"``).
 
 Never imports torch (device side).
 """
@@ -26,6 +27,7 @@ import threading
 from pathlib import Path
 
 from edgevlm.errors import RuntimeBackendError
+from edgevlm.runtime.cpuinfo import MASK_ENV, cpu_flags, masked_flags
 
 __all__ = ["NativeUnavailable", "SOURCE", "CFLAGS", "REQUIRED_FLAGS", "cpu_flags", "find_compiler", "availability",
            "load", "library_path"]
@@ -41,18 +43,6 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 class NativeUnavailable(RuntimeBackendError):
     """The native decode kernel cannot run on this machine (the message says why and what to do)."""
-
-
-def cpu_flags() -> set[str]:
-    """ISA flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def find_compiler() -> str | None:
@@ -73,7 +63,9 @@ def availability() -> str | None:
         return f"the native decode kernel is x86-64 Linux only (this is {platform.system()} {platform.machine()})"
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
-        return f"this CPU lacks {', '.join(missing)} (the native decode kernel needs AVX-512 VNNI)"
+        hidden = sorted(set(missing) & masked_flags())
+        masked = f"; {', '.join(hidden)} hidden by {MASK_ENV}" if hidden else ""
+        return f"this CPU lacks {', '.join(missing)} (the native decode kernel needs AVX-512 VNNI{masked})"
     if find_compiler() is None and not library_path().is_file():
         return "no C compiler found (install gcc, or set CC) to build the native decode kernel"
     return None
