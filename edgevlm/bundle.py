@@ -91,6 +91,7 @@ import numpy as np
 
 from edgevlm.config import ModelConfig
 from edgevlm.errors import BundleError
+from edgevlm.outputs import replace_dir, umask
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "FORMAT", "REQUIRED_KEYS", "MODEL_EXTRA_KEYS", "sha256_file",
            "BundleWriter", "Bundle", "read_bundle", "update_manifest", "load_embedding_table", "model_entry",
@@ -399,15 +400,9 @@ def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON (sorted keys, indent 2) to a temp file beside ``path``, fsync, then ``os.replace``."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()   # mkstemp makes 0600 files
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask()   # mkstemp makes 0600 files
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.chmod(tmp, mode)
@@ -522,22 +517,9 @@ class BundleWriter:
         manifest = _manifest_for_write(self.manifest, files)
         cfg = _validate(root, manifest, verify_hashes=False)
         _write_json_atomic(root / MANIFEST_NAME, manifest)
-        os.chmod(root, 0o777 & ~_umask())                     # mkdtemp makes 0700 dirs; a bundle is shared
         self._check_dest()                                    # re-check: something may have appeared meanwhile
         dest = self.dest
-        if dest.is_dir() and not any(dest.iterdir()):
-            dest.rmdir()
-        if not dest.exists():
-            os.rename(root, dest)
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.rename(dest, old)                              # onto the empty temp dir (POSIX rename semantics)
-            try:
-                os.rename(root, dest)
-            except BaseException:
-                os.rename(old, dest)                          # put the old bundle back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(root, dest)                               # umask modes (mkdtemp/mkstemp made 0700/0600)
         self._root = None
         self.manifest = manifest
         self.bundle = Bundle(dest, manifest, cfg=cfg, hashes_verified=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -58,16 +57,19 @@ def run_demo(out: str | Path = "demo_out", *, target: str = "cpu", fast: bool = 
 
     from edgevlm.targets import get_target
 
+    from edgevlm.bench.env import loadavg
+    from edgevlm.outputs import check_destination, mark
+
     con = console or _console()
     out = Path(out)
     tgt = get_target(target)                                   # unknown target: ConfigError before any work
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"demo output directory '{out}' is not empty; pass --overwrite or choose --out")
-        shutil.rmtree(out)
+    loadavg_start = loadavg()                                  # the machine's load before the demo's own work
+    # an earlier demo's folder is reused (each stage replaces only its own outputs); anything else is refused
+    check_destination(out, "demo", overwrite=overwrite)
     if not DEMO_CONFIG.is_file():
         raise ConfigError(f"the demo recipe {DEMO_CONFIG} is missing; run the demo from a source checkout")
     out.mkdir(parents=True, exist_ok=True)
+    mark(out, "demo")
     summary: dict[str, Any] = {"target": tgt.name, "fast": fast, "stages": {}}
     t_all = time.perf_counter()
 
@@ -185,9 +187,10 @@ def run_demo(out: str | Path = "demo_out", *, target: str = "cpu", fast: bool = 
 
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
     summary["bundles"] = {"fp32": str(fp32), preset: str(qbundle)}
-    from edgevlm.bench.env import environment, loadavg
+    from edgevlm.bench.env import environment
 
-    summary["environment"] = {**environment(threads=threads), "loadavg_end": loadavg()}
+    summary["environment"] = {**environment(threads=threads), "loadavg_start": loadavg_start,
+                              "loadavg_end": loadavg()}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     con.rule("[bold]done")
     con.print(f"total {summary['total_s']:.0f} s; bundles in {bundles}; summary {out / 'demo_summary.json'}"

@@ -33,6 +33,10 @@ class CheckpointError(EdgeVLMError):
         super().__init__("\n  ".join(parts))
 
 
+class OutputError(ConfigError):
+    """An output destination holds something edgevlm did not write (or must not replace without --overwrite)."""
+
+
 class DataError(EdgeVLMError):
     """Training / evaluation / calibration data is missing or malformed."""
 

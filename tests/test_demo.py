@@ -18,9 +18,18 @@ def chance_accuracy(data_dir, per_type: dict) -> float:
 
 @pytest.mark.timeout(900)
 def test_fast_demo_writes_every_artifact(tmp_path):
+    """... with the umask's file modes (0644 / 0755 under 022; tempfile's 0600 / 0700 nowhere), its marker, and
+    the load average measured before the work."""
     from edgevlm.demo import run_demo
+    from edgevlm.outputs import kind_of
+    from tests.test_outputs import assert_umask_modes, umask
 
-    summary = run_demo(tmp_path / "demo", fast=True, overwrite=True)
+    with umask(0o022):
+        summary = run_demo(tmp_path / "demo", fast=True, overwrite=True)
+    assert_umask_modes(tmp_path / "demo", 0o022)
+    assert kind_of(tmp_path / "demo") == "demo" and kind_of(tmp_path / "demo" / "train") == "train"
+    env = summary["environment"]
+    assert env["loadavg_start"] and env["loadavg_end"] and len(env["loadavg_start"]) == 3
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert saved["stages"].keys() >= {"train", "export", "quantize", "accuracy", "answers", "latency", "bench"}
     for precision, path in summary["bundles"].items():

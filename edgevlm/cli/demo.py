@@ -17,7 +17,8 @@ def demo(out: str = "demo_out", target: str = "cpu", fast: bool = False, overwri
         target: hardware target profile (`edgevlm targets`); TensorRT targets also get build_plan.json and
             build_engines.sh in their bundles.
         fast: a smoke run of every stage on a few hundred samples (accuracy is then only above chance).
-        overwrite: replace the contents of --out.
+        overwrite: reuse --out when it holds an earlier demo (each stage replaces only what it wrote;
+            --no-overwrite refuses). A folder the demo did not write (e.g. `--out .`) is never touched.
         threads: ONNX Runtime threads (default: physical cores).
         bench: run the token-budget benchmark stage.
     """

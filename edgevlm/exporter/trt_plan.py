@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from edgevlm.config import ModelConfig
 from edgevlm.errors import BundleError, ConfigError, TargetError
+from edgevlm.outputs import umask
 from edgevlm.planner import default_context, max_prompt_tokens, typical_prompt_tokens
 from edgevlm.targets import Target, get_target, parse_trt_version, recipe_name, trt_builder_mode
 
@@ -522,7 +523,7 @@ def write_build_files(bundle_dir: str | os.PathLike, plan: BuildPlan) -> tuple[P
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode & ~umask())
         os.replace(tmp, root / name)
         out.append(root / name)
     return out[0], out[1]

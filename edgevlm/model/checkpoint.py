@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +33,7 @@ import torch
 from edgevlm.config import CLIP_L14_336, LLMConfig, ModelConfig, VisionConfig, get_model_config, model_names
 from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.model.vlm import MobileVLM
+from edgevlm.outputs import check_destination, mark, replace_dir, temp_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +292,14 @@ def save_checkpoint(model: MobileVLM, out: str | os.PathLike, *, tokenizer_src: 
                     dtype: torch.dtype | None = None, max_shard_size: str = "5GB", overwrite: bool = False,
                     extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a MobileVLM checkpoint directory (atomically: temp dir beside ``out``, then rename).
-    ``tokenizer_src`` is a directory whose tokenizer files are copied."""
+    ``tokenizer_src`` is a directory whose tokenizer files are copied. ``overwrite`` replaces only a checkpoint
+    this function wrote (its ``.edgevlm-output.json`` marker), never another folder."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"'{out}' already exists; choose another --out or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_destination(out, "checkpoint", overwrite=overwrite, error=CheckpointError, flag="overwrite=True")
+    tmp = temp_dir_beside(out)
     try:
         sd = {to_checkpoint_key(k): (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
               for k, v in model.state_dict().items()}
@@ -318,9 +317,8 @@ def save_checkpoint(model: MobileVLM, out: str | os.PathLike, *, tokenizer_src: 
             copy_tokenizer_files(Path(tokenizer_src), tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        mark(tmp, "checkpoint")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,6 +57,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.errors import ConfigError, DataError, EdgeVLMError
+from edgevlm.outputs import check_destination, mark
 from edgevlm.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from edgevlm.train import distributed as ddp
 from edgevlm.train.tower import LABELS_TEMPLATE, TowerLoss
@@ -451,7 +453,10 @@ def add_lora(model: Any, stage: StageConfig) -> Any:
         raise MissingDependency("peft", "export", "LoRA fine-tuning (lora_r > 0)") from exc
     cfg = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, lora_dropout=stage.lora_dropout,
                      target_modules=list(LORA_TARGETS), bias="none")
-    handle = get_peft_model(model.llm, cfg)     # modifies model.llm in place (LoRA layers wrap its Linears)
+    with warnings.catch_warnings():             # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        handle = get_peft_model(model.llm, cfg)  # modifies model.llm in place (LoRA layers wrap its Linears)
     return handle
 
 
@@ -499,18 +504,20 @@ class LossModule(nn.Module):
         if p:
             from transformers import DynamicCache
 
+            from edgevlm.model.hf_compat import with_cache
+
             b = input_ids.shape[0]
             prefix = vlm.embed_tokens(input_ids[:1, :p])                        # [1, p, D]
             pos = torch.arange(p, device=input_ids.device)[None]
             cache = DynamicCache()
-            llama(inputs_embeds=prefix, position_ids=pos, past_key_values=cache, use_cache=True)
+            llama(inputs_embeds=prefix, position_ids=pos, **with_cache(cache), use_cache=True)
             shared = DynamicCache()
             for i, layer in enumerate(cache.layers):                           # keys/values [1, H, p, hd]
                 shared.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), i)
             s = vlm.splice(input_ids[:, p:], image_embeds, attention_mask[:, p:], labels[:, p:])
             mask = torch.cat([s.attention_mask.new_ones((b, p)), s.attention_mask], dim=1)
             hidden = llama(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=s.position_ids + p,
-                           past_key_values=shared, use_cache=True).last_hidden_state   # [B, T' - p, D]
+                           **with_cache(shared), use_cache=True).last_hidden_state   # [B, T' - p, D]
         else:
             s = vlm.splice(input_ids, image_embeds, attention_mask, labels)
             hidden = llama(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
@@ -589,11 +596,9 @@ def _split_path(data: Path, split: str) -> Path | None:
 
 
 def _out_is_free(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output '{out}' exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory '{out}' is not empty; choose another --out or pass --overwrite "
-                          f"(which replaces checkpoint/, tokenizer/, train_log.json and eval.json there)")
+    """``out`` is absent, empty, or an earlier run's folder (marker, ``edgevlm.outputs``) and ``overwrite`` is set
+    (checkpoint/, tokenizer/, stages/, data/, train_log.json and eval.json there are replaced)."""
+    check_destination(out, "train", overwrite=overwrite)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -792,6 +797,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     else:
         model_cfg = get_model_config(cfg.model)
     pcfg = preprocess_config(model_cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "train")                            # a later run with --overwrite may replace what this one writes
 
     try:
         # -- data

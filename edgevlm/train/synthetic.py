@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -51,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from edgevlm.errors import ConfigError, DataError
+from edgevlm.outputs import check_destination, mark, replace_dir, temp_dir_beside
 from edgevlm.prompt import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -461,7 +461,8 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
     ``out/dataset_info.json`` and, with ``tokenizer_vocab``, a BPE tokenizer trained on the conversations in
     ``out/tokenizer/``. ``multi_turn`` applies to the train split only (val/test always hold one question per
     image, so exact match is reported per question type). Everything is built in a temporary directory beside
-    ``out`` and renamed into place at the end; on any error nothing is left behind. Returns ``out``.
+    ``out`` and renamed into place at the end; on any error nothing is left behind. An existing ``out`` is replaced
+    (with ``overwrite``) only if it is a dataset this function wrote (``edgevlm.outputs``). Returns ``out``.
     """
     out = Path(out)
     splits = {"train": train, "val": val, "test": test}
@@ -469,13 +470,8 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
     if image_size < 32:
         raise ConfigError(f"image_size {image_size} is too small; use 32 px or more")
     positions(grid)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"'{out}' exists and is not a directory; choose another output directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"'{out}' already exists and is not empty; choose another output directory or pass "
-                        f"overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_destination(out, "dataset", overwrite=overwrite, error=DataError)   # never replaces what we did not write
+    tmp = temp_dir_beside(out)
     total = sum(splits.values())
     t0 = time.perf_counter()
     knobs = {"image_size": image_size, "grid": grid, "glyphs": glyphs}
@@ -523,28 +519,13 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
             info["tokenizer"] = {"dir": "tokenizer", "vocab_size": tok.get_vocab_size(),
                                  "requested_vocab_size": tokenizer_vocab}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
-        _replace_dir(tmp, out)
+        mark(tmp, "dataset")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.debug("wrote %d synthetic samples to %s in %.1f s", total, out, time.perf_counter() - t0)
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted only after the rename."""
-    if not dst.exists():
-        src.rename(dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    old.rmdir()
-    dst.rename(old)
-    try:
-        src.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["ShapeSpec", "GlyphSpec", "Scene", "QA", "Sample", "make_sample", "iter_samples", "generate_samples",
