@@ -181,6 +181,35 @@ def test_report_errors_are_small_for_int8(fp32_bundle, tmp_path_factory):
     assert q["sizes"]["vision"]["ratio"] < 0.6                       # int8 weights
 
 
+@pytest.mark.parametrize("target,reduce_range", [("cpu-x86-avx2", True), ("cpu-x86-avx512-vnni", False),
+                                                  ("cpu-arm64", False), ("jetson-orin", False)])
+def test_int8_weights_are_7_bit_where_the_cpu_kernels_saturate(target, reduce_range):
+    """x86 CPU targets without VNNI get 7-bit int8 weights (ORT's u8s8 vpmaddubsw path saturates otherwise); VNNI,
+    ARM dot product and TensorRT keep all 8 bits."""
+    from edgevlm.quant.recipes import plan_quantization
+
+    plan = plan_quantization("int8", target, int8_decoder="qdq")
+    assert plan.vision.params["reduce_range"] is reduce_range
+    assert plan.decoder.params["reduce_range"] is reduce_range
+    if target.startswith("cpu"):
+        assert plan_quantization("int8", target, int8_decoder="dynamic").decoder.params["reduce_range"] is reduce_range
+
+
+def test_int8_vision_accuracy_holds_on_this_cpu(fp32_bundle, tmp_path_factory):
+    """The default CPU target (cpu = cpu-x86-avx2, 7-bit weights) keeps the 0.99 bar on any x86 CPU, with or
+    without VNNI (run it under `qemu-x86_64 -cpu EPYC-Milan` to see an AVX2-only CPU on a VNNI machine); the
+    report records how the quantized graphs ran."""
+    out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert m["components"]["vision"]["recipe"]["reduce_range"] is True
+    assert q["errors"]["vision"]["cosine_min"] > 0.99
+    assert q["errors"]["quantized_graphs_run_as"].startswith("ONNX Runtime's CPU kernels")
+    trt = json.loads((_quantized(fp32_bundle, tmp_path_factory, "int8", "jetson-orin", {}) / "manifest.json")
+                     .read_text())["quantization"]["errors"]
+    assert trt["quantized_graphs_run_as"].startswith("Q/DQ as float ops")
+
+
 # ---- apply_precision mid-export (partial manifest, the exporter's postprocess stage) -------------------------------
 def test_apply_precision_on_a_partial_manifest(fp32_bundle, tmp_path):
     from edgevlm.quant.apply import apply_precision

@@ -239,8 +239,9 @@ _CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...], calib_method: str,
                 per_channel: bool, work: Path, include: list[str] | None = None,
-                exclude: list[str] | None = None) -> dict[str, Any]:
-    """``quant_pre_process`` + ``quantize_static`` (QDQ, QInt8/QInt8, symmetric) on weight-bearing nodes only."""
+                exclude: list[str] | None = None, reduce_range: bool = False) -> dict[str, Any]:
+    """``quant_pre_process`` + ``quantize_static`` (QDQ, QInt8/QInt8, symmetric) on weight-bearing nodes only;
+    ``reduce_range``: 7-bit weights (``recipes.int8_reduce_range``)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -264,7 +265,7 @@ def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...],
     try:
         with _quiet():
             quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=False,
+                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce_range,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                             calibrate_method=getattr(CalibrationMethod, _CALIB[calib_method]),
                             use_external_data_format=True, calibration_providers=["CPUExecutionProvider"],
@@ -301,13 +302,15 @@ def _matmulnbits(src: Path, dst: Path, *, bits: int, block_size: int, quant_form
     return {}
 
 
-def _dynamic(src: Path, dst: Path, *, per_channel: bool, work: Path, exclude: list[str] | None) -> dict[str, Any]:
+def _dynamic(src: Path, dst: Path, *, per_channel: bool, work: Path, exclude: list[str] | None,
+             reduce_range: bool = False) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = work / f"{src.stem}.dyn.onnx"
     with _quiet():
         quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                         reduce_range=False, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude or []),
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(exclude or []),
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     save_graph(_load(out), dst)
     _remove_graph(out)
@@ -426,7 +429,7 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             reader = VisionCalibrationReader(cset.items, ctx.preprocess, fp32["vision"])
             info = _static_qdq(fp32["vision"], paths["vision"], reader, op_types=R.WEIGHT_OPS_VISION,
                                calib_method=plan.calib_method, per_channel=bool(vr.params.get("per_channel", True)),
-                               work=work)
+                               work=work, reduce_range=bool(vr.params.get("reduce_range", False)))
             info["calibration_samples"] = len(cset.items)
         else:                                                     # pragma: no cover - plan_quantization guards
             raise QuantizationError(f"vision method '{vr.method}' unknown")
@@ -489,7 +492,7 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             quant["errors"] = heldout_errors(ctx, cset.heldout, fp32_vision=fp32["vision"],
                                              fp32_decoder=fp32["decoder"], vision=paths["vision"],
                                              decoder=paths["decoder"], decode_steps=steps, threads=threads,
-                                             ref_embed_table=ref_table)
+                                             ref_embed_table=ref_table, emulate_qdq=tgt.is_tensorrt)
             quant["heldout"] = cset.info["heldout"]
         quant["seconds"] = round(time.perf_counter() - t_start, 3)
         manifest["quantization"] = quant
@@ -574,14 +577,15 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
         info.update(_fp16(src, body, block=keep_head))
     elif dr.method == "static-qdq":
         info.update(_static_qdq(src, body, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
-                                per_channel=bool(dr.params.get("per_channel", True)), work=work, exclude=keep_head))
+                                per_channel=bool(dr.params.get("per_channel", True)), work=work, exclude=keep_head,
+                                reduce_range=bool(dr.params.get("reduce_range", False))))
         info["calibration_samples"] = len(cset.items)
     elif dr.method == "matmulnbits-int8":
         info.update(_matmulnbits(src, body, bits=8, block_size=int(dr.params["block_size"]), quant_format="QOperator",
                                  accuracy_level=dr.params.get("accuracy_level"), exclude=keep_head))
     elif dr.method == "dynamic":
         info.update(_dynamic(src, body, per_channel=bool(dr.params.get("per_channel", True)), work=work,
-                             exclude=keep_head))
+                             exclude=keep_head, reduce_range=bool(dr.params.get("reduce_range", False))))
     elif dr.method == "matmulnbits-int4":
         info.update(_matmulnbits(src, body, bits=4, block_size=int(dr.params["block_size"]),
                                  quant_format=str(dr.params["quant_format"]),

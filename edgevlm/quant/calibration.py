@@ -353,14 +353,22 @@ class BundleContext:
         return np.concatenate([x for x in parts if x.size], axis=0)[None]
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """A plain ONNX Runtime CPU session (quiet)."""
+def ort_session(path: str | os.PathLike, threads: int | None = None, *, emulate_qdq: bool = False):
+    """A plain ONNX Runtime CPU session (quiet).
+
+    ``emulate_qdq``: keep QuantizeLinear / DequantizeLinear as separate float ops instead of fusing them into ORT's
+    int8 kernels (``session.disable_quant_qdq``), so a Q/DQ graph computes the exact quantized arithmetic, as
+    TensorRT's int8 kernels do. The fused x86 kernels would add the saturation of ``vpmaddubsw`` on CPUs without
+    VNNI (``edgevlm.quant.recipes.int8_reduce_range``), which a GPU does not have.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if emulate_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

@@ -11,7 +11,8 @@ vision      fp32         as exported
 vision      fp16         ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (GPU only)
 vision      int8         static QDQ: ``quant_pre_process`` then ``quantize_static`` (QuantFormat.QDQ, QInt8/QInt8,
                          ActivationSymmetric + WeightSymmetric, per-channel weights, minmax|entropy|percentile
-                         calibration on real preprocessed images); weight-bearing Conv/MatMul/Gemm only
+                         calibration on real preprocessed images); weight-bearing Conv/MatMul/Gemm only; 7-bit
+                         weights (``reduce_range``) on x86 CPU targets without VNNI (``int8_reduce_range``)
 vision      int4         refused: int4 weight-only is for decoder matmuls
 decoder     fp16         ``convert_float_to_float16(keep_io_types=True)`` (GPU targets; KV and logits stay float32)
 decoder     int8         CPU: weight-only ``MatMulNBitsQuantizer(bits=8)`` -> ``com.microsoft::MatMulNBits``
@@ -293,23 +294,45 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
     if int4_format == "auto":
         int4_format = "qdq" if trt else "matmulnbits"
 
-    vision = _vision_recipe(comps["vision"], calib_method, per_channel)
+    reduce_range = int8_reduce_range(tgt)
+    vision = _vision_recipe(comps["vision"], calib_method, per_channel, reduce_range)
     decoder = _decoder_recipe(comps["decoder"], comps["lm_head"], int8_decoder=int8_decoder,
                               int4_format=int4_format, calib_method=calib_method, block_size=block_size,
-                              accuracy_level=accuracy_level, per_channel=per_channel)
+                              accuracy_level=accuracy_level, per_channel=per_channel, reduce_range=reduce_range)
     return QuantPlan(components=dict(comps), vision=vision, decoder=decoder,
                      embed_dtype={"fp32": "float32", "fp16": "float16"}[comps["embedding"]], target=tgt.label,
                      backend=tgt.backend, tensorrt=tgt.tensorrt, calib_method=calib_method)
 
 
-def _static_params(calib_method: str, per_channel: bool, op_types: tuple[str, ...]) -> dict[str, Any]:
+def int8_reduce_range(tgt: Any) -> bool:
+    """Whether int8 weights must use 7 bits (``reduce_range``) on ``tgt``: x86 CPU targets without VNNI.
+
+    ONNX Runtime's CPU int8 GEMMs run u8 activations x s8 weights (S8 activations of a QDQ graph are shifted to
+    u8). Without VNNI they use ``vpmaddubsw``, which adds two u8 x s8 products into a *saturating* int16:
+    255 x 127 x 2 = 64770 > 32767, so large activations meeting large weights clip (measured: int8 vision cosine
+    0.988 on an AVX2-only AMD Zen 3 vs 0.999 with VNNI). With 7-bit weights the pair sum is at most
+    255 x 64 x 2 = 32640 and never saturates; that costs one bit of weight precision (the quantize_static
+    docstring's guidance: "x86 without VNNI: reduce_range=True"). VNNI (``vpdpbusd``) accumulates in int32, ARM's
+    dot-product instructions likewise, and TensorRT's int8 kernels are exact: full 8-bit weights there.
+    """
+    if getattr(tgt, "is_tensorrt", False) or getattr(tgt, "kind", None) != "cpu":
+        return False
+    feats = set(getattr(tgt, "cpu_features", ()) or ())
+    x86 = bool(feats & {"sse4_2", "avx", "avx2", "avx512f"})
+    return x86 and not feats & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}
+
+
+def _static_params(calib_method: str, per_channel: bool, op_types: tuple[str, ...],
+                   reduce_range: bool = False) -> dict[str, Any]:
     return {"tool": "onnxruntime.quantization.quantize_static", "quant_format": "QDQ", "activation_type": "QInt8",
             "weight_type": "QInt8", "symmetric": True, "activation_symmetric": True, "weight_symmetric": True,
-            "per_channel": per_channel, "calib_method": calib_method, "op_types": list(op_types),
-            "weights_only_nodes": True, "pre_process": "onnxruntime.quantization.quant_pre_process"}
+            "per_channel": per_channel, "reduce_range": reduce_range, "calib_method": calib_method,
+            "op_types": list(op_types), "weights_only_nodes": True,
+            "pre_process": "onnxruntime.quantization.quant_pre_process"}
 
 
-def _vision_recipe(precision: str, calib_method: str, per_channel: bool) -> ComponentRecipe:
+def _vision_recipe(precision: str, calib_method: str, per_channel: bool,
+                   reduce_range: bool = False) -> ComponentRecipe:
     if precision == "fp32":
         return ComponentRecipe("vision", "fp32", "none", {}, description="as exported (float32)")
     if precision == "fp16":
@@ -317,9 +340,10 @@ def _vision_recipe(precision: str, calib_method: str, per_channel: bool) -> Comp
                                description="float16 weights and compute, float32 graph I/O")
     if precision == "int8":
         return ComponentRecipe("vision", "int8", "static-qdq", _static_params(calib_method, per_channel,
-                                                                              WEIGHT_OPS_VISION),
+                                                                              WEIGHT_OPS_VISION, reduce_range),
                                description="int8 static QDQ (symmetric activations and weights, per-channel "
-                                           "weights) calibrated on real preprocessed images")
+                                           + ("7-bit weights for CPUs without VNNI" if reduce_range else "weights")
+                                           + ") calibrated on real preprocessed images")
     raise QuantizationError(f"vision precision '{precision}' is not implemented; use fp32, fp16 or int8")
 
 
@@ -328,7 +352,8 @@ def _fp16_params() -> dict[str, Any]:
 
 
 def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_format: str, calib_method: str,
-                    block_size: int, accuracy_level: int, per_channel: bool) -> ComponentRecipe:
+                    block_size: int, accuracy_level: int, per_channel: bool,
+                    reduce_range: bool = False) -> ComponentRecipe:
     if precision == "fp32":
         return ComponentRecipe("decoder", "fp32", "none", {}, lm_head, "as exported (float32)")
     if precision == "fp16":
@@ -344,10 +369,10 @@ def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_for
         if int8_decoder == "dynamic":
             return ComponentRecipe("decoder", "int8", "dynamic", {
                 "tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": per_channel,
-                "op_types": list(WEIGHT_OPS_DECODER), "symmetric": True,
+                "reduce_range": reduce_range, "op_types": list(WEIGHT_OPS_DECODER), "symmetric": True,
                 "ops": "DynamicQuantizeLinear + MatMulInteger"}, lm_head,
                 "int8 dynamic quantization (per-token activation scales at run time; ONNX Runtime CPU only)")
-        params = _static_params(calib_method, per_channel, WEIGHT_OPS_DECODER)
+        params = _static_params(calib_method, per_channel, WEIGHT_OPS_DECODER, reduce_range)
         if lm_head == "int8":
             params["lm_head_format"] = "weight-only per-channel INT8 DequantizeLinear -> MatMul (float activations)"
         return ComponentRecipe("decoder", "int8", "static-qdq", params, lm_head,
@@ -402,5 +427,6 @@ def recipe_table(targets: tuple[str, ...] = ("cpu", "jetson-orin")) -> list[dict
     return rows
 
 
-__all__ = ["ComponentRecipe", "QuantPlan", "plan_quantization", "tolerances_for", "recipe_table", "CALIB_METHODS",
+__all__ = ["ComponentRecipe", "QuantPlan", "plan_quantization", "tolerances_for", "recipe_table", "int8_reduce_range",
+           "CALIB_METHODS",
            "INT8_DECODER_MODES", "INT4_FORMATS", "INT4_BLOCK_SIZE", "INT4_ACCURACY_LEVEL"]

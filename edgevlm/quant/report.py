@@ -89,11 +89,12 @@ class DecoderRunner:
     """A decoder graph run one request at a time: ``prefill(embeds)`` then ``step(embed_row)``, KV kept here
     (``edgevlm.runtime.kv_cache.HostKV``: concat graphs and shared-buffer GroupQueryAttention graphs alike)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, session: Any = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, session: Any = None, *,
+                 emulate_qdq: bool = False) -> None:
         from edgevlm.quant.calibration import graph_inputs, ort_session
         from edgevlm.runtime.kv_cache import HostKV, KVSpec
 
-        self.sess = session or ort_session(path, threads)
+        self.sess = session or ort_session(path, threads, emulate_qdq=emulate_qdq)
         self.inputs = graph_inputs(path)
         outs = [o.name for o in self.sess.get_outputs()]
         self.logits_name = next(n for n in outs if not n.startswith("present."))
@@ -143,13 +144,16 @@ def _lockstep(ref: DecoderRunner, cand: DecoderRunner, ref_embeds: np.ndarray, c
 
 def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_decoder: Path, vision: Path,
                    decoder: Path, decode_steps: int = 4, threads: int | None = None,
-                   ref_embed_table: np.ndarray | None = None) -> dict[str, Any]:
+                   ref_embed_table: np.ndarray | None = None, emulate_qdq: bool = False) -> dict[str, Any]:
     """Error of the quantized graphs against the fp32 graphs on held-out items (see the module docstring).
 
     ``ctx`` is the quantized bundle's ``BundleContext`` (its embedding table is the one the runtime gathers from);
-    ``ref_embed_table`` the fp32 table when the recipe changed it (default: the same table).
+    ``ref_embed_table`` the fp32 table when the recipe changed it (default: the same table). ``emulate_qdq``
+    (TensorRT bundles): run the quantized graphs' Q/DQ as float ops, i.e. the exact int8 arithmetic TensorRT runs,
+    not this CPU's fused ONNX Runtime kernels (``edgevlm.quant.calibration.ort_session``).
     """
     from edgevlm.quant.calibration import ort_session
+    from edgevlm.runtime.cpuinfo import cpu_flags, has_int8_dot
 
     if not items:
         raise DataError("the held-out set is empty: the quantization report needs at least one image")
@@ -158,9 +162,9 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
     same_vision = Path(fp32_vision) == Path(vision)
     same_decoder = Path(fp32_decoder) == Path(decoder)
     v_ref = ort_session(fp32_vision, threads)
-    v_q = v_ref if same_vision else ort_session(vision, threads)
+    v_q = v_ref if same_vision else ort_session(vision, threads, emulate_qdq=emulate_qdq)
     d_ref = DecoderRunner(fp32_decoder, threads)
-    d_q = DecoderRunner(decoder, threads, session=d_ref.sess if same_decoder else None)
+    d_q = DecoderRunner(decoder, threads, session=d_ref.sess if same_decoder else None, emulate_qdq=emulate_qdq)
     vin = v_ref.get_inputs()[0].name
     vstats, dstats, estats = ErrorStats(), ErrorStats(), ErrorStats()
     # decode steps in the report: the whole teacher-forced answer (short) or ``decode_steps`` greedy tokens
@@ -180,6 +184,9 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
                   n, estats, ctx.eos_id)
     return {"vision": vstats.to_dict(), "decoder": dstats.to_dict(), "end_to_end": estats.to_dict(),
             "heldout_samples": len(items), "seconds": round(time.perf_counter() - t0, 3),
+            "quantized_graphs_run_as": ("Q/DQ as float ops (the exact int8 arithmetic of the target's TensorRT "
+                                        "kernels)" if emulate_qdq else "ONNX Runtime's CPU kernels on this host"),
+            "host_int8_dot": has_int8_dot(cpu_flags()),
             "decoder_inputs": "fp32 vision embeddings (isolates the decoder)",
             "end_to_end_inputs": "each pipeline's own vision graph and embedding table",
             "positions": "prefill last position + teacher-forced answer tokens (greedy fp32 tokens without answers)"}
