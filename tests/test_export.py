@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from edgevlm.model.hf_compat import cache_of, with_cache
 from edgevlm.bundle import load_embedding_table, read_bundle  # noqa: E402
 from edgevlm.config import PROJECTOR_TYPES, get_model_config  # noqa: E402
 from edgevlm.exporter import spec as S  # noqa: E402
@@ -122,7 +123,7 @@ def test_prefill_and_decode_steps_match_pytorch(exported, name):
     g = torch.Generator().manual_seed(123)
     emb = torch.randn(2, 9, cfg.llm.hidden_size, generator=g)
     with torch.no_grad():
-        ref = model.llm(inputs_embeds=emb, past_key_values=DynamicCache(), use_cache=True)
+        ref = model.llm(inputs_embeds=emb, **with_cache(DynamicCache()), use_cache=True)
     logits, past = _decoder_run(sess, emb.numpy(), _empty_past(cfg, 2), 0)
     assert logits.shape == (2, 1, cfg.llm.vocab_size)
     assert np.abs(logits - ref.logits[:, -1:].numpy()).max() <= LOGITS_ATOL
@@ -130,13 +131,13 @@ def test_prefill_and_decode_steps_match_pytorch(exported, name):
     for _ in range(3):
         step = torch.randn(2, 1, cfg.llm.hidden_size, generator=g)
         with torch.no_grad():
-            ref = model.llm(inputs_embeds=step, past_key_values=ref.past_key_values, use_cache=True,
+            ref = model.llm(inputs_embeds=step, **with_cache(cache_of(ref)), use_cache=True,
                             position_ids=torch.full((2, 1), n))
         logits, past = _decoder_run(sess, step.numpy(), past, n)
         n += 1
         assert np.abs(logits - ref.logits.numpy()).max() <= LOGITS_ATOL
     assert past["past_key_values.0.key"].shape == (2, cfg.llm.num_kv_heads, n, cfg.llm.head_dim)
-    want = ref.past_key_values.layers[-1].values.numpy()
+    want = cache_of(ref).layers[-1].values.numpy()
     assert np.abs(past[f"past_key_values.{cfg.llm.num_layers - 1}.value"] - want).max() <= 1e-4
 
 

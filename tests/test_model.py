@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgevlm.model.hf_compat import cache_of, with_cache
 from edgevlm.config import get_model_config, model_names
 from edgevlm.errors import ConfigError, PromptError
 from edgevlm.model import MobileVLM, SamplingConfig, build_model, count_parameters_meta
@@ -163,11 +164,11 @@ def test_kv_cached_decoding_equals_full_forward(name):
         full_emb = torch.cat([s.inputs_embeds, model.embed_tokens(extra)], dim=1)
         full = model.llm(inputs_embeds=full_emb).logits                          # [1, T+4, V]
         cache = DynamicCache()
-        out = model.llm(inputs_embeds=s.inputs_embeds, past_key_values=cache, use_cache=True)
+        out = model.llm(inputs_embeds=s.inputs_embeds, **with_cache(cache), use_cache=True)
         steps = [out.logits[:, -1]]
         n = s.inputs_embeds.shape[1]
         for j in range(extra.shape[1]):
-            o = model.llm(inputs_embeds=model.embed_tokens(extra[:, j:j + 1]), past_key_values=cache,
+            o = model.llm(inputs_embeds=model.embed_tokens(extra[:, j:j + 1]), **with_cache(cache),
                           position_ids=torch.tensor([[n + j]]), use_cache=True)
             steps.append(o.logits[:, -1])
     inc = torch.stack(steps, dim=1)                                               # [1, 5, V]
@@ -175,6 +176,7 @@ def test_kv_cached_decoding_equals_full_forward(name):
     assert (inc - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")   # transformers' cache-keyword deprecation
 def test_generate_greedy_is_deterministic_and_matches_argmax_rollout():
     torch.manual_seed(0)
     model = build_model(get_model_config("tiny-ldpnetv2")).eval()

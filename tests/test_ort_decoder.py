@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgevlm.model.hf_compat import cache_of, with_cache
 from edgevlm.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -68,10 +69,10 @@ def _reference(llm, prompt: np.ndarray, steps: list[np.ndarray]) -> list[np.ndar
     with torch.no_grad():
         r = llm(inputs_embeds=torch.from_numpy(prompt), use_cache=True)
         out.append(r.logits[0, -1].numpy())
-        past = r.past_key_values
+        past = cache_of(r)
         for e in steps:
-            r = llm(inputs_embeds=torch.from_numpy(e), past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = llm(inputs_embeds=torch.from_numpy(e), **with_cache(past), use_cache=True)
+            past = cache_of(r)
             out.append(r.logits[0, -1].numpy())
     return out
 
@@ -137,15 +138,15 @@ def test_int4_stays_close_and_greedy_mostly_agrees(built, tiny_llm):
     ref_tokens, cos = [], []
     with torch.no_grad():
         r = tiny_llm(inputs_embeds=torch.from_numpy(prompt), use_cache=True)
-        past, logits = r.past_key_values, r.logits[0, -1]
+        past, logits = cache_of(r), r.logits[0, -1]
         dec2 = _session(d, entry)
         q = dec2.prefill(prompt)[0]
         for t in range(6):
             cos.append(float(np.dot(q, logits.numpy()) / np.linalg.norm(q) / np.linalg.norm(logits.numpy())))
             ref_tokens.append(int(logits.argmax()))
             nxt = ref_tokens[-1]                       # teacher-force the reference token into both
-            r = tiny_llm(inputs_embeds=torch.from_numpy(table[nxt][None, None]), past_key_values=past, use_cache=True)
-            past, logits = r.past_key_values, r.logits[0, -1]
+            r = tiny_llm(inputs_embeds=torch.from_numpy(table[nxt][None, None]), **with_cache(past), use_cache=True)
+            past, logits = cache_of(r), r.logits[0, -1]
             q = dec2.step(table[nxt][None, None])[0]
     assert min(cos) > 0.99, cos
     agree = sum(a == b for a, b in zip(tokens, ref_tokens))

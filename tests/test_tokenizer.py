@@ -112,8 +112,14 @@ def test_load_tokenizer_errors(tmp_path):
         tk.train_tokenizer(["a b c"], vocab_size=50)
 
 
-def test_converts_a_sentencepiece_model(tmp_path, samples):
-    """A checkpoint with only ``tokenizer.model`` (the released MobileVLMs) is converted through transformers."""
+def test_converts_a_sentencepiece_model(tmp_path, samples, capfd):
+    """A checkpoint with only ``tokenizer.model`` (the released MobileVLMs) is converted through transformers,
+    without transformers reading the checkpoint's ``model_type: mobilevlm`` config (no warning reaches the user)."""
+    import warnings
+
+    from edgevlm.config import get_model_config
+    from edgevlm.model.checkpoint import to_hf_config
+
     spm = pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
     corpus = tmp_path / "corpus.txt"
@@ -125,7 +131,15 @@ def test_converts_a_sentencepiece_model(tmp_path, samples):
                                                                 "legacy": False}))
     (tmp_path / "corpus.txt").unlink()
     (tmp_path / "tokenizer.vocab").unlink()
-    tok = tk.load_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**to_hf_config(get_model_config("mobilevlm-1.7b")),
+                                                      "rope_scaling": None}))
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok = tk.load_tokenizer(tmp_path)
+    err = capfd.readouterr().err
+    assert "model of type" not in err and "deprecated" not in err, err
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], caught
     assert isinstance(tok, Tokenizer)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     for text in ("What shape is shown? ASSISTANT: circle", "A chat between a curious user"):

@@ -98,6 +98,7 @@ def test_dataset_batch_and_pixels_match_preprocess(data, tok):
         assert (out.spliced_labels[row, p:p + cfg.visual_tokens] == IGNORE_INDEX).all()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")   # transformers' cache-keyword deprecation
 def test_shared_prefix_loss_and_grads_equal_plain_forward(data, tok):
     cfg = get_model_config(MODEL)
     model = build_model(cfg)
@@ -307,6 +308,7 @@ def test_recipe_files_parse_and_flags_win():
 
 
 # ---- CLI end to end -------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("error::FutureWarning")   # transformers' cache-keyword deprecation
 def test_cli_train_then_eval(data, tmp_path, capsys):
     from edgevlm.cli import main
 

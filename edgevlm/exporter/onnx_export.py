@@ -49,6 +49,8 @@ def _wrappers():
     import torch
     from transformers import DynamicCache
 
+    from edgevlm.model.hf_compat import cache_of, with_cache
+
     class VisionEncoder(torch.nn.Module):
         """``pixel_values [B, 3, S, S]`` -> ``image_embeds [B, V, D]`` (``MobileVLM.encode_images``)."""
 
@@ -69,9 +71,9 @@ def _wrappers():
         def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
             cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past_key_values], config=self.llm.config)
             out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)  # logits [B, 1, vocab]
+                           **with_cache(cache), use_cache=True, logits_to_keep=1)  # logits [B, 1, vocab]
             presents = []
-            for layer in out.past_key_values.layers:
+            for layer in cache_of(out).layers:
                 presents += [layer.keys, layer.values]                           # [B, H_kv, past + seq, hd]
             return (out.logits, *presents)
 

@@ -216,6 +216,8 @@ def decoder_reference(model, *, batches: Sequence[int] = DEFAULT_BATCHES, prompt
     import torch
     from transformers import DynamicCache
 
+    from edgevlm.model.hf_compat import cache_of, with_cache
+
     cfg = model.cfg
     d = cfg.llm.hidden_size
     g = torch.Generator().manual_seed(seed + 1)
@@ -234,10 +236,10 @@ def decoder_reference(model, *, batches: Sequence[int] = DEFAULT_BATCHES, prompt
                 mask = torch.ones(b, prompt_len, dtype=torch.long)
                 pos = torch.arange(prompt_len).expand(b, prompt_len).contiguous()
                 cache = DynamicCache(config=model.llm.config)
-                out = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                out = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **with_cache(cache),
                                 use_cache=True, logits_to_keep=1)
                 prefill_logits = out.logits.float().numpy().copy()
-                prefill_presents = _flat_presents(out.past_key_values)
+                prefill_presents = _flat_presents(cache_of(out))
                 step_embeds, step_logits = [], []
                 n = prompt_len
                 logits = out.logits
@@ -247,13 +249,13 @@ def decoder_reference(model, *, batches: Sequence[int] = DEFAULT_BATCHES, prompt
                     mask = torch.ones(b, n + 1, dtype=torch.long)
                     pos = torch.full((b, 1), n, dtype=torch.long)
                     out = model.llm(inputs_embeds=e, attention_mask=mask, position_ids=pos,
-                                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                                    **with_cache(cache_of(out)), use_cache=True, logits_to_keep=1)
                     logits = out.logits
                     step_embeds.append(e.numpy().copy())
                     step_logits.append(logits.float().numpy().copy())
                     n += 1
                 refs.append(DecoderReference(b, emb.numpy().copy(), prefill_logits, prefill_presents, step_embeds,
-                                             step_logits, _flat_presents(out.past_key_values)))
+                                             step_logits, _flat_presents(cache_of(out))))
     finally:
         model.train(was)
     return refs

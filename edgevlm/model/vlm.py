@@ -23,6 +23,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from edgevlm.config import LLMConfig, ModelConfig
 from edgevlm.errors import PromptError
+from edgevlm.model.hf_compat import with_cache
 from edgevlm.model.projectors import build_projector
 from edgevlm.model.vision import VisionTower
 from edgevlm.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -139,7 +140,7 @@ class MobileVLM(nn.Module):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(0 if sampling.seed is None else sampling.seed)
         cache = DynamicCache()
-        out = self.llm(inputs_embeds=s.inputs_embeds, position_ids=s.position_ids, past_key_values=cache,
+        out = self.llm(inputs_embeds=s.inputs_embeds, position_ids=s.position_ids, **with_cache(cache),
                        use_cache=True, logits_to_keep=1)
         n_ctx = s.inputs_embeds.shape[1]
         produced: list[int] = []
@@ -154,7 +155,7 @@ class MobileVLM(nn.Module):
                 break
             emb = self.embed_tokens(torch.tensor([[nxt]], device=self.device))  # [1, 1, D]
             pos = torch.tensor([[n_ctx]], device=self.device)
-            out = self.llm(inputs_embeds=emb, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.llm(inputs_embeds=emb, position_ids=pos, **with_cache(cache), use_cache=True)
             n_ctx += 1
         return produced
 

@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from edgevlm.errors import DataError
+from edgevlm.model.hf_compat import with_cache
 from edgevlm.preprocess import PreprocessConfig
 from edgevlm.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
 
@@ -69,7 +70,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], pixel_values: t
         mask[i, length - r.shape[0]:] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                           # [B, L]
     cache = DynamicCache()
-    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **with_cache(cache),
                     use_cache=True, logits_to_keep=1)
     produced: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -85,7 +86,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], pixel_values: t
             break
         emb = model.embed_tokens(nxt[:, None])                                  # [B, 1, D]
         mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
-        out = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+        out = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos, **with_cache(cache),
                         use_cache=True)
         next_pos = next_pos + 1
     return produced

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import string
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
@@ -132,6 +133,20 @@ def save_tokenizer(tok: Tokenizer, directory: str | Path,
     return directory
 
 
+def _auto_tokenizer_without_model_config(auto_tokenizer: Any, directory: Path) -> Any:
+    """``AutoTokenizer.from_pretrained`` on the tokenizer files only. A MobileVLM checkpoint's config.json says
+    ``model_type: mobilevlm``, which transformers does not know: read from the checkpoint itself it warns ("a model
+    of type mobilevlm ...") and trips deprecations of that config's fields. The tokenizer does not depend on it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgevlm-tok-") as tmp:
+        for f in directory.iterdir():
+            if f.is_file() and f.name != "config.json" and (f.name.startswith(("tokenizer", "special_tokens"))
+                                                            or f.name == "added_tokens.json"):
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+        return auto_tokenizer.from_pretrained(tmp)
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from a tokenizer or checkpoint directory.
 
@@ -156,7 +171,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             raise MissingDependency("transformers", "export",
                                     "converting a SentencePiece tokenizer.model to tokenizer.json") from exc
         try:
-            hf = AutoTokenizer.from_pretrained(str(directory))
+            hf = _auto_tokenizer_without_model_config(AutoTokenizer, directory)
         except (OSError, ValueError, TypeError, ImportError) as exc:
             raise CheckpointError(f"cannot convert '{directory / 'tokenizer.model'}' to a fast tokenizer "
                                   f"({type(exc).__name__}: {exc}); check tokenizer_config.json or install "
