@@ -11,8 +11,21 @@ from edgevlm.model import SamplingConfig, build_model
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def ieee_fp32():
+    """fp32 means fp32 on the GPU: cuDNN convolutions default to TF32 on Ampere and newer (10-bit mantissa: 1.9e-4
+    off the CPU on an H200, against the 1e-4 asked); matmuls may too. Both run IEEE fp32 for the test's duration."""
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    old = (conv.fp32_precision, mm.fp32_precision)
+    conv.fp32_precision, mm.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = old
+
+
 @pytest.mark.parametrize("name", ["tiny-ldpnet", "tiny-ldpnetv2", "tiny-mlp2x_gelu"])
-def test_cuda_fp32_matches_cpu(name):
+def test_cuda_fp32_matches_cpu(name, ieee_fp32):
     model = build_model(get_model_config(name), seed=0).eval()
     px = torch.randn(1, 3, 56, 56)
     ids = torch.tensor([[1, 5, 6, -200, 7, 8]])
