@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edgevlm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
