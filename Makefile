@@ -1,13 +1,14 @@
 # edgevlm set-up and main jobs. Every target creates or reuses the virtual environment in .venv.
 #   make demo   run the whole pipeline on the embedded default (train -> quantize -> export -> run -> bench)
 #   make test   run the default test suite (CPU, a few minutes on 2 cores)
+#   make test-isa  the ISA-sensitive tests again on an emulated AVX2-only CPU (qemu-user; .ci/run installs it)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP_EXTRA ?=
 STAMP  := $(VENV)/.edgevlm-installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-isa test-all venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+# the ISA-sensitive tests on an emulated AVX2-only CPU (needs qemu-user: apt-get install qemu-user)
+test-isa: $(STAMP)
+	$(PY) -m pytest -q -m isa
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
