@@ -11,6 +11,7 @@ normalize with the CLIP mean/std. Output ``[3, S, S]`` float32 (``preprocess``) 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from edgevlm.config import CLIP_MEAN, CLIP_STD
 from edgevlm.errors import ImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 #: Images with more pixels than this are refused before decoding (decompression bombs); override per call.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -57,8 +60,25 @@ class PreprocessConfig:
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+def check_image_path(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it names an existing regular file; else ``ImageError`` saying what it is instead
+    (missing, a directory, not a regular file) and what to pass. Cheap: run it before loading a model."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        example = next((c for c in itertools.islice(p.iterdir(), 1000)
+                        if c.suffix.lower() in _IMAGE_SUFFIXES and c.is_file()), p / "photo.jpg")
+        raise ImageError(f"image path '{p}' is a directory, not an image file; pass an image file, e.g. "
+                         f"'{example}' (one image per request)")
+    if p.exists():
+        raise ImageError(f"image path '{p}' is not a regular file; pass an image file (PNG, JPEG, ...)")
+    raise ImageError(f"image file '{p}' does not exist; check the path")
+
+
 def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and validate an image; returns an RGB PIL image. Raises ``ImageError`` naming the problem."""
+    """Open and validate an image; returns an RGB PIL image. Raises ``ImageError`` naming the problem (a path
+    that is missing or a directory: ``check_image_path``)."""
     name = "image"
     if isinstance(image, Image.Image):
         img = image
@@ -71,8 +91,7 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             src: Any = io.BytesIO(image)
         else:
             name = str(image)
-            if not Path(image).is_file():
-                raise ImageError(f"image file '{name}' does not exist")
+            check_image_path(image)
             src = name
         try:
             with warnings.catch_warnings():

@@ -76,7 +76,13 @@ def tokenize_prompt(prompt: str, tokenizer: TokenizerLike, bos_token_id: int | N
 
 
 def check_prompt_ids(ids: Sequence[int], visual_tokens: int, context_length: int, max_new_tokens: int = 0) -> int:
-    """Validate a tokenized prompt; returns its length once images are spliced in."""
+    """Validate a tokenized prompt; returns its length once images are spliced in.
+
+    ``PromptError`` when the placeholder is missing or repeated, or when the prompt alone is longer than the context.
+    ``max_new_tokens`` (the request's) is counted in that message, so its arithmetic is the whole request's: prompt
+    + new tokens vs. the context. A prompt that fits but leaves fewer than ``max_new_tokens`` positions is not an
+    error: the answer stops when the context is full (``finish_reason == "context_full"``).
+    """
     n_images = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
     if n_images == 0:
         raise PromptError(f"the prompt has no '{IMAGE_PLACEHOLDER}' placeholder; put '{IMAGE_PLACEHOLDER}' where the "
@@ -85,8 +91,25 @@ def check_prompt_ids(ids: Sequence[int], visual_tokens: int, context_length: int
         raise PromptError(f"the prompt has {n_images} '{IMAGE_PLACEHOLDER}' placeholders; one image per request is "
                           f"supported")
     length = len(ids) - 1 + visual_tokens
-    if length + max_new_tokens > context_length:
-        raise PromptError(f"prompt is {length} tokens ({visual_tokens} visual + {len(ids) - 1} text) and "
-                          f"{max_new_tokens} new tokens are requested, but the context holds {context_length}; "
-                          f"shorten the prompt or lower max_new_tokens")
+    if length > context_length:
+        raise PromptError(prompt_too_long_message(length, visual_tokens, context_length, max_new_tokens))
     return length
+
+
+def prompt_too_long_message(length: int, visual_tokens: int, context_length: int, max_new_tokens: int = 0) -> str:
+    """``prompt is N tokens (V visual + T text) + K new tokens requested (--max-new-tokens) = N + K, but the context
+    holds M; ...``: the request's arithmetic and the fix (shorten the prompt, by how much, or lower
+    --max-new-tokens)."""
+    text = length - visual_tokens
+    new = max(0, int(max_new_tokens))
+    head = f"prompt is {length} tokens ({visual_tokens} visual + {text} text)"
+    if new:
+        head += f" + {new} new tokens requested (--max-new-tokens) = {length + new}"
+    over_prompt, over_all = length - context_length, length + new - context_length
+    if not new:
+        fix = f"shorten the prompt by at least {over_prompt} tokens"
+    elif over_prompt > 0:
+        fix = f"shorten the prompt by {over_all} tokens, or by at least {over_prompt} and lower --max-new-tokens"
+    else:
+        fix = f"shorten the prompt by {over_all} tokens or lower --max-new-tokens to {context_length - length}"
+    return f"{head}, but the context holds {context_length}; {fix}"

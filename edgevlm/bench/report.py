@@ -9,6 +9,7 @@ measured: hashes, budgets, precisions), ``sessions`` (one per bundle x threads x
 requests, peak RSS), ``configurations`` (one per session x prompt tokens x output tokens: every request and the
 median / min / max / IQR / spread of each metric, plus the roofline bounds), ``fits`` (Eq. 4 per session with
 held-out predictions, ``edgevlm.bench.fit``), ``family_fits`` (across budgets sharing a decoder) and ``summary``.
+``eq4_verdict(report)`` is the fit's two-line console summary (``edgevlm bench`` and ``edgevlm demo`` print it).
 
 Charts need matplotlib (``pip install 'edgevlm[bench]'``); it is imported only when charts are written, and a
 missing matplotlib skips them with a warning.
@@ -32,7 +33,7 @@ from edgevlm.bench.sweep import METRICS, summarize
 log = logging.getLogger(__name__)
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "build_report", "write_report", "write_json", "write_markdown",
-           "write_charts", "bundle_record", "load_report", "CHART_FILES"]
+           "write_charts", "throughput_figure", "bundle_record", "load_report", "eq4_verdict", "CHART_FILES"]
 
 SCHEMA = "edgevlm.bench.report"
 SCHEMA_VERSION = 1
@@ -254,6 +255,65 @@ def _summary(sessions: list[dict[str, Any]], configurations: list[dict[str, Any]
                     "passes": (max(held) <= TOLERANCE) if held else None}}
 
 
+# ---- console verdict -------------------------------------------------------------------------------------------------
+def _rate_text(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _rates(values: list[float | None]) -> str:
+    vs = [v for v in values if v is not None and math.isfinite(v)]
+    if not vs:
+        return "n/a"
+    lo, hi = min(vs), max(vs)
+    return f"{_rate_text(lo)} tok/s" if _rate_text(lo) == _rate_text(hi) else f"{_rate_text(lo)}-{_rate_text(hi)} tok/s"
+
+
+def eq4_verdict(report: dict[str, Any]) -> str:
+    """Two plain-text lines (no markup) on MobileVLM's Eq. 4 fit of a bench report, for a console:
+
+        Eq. 4 fit: PASS, predicts the held-out configuration (largest Tks_in x Tks_out) within 3.5% (bar 10%)
+          fitted v_prompt 101 tok/s (measured 112 tok/s), v_decode 4.42 tok/s (measured 4.38 tok/s); 1 session
+
+    Several sessions: the worst held-out error, the range of the fitted rates and, with budgets sharing a decoder,
+    the worst leave-one-budget-out error. FAIL beyond the bar; n/a when the sweep is too small to hold a
+    configuration out (>= 2 prompt and >= 2 output lengths are needed). ``edgevlm bench`` and ``edgevlm demo``
+    print it.
+    """
+    summary = report.get("summary") or {}
+    eq = summary.get("eq4") or {}
+    rows = [r for r in summary.get("rows", []) if "error" not in r]
+    tol = eq.get("tolerance", TOLERANCE)
+    err = eq.get("heldout_max_rel_error")
+    n = len(rows)
+    sessions = f"{n} session" + ("" if n == 1 else "s")
+    what = ("the held-out configuration" if n == 1 else "each session's held-out configuration") + \
+        " (largest Tks_in x Tks_out)"
+    bar = f"bar {tol * 100:g}%"
+    if not rows:
+        first = "Eq. 4 fit: n/a, no session completed"
+    elif err is None:
+        first = ("Eq. 4 fit: n/a, too few configurations to hold one out and predict it; sweep >= 2 prompt and >= 2 "
+                 "output lengths")
+    elif eq.get("passes"):
+        first = f"Eq. 4 fit: PASS, predicts {what} within {_pct(err)} ({bar})"
+    else:
+        first = f"Eq. 4 fit: FAIL, predicts {what} only within {_pct(err)} ({bar})"
+    if not rows:
+        return first
+    vp = _rates([r.get("v_prompt_fit") for r in rows])
+    vd = _rates([r.get("v_decode_fit") for r in rows])
+    if n == 1:
+        mp, md = _rates([rows[0].get("prefill_tok_s")]), _rates([rows[0].get("decode_tok_s")])
+        second = f"  fitted v_prompt {vp} (measured {mp}), v_decode {vd} (measured {md}); {sessions}"
+    else:
+        second = f"  fitted v_prompt {vp}, v_decode {vd} over {sessions}"
+    fam = [f["leave_one_bundle_out"]["max_rel_error"] for f in report.get("family_fits") or []
+           if (f.get("leave_one_bundle_out") or {}).get("max_rel_error") is not None]
+    if fam:
+        second += f"; leave-one-budget-out max error {_pct(max(fam))}"
+    return first + "\n" + second
+
+
 # ---- writers ---------------------------------------------------------------------------------------------------------
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
     from edgevlm.errors import ConfigError
@@ -418,16 +478,87 @@ def _corners(configs: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(p, o) for p in pick_p for o in pick_o]
 
 
-def write_charts(report: dict[str, Any], out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
-    """``latency_breakdown.png`` (stacked parts per session at the sweep's corner configurations), ``throughput.png``
-    (prefill tok/s against Tks_in, decode tok/s against the mean decode context, with the bandwidth roofline) and
-    ``eq4_fit.png`` (predicted against measured request totals). Returns the paths ([] without matplotlib)."""
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _positive(*xs: Any) -> bool:
+    return all(_finite(x) and x > 0 for x in xs)
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only), or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def throughput_figure(report: dict[str, Any]) -> Any:
+    """The ``throughput.png`` figure: prefill tok/s against Tks_in (left) and decode tok/s against the mean decode
+    context (right), one colour and marker per precision x threads (x backend) group in both panels. The decode
+    panel draws each configuration's memory-bandwidth bound (``roofline.decode_bound_tok_s``) as a hollow marker of
+    its group's colour wherever the report has a finite bound, and says so in its title and legend only then (a
+    run with ``--no-roofline`` has none). Returns the matplotlib ``Figure`` (needs matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
+        from edgevlm.errors import MissingDependency
+
+        raise MissingDependency("throughput_figure needs matplotlib: pip install 'edgevlm[bench]'")
+    configs = report["configurations"]
+    multi_backend = len({c["backend"] for c in configs}) > 1
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in configs:
+        key = f"{c['precision']} t{c['threads']}" + (f" {c['backend']}" if multi_backend else "")
+        groups.setdefault(key, []).append(c)
+    markers = "osD^v<>ph*"
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
+    drew_bound = False
+    for gi, (key, cs) in enumerate(sorted(groups.items())):
+        cs = sorted(cs, key=lambda c: c["prompt_tokens"])
+        style = {"marker": markers[gi % len(markers)], "color": palette[gi % len(palette)], "linestyle": "none"}
+        pre = [(c["prompt_tokens"], _med(c, "prefill_tok_s")) for c in cs]
+        pre = [xy for xy in pre if _finite(xy[1])]
+        if pre:
+            a1.plot(*zip(*pre), label=key, alpha=0.8, **style)
+        ctx = {c["id"]: c["prompt_tokens"] + c["output_tokens"] / 2 for c in cs}
+        dec = [(ctx[c["id"]], _med(c, "decode_tok_s")) for c in cs]
+        dec = [xy for xy in dec if _finite(xy[1])]
+        if dec:
+            a2.plot(*zip(*dec), label=key, alpha=0.8, **style)
+        bound = [(ctx[c["id"]], (c.get("roofline") or {}).get("decode_bound_tok_s")) for c in cs]
+        bound = [xy for xy in bound if _finite(xy[1])]          # a missing or non-finite bound is not drawn
+        if bound:
+            a2.plot(*zip(*bound), mfc="none", alpha=0.6, label=f"{key} bandwidth bound", **style)
+            drew_bound = True
+    a1.set_xlabel("Tks_in = visual + text tokens")
+    a1.set_ylabel("prefill tok/s (median)")
+    a1.set_title("prefill throughput", fontsize=10)
+    a2.set_xlabel("mean decode context (Tks_in + Tks_out / 2)")
+    a2.set_ylabel("decode tok/s (median)")
+    a2.set_title("decode throughput" + (" (hollow: memory-bandwidth roofline)" if drew_bound
+                                        else " (no roofline measured in this run)"), fontsize=10)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+        a.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
+
+
+def write_charts(report: dict[str, Any], out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """``latency_breakdown.png`` (stacked parts per session at the sweep's corner configurations), ``throughput.png``
+    (prefill tok/s against Tks_in, decode tok/s against the mean decode context, with the bandwidth roofline) and
+    ``eq4_fit.png`` (predicted against measured request totals). Every legend entry is an artist with data drawn on
+    the axes (``throughput_figure``). Returns the paths ([] without matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
         warnings.warn("matplotlib is not installed: charts skipped (pip install 'edgevlm[bench]')", stacklevel=2)
         return []
     out = Path(out_dir)
@@ -489,63 +620,41 @@ def write_charts(report: dict[str, Any], out_dir: str | os.PathLike, prefix: str
     paths.append(p1)
 
     # -- 2. throughput against tokens
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for c in configs:
-        key = f"{c['precision']} t{c['threads']}" + (f" {c['backend']}" if multi_backend else "")
-        groups.setdefault(key, []).append(c)
-    markers = "osD^v<>ph*"
-    for gi, (key, cs) in enumerate(sorted(groups.items())):
-        cs = sorted(cs, key=lambda c: c["prompt_tokens"])
-        mk = markers[gi % len(markers)]
-        a1.plot([c["prompt_tokens"] for c in cs], [_med(c, "prefill_tok_s") for c in cs], mk, label=key, alpha=0.8)
-        xs = [c["prompt_tokens"] + c["output_tokens"] / 2 for c in cs]
-        a2.plot(xs, [_med(c, "decode_tok_s") for c in cs], mk, label=key, alpha=0.8)
-        bounds = [(c.get("roofline") or {}).get("decode_bound_tok_s") for c in cs]
-        if all(b is not None for b in bounds):
-            a2.plot(xs, bounds, mk, mfc="none", alpha=0.5, label=f"{key} bandwidth bound")
-    a1.set_xlabel("Tks_in = visual + text tokens")
-    a1.set_ylabel("prefill tok/s (median)")
-    a1.set_title("prefill throughput", fontsize=10)
-    a2.set_xlabel("mean decode context (Tks_in + Tks_out / 2)")
-    a2.set_ylabel("decode tok/s (median)")
-    a2.set_title("decode throughput (hollow: memory-bandwidth roofline)", fontsize=10)
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-        a.set_ylim(bottom=0)
-    fig.tight_layout()
+    fig = throughput_figure(report)
     p2 = out / f"{prefix}throughput.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     paths.append(p2)
 
-    # -- 3. Eq. 4 predicted vs measured
+    # -- 3. Eq. 4 predicted vs measured (log axes: only positive values can be drawn, so only they are plotted)
     fig, ax = plt.subplots(figsize=(6, 5.5))
-    allv: list[float] = []
+    fit_xy: list[tuple[float, float]] = []
+    held_xy: list[tuple[float, float]] = []
     for f in report["fits"]:
         if "error" in f:
             continue
-        fx = [p["measured_s"] for p in f["fitted"]]
-        fy = [p["predicted_s"] for p in f["fitted"]]
-        ax.plot(fx, fy, "o", alpha=0.35, color="#4c72b0")
-        allv += fx + fy
-        for p in (f.get("heldout") or {}).get("points") or []:
-            ax.plot([p["measured_s"]], [p["predicted_s"]], "x", color="#c44e52", ms=9, mew=2)
-            allv += [p["measured_s"], p["predicted_s"]]
+        fit_xy += [(p["measured_s"], p["predicted_s"]) for p in f["fitted"]]
+        held_xy += [(p["measured_s"], p["predicted_s"]) for p in (f.get("heldout") or {}).get("points") or []]
+    fit_xy = [xy for xy in fit_xy if _positive(*xy)]
+    held_xy = [xy for xy in held_xy if _positive(*xy)]
+    if fit_xy:
+        ax.plot(*zip(*fit_xy), "o", alpha=0.35, color="#4c72b0", label="in-sample fit")
+    if held_xy:
+        ax.plot(*zip(*held_xy), "x", color="#c44e52", ms=9, mew=2, label="held out (largest Tks_in x Tks_out)")
+    allv = [v for xy in fit_xy + held_xy for v in xy]
     if allv:
         lo, hi = min(allv) * 0.9, max(allv) * 1.1
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
         ax.fill_between([lo, hi], [lo * (1 - TOLERANCE), hi * (1 - TOLERANCE)],
-                        [lo * (1 + TOLERANCE), hi * (1 + TOLERANCE)], color="grey", alpha=0.15, label="±10%")
+                        [lo * (1 + TOLERANCE), hi * (1 + TOLERANCE)], color="grey", alpha=0.15,
+                        label=f"±{TOLERANCE * 100:g}%")
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.plot([], [], "o", color="#4c72b0", alpha=0.5, label="in-sample fit")
-    ax.plot([], [], "x", color="#c44e52", label="held out (largest Tks_in x Tks_out)")
     ax.set_xlabel("measured request total (s)")
     ax.set_ylabel("Eq. 4 predicted (s)")
     ax.set_title("Eq. 4 fit per session: predicted vs measured", fontsize=10)
-    ax.legend(fontsize=8)
+    if allv:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     p3 = out / f"{prefix}eq4_fit.png"

@@ -76,7 +76,7 @@ class SweepSpec:
                                                    # removed after it), "auto" (~/.cache), a directory, or None (off)
     prime: bool = True
     verify_hashes: bool = True
-    spinning: bool = True
+    spinning: bool = False
     timeout_s: float = 3600.0
 
     def validate(self) -> None:
@@ -165,7 +165,7 @@ def _open(job: dict[str, Any]):
 
     return Session.from_bundle(job["bundle"], threads=job.get("threads"), providers=BACKENDS[job["backend"]],
                                verify_hashes=job.get("verify_hashes", True), optimized_cache=job.get("cache"),
-                               spinning=job.get("spinning", True))
+                               spinning=job.get("spinning", False))
 
 
 def run_session(job: dict[str, Any], progress: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
           repeats: int = 3, out: str = "bench-out", name: str = "report",
           prompt_mode: Literal["raw", "template"] = "raw", image_size: str | None = None, seed: int = 0,
           isolate: bool = True, cache: bool = True, cache_dir: str | None = None, prime: bool = True,
-          verify: bool = True, spinning: bool = True, charts: bool = True, roofline: bool = True,
+          verify: bool = True, spinning: bool = False, charts: bool = True, roofline: bool = True,
           bandwidth_gib: float = 0.5, timeout: float = 3600.0, compare: bool = False,
           fail_on_regression: bool = True, regression_floor: float = 0.03, all_rows: bool = False,
           build_budgets: bool = False, build_only: bool = False, model: str | None = None,
@@ -144,7 +144,9 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
             temporary cache per session, removed after it (every bundle's load measured alike, no disk left used).
         prime: load once before the measured load so load_s is a warm-cache load (the first one is first_load_s).
         verify: check bundle hashes at load (cheap after the first load with the cache).
-        spinning: let ORT threads spin between parallel sections.
+        spinning: let ORT threads spin between parallel sections (off by default, as in `edgevlm run`: on a quiet
+            machine it gave +7 % decode, 23.2 vs 21.7 tok/s, but with other processes on the cores it halved it,
+            2.7 vs 4.9 tok/s, docs/runtime.md; --spinning on a dedicated device).
         charts: write PNG charts (needs matplotlib).
         roofline: measure memory bandwidth and GEMM throughput in this run for the rooflines.
         bandwidth_gib: size of the bandwidth probe's array.
@@ -154,7 +156,8 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
         regression_floor: with --compare, the smallest relative change that counts, as a fraction.
         all_rows: with --compare, print every configuration-metric pair, not only the flagged ones.
         build_budgets: export the bundles of a token-budget sweep into the positional directory first.
-        build_only: with --build-budgets, export and stop (no benchmark).
+        build_only: with --build-budgets, export and stop (no benchmark): prints the bundle directories, one per
+            line (their build record as JSON with --json-output).
         model: with --build-budgets, the registry model whose vision tower and LLM every budget shares.
         budgets: with --build-budgets, e.g. 576,ldp:144,ldpv2:144,64,36 (N or PROJECTOR:N).
         precision: with --build-budgets, precisions (fp32,int4 or fp32 int4,vision=fp32).
@@ -167,7 +170,8 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
         parity: with --build-budgets, validate the base export against PyTorch (slow at full size).
         overwrite: with --build-budgets, replace existing bundles.
         verbose_sessions: print every request's numbers as it completes.
-        json_output: print the report JSON instead of the table.
+        json_output: print the report JSON instead of the table (the console output is a table, the Eq. 4
+            verdict and the report's paths; the data is in the report files).
     """
     kwargs = dict(locals())
     if compare:
@@ -193,7 +197,10 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
         paths = [str(p) for p in res.bundles]
         print(f"built {len(paths)} bundles in {res.timings_s['total']:.0f} s", file=sys.stderr)
         if build_only:
-            print(json.dumps(build_info))
+            if json_output:
+                print(json.dumps(build_info))
+            else:
+                print("\n".join(paths))               # one bundle directory per line (pipe into `edgevlm bench`)
             return 0
     else:
         paths = expand_bundle_paths(bundle)
@@ -210,18 +217,14 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
     if json_output:
         print(json.dumps(report))
     else:
+        from edgevlm.bench.report import eq4_verdict
+
         _print_summary(report)
-        eq = report["summary"]["eq4"]
-        if eq["heldout_max_rel_error"] is not None:
-            print(f"Eq. 4 held-out max relative error: {eq['heldout_max_rel_error'] * 100:.1f}% "
-                  f"({'within' if eq['passes'] else 'beyond'} {eq['tolerance'] * 100:.0f}%)")
+        print(eq4_verdict(report))
         for n in report["notes"]:
             print(f"note: {n}")
         print(f"report: {Path(out) / (name + '.json')}, {Path(out) / (name + '.md')}"
               + (f", charts: {', '.join(report['charts'])}" if report["charts"] else ""))
-        print(json.dumps({"report": str(Path(out) / (name + ".json")), "sessions": len(report["sessions"]),
-                          "configurations": len(report["configurations"]),
-                          "eq4_heldout_max_rel_error": eq["heldout_max_rel_error"]}))
     failed = [s for s in report["sessions"] if "error" in s]
     return 1 if failed and len(failed) == len(report["sessions"]) else 0
 

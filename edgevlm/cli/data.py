@@ -28,7 +28,7 @@ def synth(out: str, train: int = 4000, val: int = 200, test: int = 500, seed: in
             (more supervision per image); val/test keep one question per image.
         tokenizer_vocab: also train a BPE tokenizer of at most this many tokens on the conversations into
             OUT/tokenizer/ (the tiny presets use 384, demo 512).
-        overwrite: replace OUT if it already exists.
+        overwrite: replace OUT if it holds a dataset `edgevlm synth` wrote (any other non-empty folder is refused).
     """
     from edgevlm.train.synthetic import answer_vocabulary, write_dataset
 

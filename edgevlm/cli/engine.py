@@ -83,8 +83,9 @@ def build_engine(bundle: str, only: list[str] | None = None, allow_version_misma
     _, results = build_bundle_engines(bundle, only=only, allow_version_mismatch=allow_version_mismatch,
                                       timing_cache=timing_cache, verbose=verbose)
     from rich import box
-    from rich.console import Console
     from rich.table import Table
+
+    from edgevlm.console import make_console
 
     table = Table(title=f"TensorRT engines of {bundle}", box=box.SIMPLE, title_justify="left")
     for col in ("component", "engine", "MiB", "build s", "TensorRT", "device", "profiles"):
@@ -93,7 +94,7 @@ def build_engine(bundle: str, only: list[str] | None = None, allow_version_misma
         table.add_row(comp, str(meta["file"]), f"{meta['bytes'] / 2**20:.1f}", f"{meta.get('build_s', 0):.0f}",
                       str(meta.get("tensorrt")), f"{meta.get('device')} (SM {meta.get('compute_capability')})",
                       ", ".join(p["name"] for p in meta.get("profiles", [])))
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"recorded in {Path(bundle) / 'manifest.json'} (tensorrt.engines); check them with "
                   f"`edgevlm verify {bundle}`")

@@ -15,6 +15,24 @@ import sys
 from pathlib import Path
 
 
+_COMPONENT_NAMES = {"vision": "vision", "embedding": "embedding", "decoder": "decoder", "lm_head": "LM head"}
+
+
+def precision_presets_help() -> str:
+    """What each ``--precision`` preset does per component, from ``edgevlm.targets.PRECISION_PRESETS`` (so the help
+    cannot drift from the registry): ``"fp32 = fp32 everywhere; ...; int4 = int8 vision + fp16 embedding + int4
+    decoder + int8 LM head"``."""
+    from edgevlm.targets import PRECISION_PRESETS
+
+    parts = []
+    for name, comp in PRECISION_PRESETS.items():
+        if len(set(comp.values())) == 1:
+            parts.append(f"{name} = {next(iter(comp.values()))} everywhere")
+        else:
+            parts.append(f"{name} = " + " + ".join(f"{p} {_COMPONENT_NAMES.get(c, c)}" for c, p in comp.items()))
+    return "; ".join(parts)
+
+
 def default_out(model: str | None, checkpoint: str | None, random_init: bool, target: str, precision: str) -> Path:
     """``bundles/{model}[-random-init]-{target}-{precision}`` (a name that cannot hide that the weights are random)."""
     name = model or (Path(checkpoint).resolve().name if checkpoint else "model")
@@ -39,7 +57,10 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
         random_init: random weights (seeded by --seed) instead of a checkpoint.
         out: bundle directory (default: bundles/{model}[-random-init]-{target}-{precision}).
         target: target profile (see `edgevlm targets`); TensorRT targets get the standard-ops / opset check.
-        precision: fp32 or fp16 (per component: "fp16,vision=fp32"); int8 / int4 come with quantization.
+        precision: a preset: PRECISION_PRESETS_HELP. Or a preset with per-component overrides (components:
+            vision, embedding, decoder, lm_head), e.g. "int4,vision=fp16". With int8 / int4 components the model
+            is exported in fp32, then quantized with ONNX Runtime's tools, calibrated on the embedded image set
+            (edgevlm/quant/recipes.py); the target must support each precision (`edgevlm targets`).
         opset: ONNX opset (TensorRT 10.x / JetPack 6 parses <= 20).
         overwrite: replace an existing bundle at --out.
         skip_parity: do not validate the graphs against PyTorch (faster; the manifest says so).
@@ -65,12 +86,12 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
     tgt = get_target(target)
     out_path = Path(out) if out else default_out(model, checkpoint, random_init, tgt.label, precision)
 
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from edgevlm.console import make_console
     from edgevlm.exporter.bundle_export import STAGES, export_bundle
 
-    console = Console(stderr=json_output)
+    console = make_console(stderr=json_output)
     label = " [bold red](random-init)[/]" if random_init else ""
     console.print(f"exporting [bold]{model or checkpoint}[/]{label} for [bold]{tgt.label}[/] ({precision}, opset "
                   f"{opset}) -> {out_path}")
@@ -121,5 +142,8 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
     sys.stdout.flush()
     return 0
 
+
+# the --precision help is generated from the registry (PRECISION_PRESETS_HELP in the docstring above)
+export.__doc__ = (export.__doc__ or "").replace("PRECISION_PRESETS_HELP", precision_presets_help())
 
 COMMANDS = {"export": export}

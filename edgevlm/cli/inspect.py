@@ -30,9 +30,30 @@ def _io_text(io: dict[str, Any]) -> str:
     return f"{io.get('name', '?')}: {io.get('dtype', '?')} [{dims}]"
 
 
+def _registry_text(name: str, cfg: Any) -> str:
+    """Where the bundle's model stands in the registry (`edgevlm models`): its own entry, or the entry with the same
+    architecture (a checkpoint named after its directory), or none."""
+    from edgevlm.config import get_model_config, model_names
+    from edgevlm.errors import ConfigError
+
+    def arch(c: Any) -> tuple:
+        return (c.projector_type, c.visual_tokens, c.vision.image_size, c.vision.patch_size, c.vision.hidden_size,
+                c.vision.num_layers, c.llm.hidden_size, c.llm.num_layers, c.llm.num_heads, c.llm.num_kv_heads,
+                c.llm.intermediate_size, c.llm.vocab_size)
+
+    try:
+        entry = get_model_config(name)
+    except ConfigError:
+        entry = None
+    if entry is not None:
+        return "registry model" if arch(entry) == arch(cfg) else "registry name, but dims differ from the registry's"
+    same = [n for n in model_names() if arch(get_model_config(n)) == arch(cfg)]
+    return f"not a registry name; architecture of {same[0]}" if same else "not in the registry"
+
+
 @positional("bundle")
 def inspect_bundle(bundle: str, json_output: bool = False, verify: bool = True) -> None:
-    """Validate a bundle and summarize it: model, components, I/O, KV layout, target, quantization, sizes.
+    """Validate a bundle and summarize it: model (registry name), components, I/O, KV layout, target, quantization.
 
     Reading validates the schema version, every path, every file's size and (unless --no-verify) its sha256;
     a problem is reported with what to do about it.
@@ -51,12 +72,13 @@ def inspect_bundle(bundle: str, json_output: bool = False, verify: bool = True) 
         return
 
     from rich import box
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    console = Console()
+    from edgevlm.console import make_console
+
+    console = make_console()
     if verify:
         with console.status(f"verifying sha256 of the files in {escape(bundle)} ..."):
             b = read_bundle(bundle, verify_hashes=True)
@@ -76,15 +98,18 @@ def inspect_bundle(bundle: str, json_output: bool = False, verify: bool = True) 
         console.print(table)
 
     toolkit = m["toolkit"]
-    header = [("path", str(b.root)), ("schema", str(b.schema_version)),
+    model = m["model"]
+    model_name = str(model.get("name") or cfg.name)
+    header = [("model", f"{model_name} ({_registry_text(model_name, cfg)}"
+                        + (", random init)" if b.random_init else ")")),
+              ("path", str(b.root)), ("schema", str(b.schema_version)),
               ("written by", f"{toolkit.get('name', '?')} {toolkit.get('version', '?')} at {m.get('created', '?')}")]
     if "updated" in m:
         header.append(("updated", str(m["updated"])))
     section("bundle", header)
 
-    model = m["model"]
     section("model", [
-        ("name", cfg.name),
+        ("name", model_name),
         ("params", f"{format_count(params['total'])} (vision {format_count(params['vision'])}, projector "
                    f"{format_count(params['projector'])}, LLM {format_count(params['llm'])})"),
         ("projector", cfg.projector_type),

@@ -19,13 +19,13 @@ from edgevlm.cli import positional
 
 def _table(result: Any, session: Any) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
+    from edgevlm.console import make_console
     from edgevlm.runtime.timings import eq4_terms
 
     t = result.timings
-    console = Console()
+    console = make_console()
     parts = Table(title="request", box=box.SIMPLE, title_justify="left")
     for col in ("part", "ms", "detail"):
         parts.add_column(col, justify="left" if col != "ms" else "right")
@@ -45,8 +45,10 @@ def _table(result: Any, session: Any) -> None:
                   f"{t.cpu_ms:.0f} ms ({t.decode_cpu_ms_per_token:.2f} ms per decode step)")
     console.print(parts)
 
-    eq = Table(title="Eq. 4: total ≈ load + Tks_in / v_prompt + Tks_out / v_sample + (Tks_out - 1) / v_decode "
-                     "+ others", box=box.SIMPLE, title_justify="left")
+    # the formula on its own line: as the table's title it would wrap to the (narrower) table's width
+    console.print("Eq. 4: total ≈ load + Tks_in / v_prompt + Tks_out / v_sample + (Tks_out - 1) / v_decode + others",
+                  highlight=False, soft_wrap=True)
+    eq = Table(box=box.SIMPLE)
     eq.add_column("term")
     eq.add_column("s", justify="right")
     eq.add_column("value")
@@ -59,7 +61,7 @@ def _table(result: Any, session: Any) -> None:
     console.print(eq)
     caches = ", ".join(f"{k}: {v.cache}" for k, v in session.session_info.items())
     console.print("load breakdown: " + ", ".join(f"{k} {v:.3f}" for k, v in t.load_breakdown.items())
-                  + f" (optimized-graph cache {caches}; sha256 {session.verification})")
+                  + f" (optimized-graph cache {caches}; sha256 {session.verification})", soft_wrap=True)
 
 
 @positional("bundle")
@@ -98,8 +100,9 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         cache_dir: where optimized ORT graphs are cached (implies --cache; default $EDGEVLM_CACHE/ort or
             ~/.cache/edgevlm/ort).
         warmup: run one tiny request before the measured one (first-run allocations excluded).
-        spinning: let ORT worker threads spin between parallel sections (off by default: it slows everything
-            down when other processes share the cores; may help a little on a dedicated device).
+        spinning: let ORT worker threads spin between parallel sections (off by default, as in `edgevlm bench`:
+            on a quiet machine it gave +7 % decode, 23.2 vs 21.7 tok/s, but with other processes on the cores it
+            halved it, 2.7 vs 4.9 tok/s, docs/runtime.md; --spinning on a dedicated device).
         profile_dir: write ONNX Runtime profiles (JSON traces) into this directory.
         native_decode: auto (default): decode steps on edgevlm's native int4/int8 kernel when the bundle has a
             native_decode plan and this CPU can build it (x86-64 with AVX-512 VNNI and a C compiler), else on
@@ -107,8 +110,10 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         native_kv: what the native kernel's attention reads: float16 (default; an fp16 copy of the KV cache, half
             the bytes per step) or float32 (ONNX Runtime's own buffers).
     """
+    from edgevlm.preprocess import check_image_path
     from edgevlm.runtime import Session
 
+    check_image_path(image)                 # a directory or a typo fails here, before the bundle is loaded
     cache_opt: Any = (cache_dir or "auto") if (cache or cache_dir) else None
     session = Session.from_bundle(bundle, threads=threads, providers=provider, verify_hashes=verify,
                                   optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup,

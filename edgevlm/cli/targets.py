@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from edgevlm.cli.export import precision_presets_help
+
 
 def targets(json_output: bool = False) -> None:
     """List the hardware target profiles (export/targets/*.toml).
@@ -25,30 +27,27 @@ def targets(json_output: bool = False) -> None:
     if json_output:
         print(json.dumps([t.to_dict() for t in rows], indent=2))
         return
-    from rich.console import Console
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="edgevlm targets")
-    table.add_column("name", no_wrap=True)
-    table.add_column("kind")
-    table.add_column("memory", justify="right", no_wrap=True)
-    table.add_column("GB/s", justify="right")
-    table.add_column("CC", justify="right")
-    table.add_column("JetPack / TensorRT")
-    table.add_column("precisions")
-    table.add_column("DLA", justify="right")
-    table.add_column("default", justify="right")
-    table.add_column("max ctx", justify="right")
+    from edgevlm.console import make_console, print_rows
+
+    # one line per target: aliases get their own column; piped, print_rows widens the console to the table so no
+    # row wraps (grep-able); on a narrow terminal rich wraps cells (the name never)
+    table = Table(title="edgevlm targets", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("name", "aliases", "kind", "memory", "GB/s", "CC", "JetPack / TensorRT", "precisions", "DLA",
+                "default", "max ctx"):
+        table.add_column(col, no_wrap=col == "name", overflow="fold",
+                         justify="right" if col in ("memory", "GB/s", "CC", "DLA", "max ctx") else "left")
     for t in rows:
-        name = t.name + (f"\n[dim]= {', '.join(aliases[t.name])}[/dim]" if t.name in aliases else "")
         if t.is_tensorrt:
             stack = (f"JP {t.jetpack}, " if t.jetpack else "") + f"TRT {t.tensorrt} ({t.builder_mode})"
         else:
             stack = t.backend + (f" ({', '.join(t.cpu_features)})" if t.cpu_features else "")
-        table.add_row(name, t.kind, f"{t.memory_gb:g} GB {t.memory_kind}", f"{t.memory_bandwidth_gbs:g}",
-                      t.compute_capability or "-", stack, " ".join(t.precisions), str(t.dla_cores or "-"),
-                      t.default_recipe, str(t.max_context))
-    Console().print(table)
+        table.add_row(t.name, ", ".join(aliases.get(t.name, [])) or "-", t.kind, f"{t.memory_gb:g} GB {t.memory_kind}",
+                      f"{t.memory_bandwidth_gbs:g}", t.compute_capability or "-", stack, " ".join(t.precisions),
+                      str(t.dla_cores or "-"), t.default_recipe, str(t.max_context))
+    print_rows(make_console(), table)
 
 
 def plan(model: str, target: str, precision: str | None = None, context: int | None = None, batch: int = 1,
@@ -65,8 +64,8 @@ def plan(model: str, target: str, precision: str | None = None, context: int | N
     Args:
         model: model name (edgevlm models).
         target: target name or alias (edgevlm targets); NAME@jp7.2 / NAME@trt10.16 pick another software stack.
-        precision: preset (fp32, fp16, int8 = int8 vision + int8 decoder, int4 = int8 vision + int4 decoder) or a
-            preset with overrides, e.g. "int4,vision=fp16"; default: the target's default recipe.
+        precision: a preset (PRECISION_PRESETS_HELP) or a preset with overrides, e.g. "int4,vision=fp16";
+            default: the target's default recipe.
         context: KV-cache length in tokens (prompt + answer); default: min(model max, target max_context).
         batch: sequences decoded together.
         prompt_tokens: longest prompt incl. visual tokens; default: visual tokens + 256.
@@ -88,10 +87,11 @@ def plan(model: str, target: str, precision: str | None = None, context: int | N
     if json_output:
         print(json.dumps(p.to_dict(), indent=2))
         return code
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from edgevlm.console import make_console
+
+    console = make_console()
     phases = list(p.phases)
     title = (f"{p.model} on {p.target}: {p.precision_name} "
              f"({', '.join(f'{k} {v}' for k, v in p.precision.items())}), context {p.context}, "
@@ -118,5 +118,8 @@ def plan(model: str, target: str, precision: str | None = None, context: int | N
         console.print(f"  note: {n}", style="dim", highlight=False)
     return code
 
+
+# the --precision help is generated from the registry (edgevlm.targets.PRECISION_PRESETS)
+plan.__doc__ = (plan.__doc__ or "").replace("PRECISION_PRESETS_HELP", precision_presets_help())
 
 COMMANDS = {"targets": targets, "plan": plan}

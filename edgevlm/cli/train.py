@@ -76,7 +76,8 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
         eval_samples: evaluate on the first N records only.
         save_stage_checkpoints: also write OUT/stages/N-NAME checkpoints after each stage.
         device: auto (CUDA when available), cpu or cuda.
-        overwrite: allow a non-empty OUT (its checkpoint, tokenizer and logs are replaced).
+        overwrite: reuse OUT when it holds an earlier `edgevlm train` run (its checkpoint, tokenizer and logs are
+            replaced); a non-empty folder that train did not write is refused.
         progress: show progress bars.
     """
     from edgevlm.train.evaluate import format_result

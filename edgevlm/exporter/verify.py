@@ -696,11 +696,12 @@ _STYLE = {PASS: "green", WARN: "yellow", SKIP: "dim", FAIL: "bold red"}
 def print_report(report: VerifyReport, console: Any = None) -> None:
     """A rich table (check, status, detail) and a one-line verdict."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console()
+    from edgevlm.console import make_console
+
+    console = console or make_console()
     table = Table(title=Text(f"edgevlm verify {report.bundle}", style="bold"), box=box.SIMPLE, title_justify="left")
     table.add_column("check", style="cyan", no_wrap=True)
     table.add_column("status", no_wrap=True)
