@@ -207,7 +207,7 @@ def _bundle_bytes(path: Path) -> int:
 def _bench(out: Path, preset: str, target: str, threads: int | None, fast: bool, con: Any) -> dict[str, Any]:
     from edgevlm.bench.budgets import build_budget_bundles
     from edgevlm.bench.env import environment
-    from edgevlm.bench.report import build_report, write_report
+    from edgevlm.bench.report import build_report, eq4_verdict, write_report
     from edgevlm.bench.sweep import SweepSpec, run_sweep
 
     built = build_budget_bundles("demo", out / "bundles", "16,4,1", precisions=["fp32", preset], random_init=True,
@@ -220,6 +220,8 @@ def _bench(out: Path, preset: str, target: str, threads: int | None, fast: bool,
     report = build_report(raw, spec, environment=environment(threads=threads, bundles=paths),
                           command="edgevlm demo" + (" --fast" if fast else ""))
     files = write_report(report, out, name="report")
+    for line in eq4_verdict(report).splitlines():
+        con.print(f"  {line}", highlight=False, markup=False)
     con.print(f"  report: {files['markdown']}")
     return {"report": str(files["json"]), "markdown": str(files["markdown"]),
             "charts": [str(p) for k, p in files.items() if k not in ("json", "markdown")]}

@@ -363,3 +363,26 @@ def test_tensorrt_lm_head_is_weight_only_int8(fp32_bundle, tmp_path_factory, pre
     assert weight.op_type == "DequantizeLinear" and inits[weight.input[0]].data_type == onnx.TensorProto.INT8
     assert next(a.i for a in weight.attribute if a.name == "axis") == 1
     assert not numpy_helper.to_array(inits[weight.input[2]]).any()
+
+
+def test_session_warns_when_an_8_bit_int8_graph_meets_a_cpu_without_vnni(fp32_bundle, tmp_path_factory,
+                                                                         monkeypatch):
+    """A bundle quantized for a VNNI CPU (full 8-bit weights), loaded where int8 saturates (here: VNNI hidden by
+    EDGEVLM_CPU_MASK), says so and names the fix; the default CPU target's 7-bit bundle does not."""
+    from edgevlm.runtime import Session
+    from edgevlm.runtime.cpuinfo import MASK_ENV, is_x86
+
+    vnni = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu-x86-avx512-vnni", {})
+    avx2 = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
+    monkeypatch.setenv(MASK_ENV, "vnni")
+    s = Session.from_bundle(vnni, threads=1, hash_stamps=None, native_decode="off")
+    if is_x86():
+        assert s.int8_warning and "cpu-x86-avx2" in s.int8_warning and "no VNNI" in s.int8_warning
+    else:
+        assert s.int8_warning is None
+    assert Session.from_bundle(avx2, threads=1, hash_stamps=None, native_decode="off").int8_warning is None
+    monkeypatch.delenv(MASK_ENV)
+    from edgevlm.runtime.cpuinfo import int8_saturates
+
+    s = Session.from_bundle(vnni, threads=1, hash_stamps=None, native_decode="off")
+    assert (s.int8_warning is not None) == int8_saturates()

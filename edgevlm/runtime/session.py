@@ -212,6 +212,23 @@ def _preload_request_modules() -> None:
 NATIVE_MODES = ("auto", "on", "off")
 
 
+def _int8_saturation_warning(entry: dict[str, Any], device_type: str) -> str | None:
+    """A warning when ``entry``'s int8 Q/DQ graph will lose accuracy on this CPU: quantized with full 8-bit weights
+    (for a VNNI CPU or a GPU) and run here by ONNX Runtime's x86 u8s8 kernels, whose ``vpmaddubsw`` saturates
+    without VNNI (``edgevlm.quant.recipes.int8_reduce_range``). Logged once per load; None when all is well."""
+    from edgevlm.runtime.cpuinfo import int8_saturates
+
+    recipe = entry.get("recipe") or {}
+    if device_type != "cpu" or recipe.get("method") != "static-qdq" or recipe.get("reduce_range") \
+            or not int8_saturates():
+        return None
+    msg = ("the int8 vision graph was quantized with 8-bit weights (for a VNNI CPU or a GPU), and this CPU has no "
+           "VNNI: ONNX Runtime's int8 kernels can saturate here and lose accuracy. Export for this CPU with "
+           "--target cpu-x86-avx2 (7-bit weights), or use --precision int4,vision=fp32")
+    log.warning(msg)
+    return msg
+
+
 class _NativeSetup:
     """Builds the native decoder (``edgevlm.runtime.native``) on a helper thread while ONNX Runtime creates the
     decoder session, so copying the weights into huge-page memory overlaps ORT's own weight prepacking. ``finish()``
@@ -255,7 +272,8 @@ class _NativeSetup:
             return "the decoder's logits are not a float32 last-position output"
         from edgevlm.runtime.native import availability, plan_reason
 
-        return availability() or plan_reason(dentry.get("native_decode"), session.kv_spec)
+        # the bundle's facts first (the same on every CPU), then this machine's
+        return plan_reason(dentry.get("native_decode"), session.kv_spec) or availability()
 
     def _build(self, root: Path, plan: dict[str, Any], spec: KVSpec, threads: int) -> None:
         try:
@@ -376,6 +394,7 @@ class Session:
         self._pixel_dtype = _dtype(vin_e, "vision input")
         self.vision_session, info = self._create("vision", "vision", ventry)
         self.session_info["vision"] = info
+        self.int8_warning = _int8_saturation_warning(ventry, self.device_type)
         breakdown["vision_session_s"] = info.seconds
         _check_session_io(self.vision_session, ventry, "vision")
 
@@ -434,8 +453,9 @@ class Session:
                 directory, or ``None`` (hash every file on every load).
             optimized_cache: keep ORT-optimized graphs for later loads (``"auto"``, a directory, or ``None``:
                 the default, see docs/runtime.md for why).
-            spinning: let ORT worker threads spin between parallel sections (off by default: much slower when
-                other processes share the cores; can save a little latency on a dedicated device).
+            spinning: let ORT worker threads spin between parallel sections (off by default, like ``edgevlm run``
+                and ``edgevlm bench``: +7 % decode on a quiet machine, half the speed when other processes share
+                the cores, docs/runtime.md); ``True`` on a dedicated device.
             profile_dir: write ORT profiles (``end_profiling()`` closes them).
             graph_optimization_level: ``"all"`` (default), ``"extended"``, ``"basic"``, ``"disable"``.
             decoder_arena: use ORT's memory arena for the decoder (off by default).
@@ -493,12 +513,12 @@ class Session:
             return prompt
         return build_prompt(prompt, self.template, system=self.system)
 
-    def tokenize(self, prompt: str, raw_prompt: bool = False) -> tuple[str, list[int], int]:
+    def tokenize(self, prompt: str, raw_prompt: bool = False, max_new_tokens: int = 0) -> tuple[str, list[int], int]:
         """(rendered prompt, ids with one -200, spliced length). Raises ``PromptError`` on a missing placeholder
-        or a prompt longer than the context."""
+        or a prompt longer than the context (the message counts the request's ``max_new_tokens``)."""
         text = self.render_prompt(prompt, raw_prompt)
         ids = tokenize_prompt(text, self.tokenizer, self.bos_id)
-        length = check_prompt_ids(ids, self.visual_tokens, self.context_length, 0)
+        length = check_prompt_ids(ids, self.visual_tokens, self.context_length, max_new_tokens)
         return text, ids, length
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -626,7 +646,7 @@ class Session:
 
             # ---- prompt + image ----------------------------------------------------------------------------------
             with clock("tokenize"):
-                text, ids, length = self.tokenize(prompt, raw_prompt)
+                text, ids, length = self.tokenize(prompt, raw_prompt, max_new_tokens)
             with clock("preprocess"):
                 if pixel_values is not None:
                     pv = np.asarray(pixel_values, dtype=np.float32)
