@@ -219,7 +219,7 @@ def test_write_dataset_is_atomic(tmp_path, monkeypatch):
 
     syn.write_dataset(out, train=4, val=0, test=2)
     before = sorted(p.name for p in out.rglob("*"))
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DataError, match="already holds a synthetic dataset; pass --overwrite"):
         syn.write_dataset(out, train=3, val=0, test=0)
     assert sorted(p.name for p in out.rglob("*")) == before                    # untouched
     syn.write_dataset(out, train=3, val=0, test=0, overwrite=True)
