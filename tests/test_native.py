@@ -350,3 +350,18 @@ def test_cpu_mask_hides_flags_from_the_runtimes_dispatch(monkeypatch, tmp_path_f
     assert s.decode_backend == "onnxruntime" and s.native_info["reason"] == reason
     monkeypatch.setenv(cpuinfo.MASK_ENV, "vnni")
     assert not cpuinfo.has_int8_dot() and cpuinfo.int8_saturates() == cpuinfo.is_x86()
+
+
+def test_bench_environment_records_hidden_flags(monkeypatch):
+    from edgevlm.bench.env import cpu_info
+    from edgevlm.runtime import cpuinfo
+
+    monkeypatch.delenv(cpuinfo.MASK_ENV, raising=False)
+    assert "isa_hidden" not in cpu_info()
+    monkeypatch.setenv(cpuinfo.MASK_ENV, "avx512")
+    hidden = cpu_info().get("isa_hidden")
+    raw = cpuinfo.raw_cpu_flags()
+    if any(f.startswith("avx512") for f in raw):
+        assert hidden["by"] == cpuinfo.MASK_ENV and "avx512f" in hidden["flags"]
+    else:
+        assert hidden is None                          # an AVX2-only CPU has nothing to hide

@@ -91,6 +91,11 @@ def cpu_info() -> dict[str, Any]:
            "cores_physical": physical, "cores_logical": logical, "cores_usable": usable}
     if hw:
         out["hardware"] = hw
+    from edgevlm.runtime.cpuinfo import MASK_ENV, masked_flags
+
+    hidden = masked_flags(frozenset(flags))
+    if hidden:                               # a figure measured with flags hidden from edgevlm's dispatch says so
+        out["isa_hidden"] = {"by": MASK_ENV, "flags": sorted(hidden)}
     if mhz:
         out["mhz_now"] = [round(min(mhz)), round(max(mhz))]
     gov = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")

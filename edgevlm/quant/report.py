@@ -153,7 +153,7 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
     not this CPU's fused ONNX Runtime kernels (``edgevlm.quant.calibration.ort_session``).
     """
     from edgevlm.quant.calibration import ort_session
-    from edgevlm.runtime.cpuinfo import cpu_flags, has_int8_dot
+    from edgevlm.runtime.cpuinfo import has_int8_dot
 
     if not items:
         raise DataError("the held-out set is empty: the quantization report needs at least one image")
@@ -186,7 +186,7 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
             "heldout_samples": len(items), "seconds": round(time.perf_counter() - t0, 3),
             "quantized_graphs_run_as": ("Q/DQ as float ops (the exact int8 arithmetic of the target's TensorRT "
                                         "kernels)" if emulate_qdq else "ONNX Runtime's CPU kernels on this host"),
-            "host_int8_dot": has_int8_dot(cpu_flags()),
+            "host_int8_dot": has_int8_dot(),
             "decoder_inputs": "fp32 vision embeddings (isolates the decoder)",
             "end_to_end_inputs": "each pipeline's own vision graph and embedding table",
             "positions": "prefill last position + teacher-forced answer tokens (greedy fp32 tokens without answers)"}

@@ -1,8 +1,8 @@
 """What this CPU can do, as the runtime's own dispatch sees it: ISA flags, with a mask to test the other paths.
 
 The flags come from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on ARM). ``EDGEVLM_CPU_MASK`` hides flags
-from edgevlm's *own* decisions (the native decode kernel, the int8-saturation warning, ``edgevlm bench``'s
-environment block), so the code paths of a CPU without AVX-512 or VNNI can be exercised on one that has them:
+from edgevlm's *own* decisions (the native decode kernel, the int8-saturation warning; ``edgevlm bench``'s
+environment block records what was hidden), so the code paths of a CPU without AVX-512 or VNNI can be exercised on one that has them:
 
     EDGEVLM_CPU_MASK=avx512 pytest tests/test_native.py       # as on an AVX2-only CPU (AMD Zen 3, Intel client)
     EDGEVLM_CPU_MASK=vnni edgevlm run BUNDLE ...               # AVX-512 without VNNI (Skylake-SP)
