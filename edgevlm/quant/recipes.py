@@ -317,9 +317,11 @@ def int8_reduce_range(tgt: Any) -> bool:
     """
     if getattr(tgt, "is_tensorrt", False) or getattr(tgt, "kind", None) != "cpu":
         return False
+    from edgevlm.runtime.cpuinfo import has_int8_dot
+
     feats = set(getattr(tgt, "cpu_features", ()) or ())
     x86 = bool(feats & {"sse4_2", "avx", "avx2", "avx512f"})
-    return x86 and not feats & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}
+    return x86 and not has_int8_dot(feats)          # the target's flags, judged like the host's
 
 
 def _static_params(calib_method: str, per_channel: bool, op_types: tuple[str, ...],
