@@ -487,6 +487,168 @@ def test_engine_load_without_a_gpu_says_where_to_run(tmp_path, monkeypatch):
         tb.TrtEngine.load(tmp_path / "missing.engine", trt=fake)
 
 
+# ---- memory and lifetimes (issue 21: nothing leaks when a load fails half-way or a free fails) ----------------------
+class _FailAfter(FakeCudart):
+    """cudaMalloc / cudaMallocHost fail (out of memory) after ``n`` successful allocations."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.left = n
+
+    def _alloc(self, n):
+        if self.left == 0:
+            return 2, 0                                                # cudaErrorMemoryAllocation
+        self.left -= 1
+        return super()._alloc(n)
+
+
+@pytest.mark.parametrize("ok", [0, 1, 3, 6, 9])
+def test_a_decoder_that_runs_out_of_memory_half_way_frees_what_it_allocated(ok):
+    cudart = _FailAfter(ok)
+    engine = tb.TrtEngine(FakeDecoderEngine(), name="decoder engine", profile_names=["prefill", "decode"])
+    with pytest.raises(RuntimeBackendError, match="cudaMalloc"):
+        tb.TrtDecoderRunner(engine, KV, stream=7, cudart=cudart)
+    assert cudart.mem == {} and cudart.freed == ok                    # every earlier buffer handed back
+
+
+@pytest.mark.parametrize("ok", [0, 1, 2, 3])
+def test_a_vision_runner_that_runs_out_of_memory_half_way_frees_what_it_allocated(ok):
+    cudart = _FailAfter(ok)
+    with pytest.raises(RuntimeBackendError, match="cudaMalloc"):
+        tb.TrtVisionRunner(tb.TrtEngine(FakeVisionEngine(), name="vision engine"), input_name="pixel_values",
+                           output_name="image_embeds", stream=7, cudart=cudart)
+    assert cudart.mem == {}
+
+
+def test_close_frees_every_buffer_even_when_one_free_fails_and_runners_are_context_managers():
+    class OneBadFree(FakeCudart):
+        def cudaFree(self, ptr):
+            if self.freed == 0:
+                self.freed += 1
+                self.bad = ptr
+                return (1,)                                            # the first cudaFree fails
+            return super().cudaFree(ptr)
+
+    cudart = OneBadFree()
+    runner, _ = _decoder(cudart)
+    n = len(cudart.mem)
+    with pytest.raises(RuntimeBackendError, match=r"1 of \d+ buffer\(s\) could not be freed"):
+        runner.close()
+    assert set(cudart.mem) == {cudart.bad} and n > 10                 # all the others were freed
+    del cudart.mem[cudart.bad]
+    runner.close()                                                     # idempotent: nothing freed twice
+
+    cudart = FakeCudart()
+    with tb.TrtDecoderRunner(tb.TrtEngine(FakeDecoderEngine(), name="d"), KV, stream=7, cudart=cudart) as runner:
+        runner.prefill(np.ones((1, 2, D), np.float32))
+    assert cudart.mem == {}
+    with tb.TrtVisionRunner(tb.TrtEngine(FakeVisionEngine(), name="v"), input_name="pixel_values",
+                            output_name="image_embeds", stream=7, cudart=cudart) as vision:
+        vision(np.zeros((1, 3, S, S), np.float32))
+    assert cudart.mem == {}
+
+
+def _fake_trt_for_bundle(engines_made, dla_cores):
+    """A ``tensorrt`` module whose Runtime deserializes b"vision" / b"decoder" into the fake engines."""
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.3.0.30"
+
+    class Logger:
+        WARNING, INFO = 2, 3
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            self.DLA_core = -1
+
+        def deserialize_cuda_engine(self, data):
+            dla_cores.append(self.DLA_core)
+            eng = FakeVisionEngine() if data == b"vision" else FakeDecoderEngine()
+            engines_made.append(eng)
+            return eng
+
+    fake.Logger, fake.Runtime = Logger, Runtime
+    return fake
+
+
+def _fake_bundle(tmp_path, dla_core=None, trt="10.3.0.30"):
+    (tmp_path / "engines").mkdir(exist_ok=True)
+    (tmp_path / "engines/vision.engine").write_bytes(b"vision")
+    (tmp_path / "engines/decoder.engine").write_bytes(b"decoder")
+    profiles = [{"name": "prefill"}, {"name": "decode"}]
+    manifest = {"tensorrt": {"engines": {
+        "vision": {"file": "engines/vision.engine", "tensorrt": trt, "compute_capability": "8.7",
+                   "dla_core": dla_core, "profiles": [{"name": "default"}]},
+        "decoder": {"file": "engines/decoder.engine", "tensorrt": trt, "compute_capability": "8.7",
+                    "profiles": profiles}}},
+        "components": {"vision": {"inputs": [{"name": "pixel_values"}], "outputs": [{"name": "image_embeds"}]},
+                       "decoder": {"kv_cache": {"num_layers": L, "num_kv_heads": H, "head_dim": HD,
+                                                "dtype": "float32", "past_key": "past_key_values.{i}.key",
+                                                "past_value": "past_key_values.{i}.value",
+                                                "present_key": "present.{i}.key",
+                                                "present_value": "present.{i}.value"}}}}
+    return types.SimpleNamespace(manifest=manifest, path=lambda rel: tmp_path / rel,
+                                 component=lambda name: manifest["components"][name])
+
+
+class _CudartWithDevice(FakeCudart):
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.fail_after, self.streams = fail_after, 0
+
+    def _alloc(self, n):
+        if self.fail_after is not None:
+            if self.fail_after == 0:
+                return 2, 0
+            self.fail_after -= 1
+        return super()._alloc(n)
+
+    def cudaSetDevice(self, i):
+        return (0,)
+
+    def cudaGetDeviceProperties(self, i):
+        return 0, types.SimpleNamespace(name=b"Orin", major=8, minor=7)
+
+    def cudaStreamCreate(self):
+        self.streams += 1
+        return 0, 7
+
+    def cudaStreamDestroy(self, stream):
+        self.streams -= 1
+        return (0,)
+
+
+def test_backend_sets_the_build_time_dla_core_and_cleans_up_a_failed_load(tmp_path, monkeypatch):
+    made, cores = [], []
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt_for_bundle(made, cores))
+    cudart = _CudartWithDevice()
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    with tb.TrtBackend.from_bundle(_fake_bundle(tmp_path, dla_core=1)) as be:
+        assert be.info["device"] == "Orin" and be.decoder.max_context == CTX
+        assert cores == [1, -1]                                       # vision on DLA core 1, decoder on the GPU
+    assert cudart.mem == {} and cudart.streams == 0
+
+    # the decoder's buffers run out half-way: the vision runner's buffers and the stream are handed back too
+    cudart = _CudartWithDevice(fail_after=7)
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    with pytest.raises(RuntimeBackendError, match="cudaMalloc"):
+        tb.TrtBackend.from_bundle(_fake_bundle(tmp_path))
+    assert cudart.mem == {} and cudart.streams == 0
+
+
+def test_engines_record_the_full_tensorrt_release_and_dla_needs_11_4_1():
+    entry = {"file": "engines/vision.engine", "tensorrt": "10.3.0", "compute_capability": "8.7"}
+    tb.check_engine_entry("vision", entry, "10.3.0.30", ("Orin", "8.7"))     # build number: not part of it
+    with pytest.raises(RuntimeBackendError, match="TensorRT 10.3.0 but TensorRT 10.3.1"):
+        tb.check_engine_entry("vision", entry, "10.3.1", ("Orin", "8.7"))
+    dla = {**entry, "tensorrt": "11.4", "dla_core": 0}
+    tb.check_engine_entry("vision", dla, "11.4.1", ("Orin", "8.7"))
+    with pytest.raises(RuntimeBackendError, match="11.4.1"):
+        tb.check_engine_entry("vision", dla, "11.4.0", ("Orin", "8.7"))
+
+
 # ---- on a machine with TensorRT and an NVIDIA GPU ------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.tensorrt

@@ -31,6 +31,12 @@ Pieces:
   host and nothing is allocated per token; per step only the new embedding rows / positions go up and one logits
   row comes down.
 
+Lifetimes: the runners, engines and ``TrtBackend`` are context managers; a constructor that fails half-way (out of
+device memory) frees what it had allocated, ``from_bundle`` closes what it had loaded and destroys its stream, and
+``close()`` frees every buffer even when one free fails (the first failure is raised afterwards). A DLA engine is
+deserialized with ``IRuntime.DLA_core`` set to the core recorded at build time; engines must match the installed
+TensorRT release (major.minor.patch) and GPU architecture (``check_engine_entry``).
+
 Unverified here (no GPU / TensorRT on the machines this was written on): the real-engine path, in particular the
 zero-length past of the prefill profile (TensorRT supports empty tensors; reference §4.3/§8). ``tests/
 test_trt_backend.py`` checks the bookkeeping with fake engines and a fake ``cudart`` whose "device" is host memory;
@@ -55,7 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = ["import_tensorrt", "import_cudart", "tensorrt_available", "DeviceBuffer", "PinnedBuffer", "TensorInfo",
            "ProfileRange", "io_table", "profile_table", "select_profile", "TrtEngine", "KVPingPong", "KVStep",
            "TrtVisionRunner", "TrtDecoderRunner", "TrtBackend", "engine_entries", "check_engine_entry",
-           "PROVIDER_NAME", "WHERE_TO_RUN"]
+           "PROVIDER_NAME", "WHERE_TO_RUN", "free_all", "DLA_MIN_TRT11"]
 
 #: The ``providers`` name that selects this backend in ``Session`` (not an ONNX Runtime execution provider).
 PROVIDER_NAME = "tensorrt-engine"
@@ -192,9 +198,10 @@ class DeviceBuffer:
                 _memcpy_kind(self.cudart, "cudaMemcpyDeviceToHost"), stream), f"cudaMemcpyAsync(D2H {self.name})")
 
     def free(self) -> None:
+        """Hand the memory back (once: the pointer is forgotten even when ``cudaFree`` reports an error)."""
         if self.ptr:
-            _check(self.cudart, self.cudart.cudaFree(self.ptr), f"cudaFree({self.name})")
-            self.ptr = 0
+            ptr, self.ptr = self.ptr, 0
+            _check(self.cudart, self.cudart.cudaFree(ptr), f"cudaFree({self.name})")
 
     def __repr__(self) -> str:
         return f"DeviceBuffer('{self.name}', {self.nbytes} B, ptr=0x{self.ptr:x})"
@@ -221,8 +228,37 @@ class PinnedBuffer:
     def free(self) -> None:
         if self.ptr:
             self._raw = None
-            _check(self.cudart, self.cudart.cudaFreeHost(self.ptr), f"cudaFreeHost({self.name})")
-            self.ptr = 0
+            ptr, self.ptr = self.ptr, 0
+            _check(self.cudart, self.cudart.cudaFreeHost(ptr), f"cudaFreeHost({self.name})")
+
+
+def free_all(buffers: Sequence[Any], what: str) -> None:
+    """Free every buffer (``DeviceBuffer`` / ``PinnedBuffer`` / None) even when one ``free()`` fails; then raise the
+    first failure (naming how many failed), so one bad pointer never leaks the rest."""
+    errors: list[BaseException] = []
+    for b in buffers:
+        if b is None:
+            continue
+        try:
+            b.free()
+        except Exception as exc:  # noqa: BLE001 - collected and re-raised below, after freeing the others
+            errors.append(exc)
+    if errors:
+        raise RuntimeBackendError(f"{what}: {len(errors)} of {sum(b is not None for b in buffers)} buffer(s) could "
+                                  f"not be freed; first error: {errors[0]}") from errors[0]
+
+
+class _Closing:
+    """``with X(...) as x:`` closes ``x`` on exit (runners, engines and the backend hold device memory)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---- engine tables --------------------------------------------------------------------------------------------------
@@ -320,7 +356,7 @@ def select_profile(profiles: Sequence[ProfileRange], shapes: Mapping[str, Sequen
 
 
 # ---- engine ---------------------------------------------------------------------------------------------------------
-class TrtEngine:
+class TrtEngine(_Closing):
     """A TensorRT engine with one execution context. Create with ``TrtEngine.load(path)`` (or pass deserialized
     ``engine`` objects directly, which is what the tests do with fakes)."""
 
@@ -342,8 +378,9 @@ class TrtEngine:
 
     @classmethod
     def load(cls, path: str | Path, *, name: str | None = None, profile_names: Sequence[str] | None = None,
-             trt: Any = None, verbose: bool = False) -> "TrtEngine":
-        """Deserialize an engine file with ``trt.Runtime``."""
+             trt: Any = None, verbose: bool = False, dla_core: int | None = None) -> "TrtEngine":
+        """Deserialize an engine file with ``trt.Runtime``. ``dla_core``: the DLA core the engine was built for
+        (``IRuntime.DLA_core`` must be set to it before deserializing a DLA engine; the manifest records it)."""
         trt = trt or import_tensorrt()
         path = Path(path)
         if not path.is_file():
@@ -354,6 +391,8 @@ class TrtEngine:
         except TypeError as exc:                # "factory function returned nullptr": no CUDA device/driver
             raise RuntimeBackendError(f"TensorRT cannot initialize CUDA here (no usable NVIDIA GPU/driver). "
                                       f"{WHERE_TO_RUN}. ({exc})") from None
+        if dla_core is not None:
+            runtime.DLA_core = int(dla_core)            # the core chosen at build time (trt_build: config.DLA_core)
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise RuntimeBackendError(f"TensorRT {trt.__version__} cannot deserialize {path}: it was built with "
@@ -464,7 +503,7 @@ def _volume(shape: Sequence[int]) -> int:
     return int(math.prod(int(d) for d in shape))
 
 
-class TrtVisionRunner:
+class TrtVisionRunner(_Closing):
     """``pixel_values [B, 3, S, S] -> image_embeds [B, V, D]`` on the vision engine (buffers for the profile's max
     batch, allocated once)."""
 
@@ -482,11 +521,17 @@ class TrtVisionRunner:
             raise BundleError(f"{engine.name}: output '{output_name}' {list(tout.shape)} has dynamic dims besides "
                               f"the batch; the runtime expects [batch, visual tokens, hidden]")
         self._out_row = out_shape[1:]
-        self.d_in = DeviceBuffer(_volume(max_in) * tin.itemsize, cudart=cudart, name=f"{engine.name}.{input_name}")
-        self.d_out = DeviceBuffer(_volume(out_shape) * tout.itemsize, cudart=cudart,
-                                  name=f"{engine.name}.{output_name}")
-        self.h_in = PinnedBuffer(self.d_in.nbytes, cudart=cudart, name=f"{engine.name}.{input_name}.host")
-        self.h_out = PinnedBuffer(self.d_out.nbytes, cudart=cudart, name=f"{engine.name}.{output_name}.host")
+        self.d_in = self.d_out = self.h_in = self.h_out = None
+        try:                                    # a failed allocation frees the ones before it
+            self.d_in = DeviceBuffer(_volume(max_in) * tin.itemsize, cudart=cudart,
+                                     name=f"{engine.name}.{input_name}")
+            self.d_out = DeviceBuffer(_volume(out_shape) * tout.itemsize, cudart=cudart,
+                                      name=f"{engine.name}.{output_name}")
+            self.h_in = PinnedBuffer(self.d_in.nbytes, cudart=cudart, name=f"{engine.name}.{input_name}.host")
+            self.h_out = PinnedBuffer(self.d_out.nbytes, cudart=cudart, name=f"{engine.name}.{output_name}.host")
+        except BaseException:
+            self._free_quietly()
+            raise
 
     @property
     def device_bytes(self) -> int:
@@ -512,12 +557,18 @@ class TrtVisionRunner:
         _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return np.array(host, dtype=np.float32)
 
+    def _free_quietly(self) -> None:
+        try:
+            self.close()
+        except RuntimeBackendError as exc:       # the allocation error is the one to report
+            log.warning("%s", exc)
+
     def close(self) -> None:
-        for b in (self.d_in, self.d_out, self.h_in, self.h_out):
-            b.free()
+        """Free every buffer (all of them, even if one free fails; idempotent)."""
+        free_all([self.d_in, self.d_out, self.h_in, self.h_out], f"{self.engine.name} vision buffers")
 
 
-class TrtDecoderRunner:
+class TrtDecoderRunner(_Closing):
     """The decoder engine with every buffer preallocated and the KV cache on the device (ping-pong, see the
     module docstring). Same step interface as the ORT path of ``Session``:
 
@@ -582,6 +633,26 @@ class TrtDecoderRunner:
         self._emb_dtype, self._mask_dtype, self._logits_dtype = t_emb.dtype, t_mask.dtype, t_logits.dtype
         t_kv = engine.tensor(self.past_names[0])
         self._kv_itemsize = t_kv.itemsize
+        self.d_embeds = self.d_mask = self.d_logits = self.d_positions = None
+        self.h_embeds = self.h_positions = self.h_logits = None
+        self.d_kv: list[list[DeviceBuffer]] = []
+        try:                                    # a failed allocation frees the ones before it
+            self._allocate(engine, cudart, stream, t_emb, t_mask, t_logits, d, p)
+        except BaseException:
+            try:
+                self.close()
+            except RuntimeBackendError as exc:   # the allocation error is the one to report
+                log.warning("%s", exc)
+            raise
+        self.steps = 0
+        self.last_profile: int | None = None
+
+    def _allocate(self, engine: TrtEngine, cudart: Any, stream: Any, t_emb: TensorInfo, t_mask: TensorInfo,
+                  t_logits: TensorInfo, d: int, p: int) -> None:
+        """Every device / pinned buffer of the run, once (see the class docstring)."""
+        kv = self.kv_spec
+        embeds_name, mask_name, logits_name = self.embeds_name, self.mask_name, self.logits_name
+        positions_name = self.positions_name
         mk = lambda n, name: DeviceBuffer(n, cudart=cudart, name=f"{engine.name}.{name}")  # noqa: E731
         self.d_embeds = mk(p * d * t_emb.itemsize, embeds_name)
         self.d_mask = mk(self.max_context * t_mask.itemsize, mask_name)
@@ -594,7 +665,10 @@ class TrtDecoderRunner:
             self.d_positions = mk(p * t_pos.itemsize, positions_name)
         kv_bytes = _volume(kv.shape(self.max_context)) * self._kv_itemsize
         # [tensor j][buffer 0/1]; tensor j = past key 0, past value 0, past key 1, ...
-        self.d_kv = [[mk(kv_bytes, f"kv{j}.{ab}") for ab in "AB"] for j in range(len(self.past_names))]
+        for j in range(len(self.past_names)):
+            self.d_kv.append([])
+            for ab in "AB":
+                self.d_kv[j].append(mk(kv_bytes, f"kv{j}.{ab}"))
 
         self.h_embeds = PinnedBuffer(p * d * t_emb.itemsize, cudart=cudart, name="embeds.host")
         self.h_positions = PinnedBuffer(p * 8, cudart=cudart, name="positions.host")
@@ -603,8 +677,6 @@ class TrtDecoderRunner:
         ones = np.ones(self.max_context, dtype=self._mask_dtype)
         self.d_mask.copy_from_host(ones, stream)             # the mask is all ones: uploaded once, prefixes bound
         _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        self.steps = 0
-        self.last_profile: int | None = None
 
     # -- state
     @property
@@ -705,12 +777,9 @@ class TrtDecoderRunner:
         return self.logits
 
     def close(self) -> None:
-        bufs = [self.d_embeds, self.d_mask, self.d_logits, self.h_embeds, self.h_positions, self.h_logits,
-                *(b for pair in self.d_kv for b in pair)]
-        if self.d_positions is not None:
-            bufs.append(self.d_positions)
-        for b in bufs:
-            b.free()
+        """Free every buffer (all of them, even if one free fails; idempotent)."""
+        free_all([self.d_embeds, self.d_mask, self.d_logits, self.d_positions, self.h_embeds, self.h_positions,
+                  self.h_logits, *(b for pair in self.d_kv for b in pair)], f"{self.engine.name} buffers")
 
 
 # ---- bundle wiring --------------------------------------------------------------------------------------------------
@@ -727,16 +796,36 @@ def engine_entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(k): dict(v) for k, v in engines.items()}
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """``"10.3.0.30"`` -> (10, 3, 0): major.minor.patch (the build number is not part of engine compatibility)."""
+    out = []
+    for part in str(version).strip().lstrip("v").split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+#: DLA returned in TensorRT 11 with 11.4.1 (JetPack 7.2.2+ on AGX Orin); 11.0-11.4.0 have no DLA.
+DLA_MIN_TRT11 = (11, 4, 1)
+
+
 def check_engine_entry(component: str, entry: Mapping[str, Any], trt_version: str,
                        device: tuple[str, str] | None) -> None:
-    """An engine only runs with the TensorRT (major.minor) that built it, on the same GPU architecture."""
-    from edgevlm.targets import parse_trt_version
-
+    """An engine only runs with the TensorRT release (major.minor.patch, as recorded at build time) that built it,
+    on the same GPU architecture; a DLA engine on TensorRT 11 needs 11.4.1 or later."""
     built = str(entry.get("tensorrt", ""))
-    if built and parse_trt_version(built) != parse_trt_version(trt_version):
+    have, want = _release(trt_version), _release(built)
+    n = min(len(have), len(want))
+    if built and n >= 2 and have[:n] != want[:n]:
         raise RuntimeBackendError(f"the {component} engine was built with TensorRT {built} but TensorRT {trt_version} "
                                   f"is installed: engines only run with the TensorRT that built them. Rebuild on "
                                   f"this device with `edgevlm build-engine BUNDLE`")
+    if entry.get("dla_core") is not None and have and have[0] == 11 and have < DLA_MIN_TRT11:
+        raise RuntimeBackendError(f"the {component} engine runs on DLA core {entry.get('dla_core')}, but TensorRT "
+                                  f"{trt_version} has no DLA (TensorRT 11 brought DLA back in 11.4.1, JetPack "
+                                  f"7.2.2+): upgrade TensorRT, or re-export without --dla and rebuild")
     cc = str(entry.get("compute_capability") or "")
     if device is not None and cc and device[1] and cc != device[1]:
         raise RuntimeBackendError(f"the {component} engine was built for SM {cc} ({entry.get('device', '?')}) but "
@@ -744,7 +833,7 @@ def check_engine_entry(component: str, entry: Mapping[str, Any], trt_version: st
                                   f"`edgevlm build-engine BUNDLE`")
 
 
-class TrtBackend:
+class TrtBackend(_Closing):
     """The vision and decoder runners of a bundle on one CUDA stream. ``from_bundle`` picks the engines from
     ``manifest["tensorrt"]["engines"]`` (never from file names) and checks their TensorRT version and GPU."""
 
@@ -779,20 +868,35 @@ class TrtBackend:
         def load(comp: str) -> TrtEngine:
             e = entries[comp]
             names = [p.get("name") for p in e.get("profiles", []) if isinstance(p, Mapping)]
+            core = e.get("dla_core")
             return TrtEngine.load(bundle.path(e["file"]), name=f"{comp} engine", profile_names=names or None,
-                                  trt=trt, verbose=verbose)
+                                  trt=trt, verbose=verbose, dla_core=None if core is None else int(core))
 
-        vcomp = bundle.component("vision")
-        vision = TrtVisionRunner(load("vision"), input_name=vcomp["inputs"][0]["name"],
-                                 output_name=vcomp["outputs"][0]["name"], stream=stream, cudart=cudart)
-        dcomp = bundle.component("decoder")
-        kv = KVSpec.from_manifest(dcomp.get("kv_cache"))
-        dec_engine = load("decoder")
-        ctx = None
-        if context_length is not None:
-            ctx = min(int(context_length), max((p.shapes["attention_mask"][2][1] for p in dec_engine.profiles
-                                                if "attention_mask" in p.shapes), default=int(context_length)))
-        decoder = TrtDecoderRunner(dec_engine, kv, stream=stream, cudart=cudart, max_context=ctx)
+        held: list[Any] = []                   # closed in reverse if anything below fails (no leaked device memory)
+        try:
+            vcomp = bundle.component("vision")
+            v_engine = load("vision")
+            held.append(v_engine)
+            vision = TrtVisionRunner(v_engine, input_name=vcomp["inputs"][0]["name"],
+                                     output_name=vcomp["outputs"][0]["name"], stream=stream, cudart=cudart)
+            held.append(vision)
+            dcomp = bundle.component("decoder")
+            kv = KVSpec.from_manifest(dcomp.get("kv_cache"))
+            dec_engine = load("decoder")
+            held.append(dec_engine)
+            ctx = None
+            if context_length is not None:
+                ctx = min(int(context_length), max((p.shapes["attention_mask"][2][1] for p in dec_engine.profiles
+                                                    if "attention_mask" in p.shapes), default=int(context_length)))
+            decoder = TrtDecoderRunner(dec_engine, kv, stream=stream, cudart=cudart, max_context=ctx)
+        except BaseException:
+            for obj in reversed(held):
+                try:
+                    obj.close()
+                except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+                    log.warning("cleanup after a failed TensorRT load: %s", exc)
+            _destroy_stream(cudart, stream, quiet=True)
+            raise
         info = {"device": dev[0], "compute_capability": dev[1], "tensorrt": trt.__version__,
                 "engines": {c: entries[c]["file"] for c in ("vision", "decoder")},
                 "device_bytes": vision.device_bytes + decoder.device_bytes,
@@ -803,10 +907,28 @@ class TrtBackend:
         return cls(vision, decoder, stream=stream, cudart=cudart, info=info)
 
     def close(self) -> None:
-        self.vision.close()
-        self.decoder.close()
-        self.vision.engine.close()
-        self.decoder.engine.close()
+        """Free both runners' buffers, drop the engines and destroy the stream: every step runs even when one
+        fails (the first failure is raised afterwards); calling it twice is harmless."""
+        errors: list[BaseException] = []
+        for step in (self.vision.close, self.decoder.close, self.vision.engine.close, self.decoder.engine.close):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
         if self.stream is not None:
-            _check(self.cudart, self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
-            self.stream = None
+            stream, self.stream = self.stream, None
+            try:
+                _destroy_stream(self.cudart, stream)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def _destroy_stream(cudart: Any, stream: Any, quiet: bool = False) -> None:
+    try:
+        _check(cudart, cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+    except RuntimeBackendError as exc:
+        if not quiet:
+            raise
+        log.warning("%s", exc)
