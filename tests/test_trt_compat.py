@@ -96,11 +96,12 @@ def test_opset_above_trt_10_3_rejected(opset):
 
 
 def blocked_int4_graph(opset=21):
-    w4 = h.make_tensor("w_q4", T.INT4, [8, 8], np.zeros(64, np.int8).tolist())
-    scales = nh.from_array(np.ones((1, 8), np.float16), "w_scales")
-    nodes = [h.make_node("DequantizeLinear", ["w_q4", "w_scales"], ["w"], name="dq_int4", axis=0, block_size=8),
+    """A [K=128, N=8] INT4 weight in blocks of 64 along K (block sizes TensorRT supports: 64, 128)."""
+    w4 = h.make_tensor("w_q4", T.INT4, [128, 8], np.zeros(128 * 8, np.int8).tolist())
+    scales = nh.from_array(np.ones((2, 8), np.float32), "w_scales")
+    nodes = [h.make_node("DequantizeLinear", ["w_q4", "w_scales"], ["w"], name="dq_int4", axis=0, block_size=64),
              h.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
-    return model(nodes, [w4, scales], opset=opset)
+    return model(nodes, [w4, scales], opset=opset, inputs=[h.make_tensor_value_info("x", T.FLOAT, ["batch", 128])])
 
 
 def test_opset_21_allowed_only_for_blocked_int4_dequantize():

@@ -18,9 +18,12 @@ Checks (each a row: name, status pass / warn / skip / fail, detail):
   ``kv_cache`` block), then one decode step fed
   the presents -> logits / presents of the right shapes, finite; ``run:kv-consistency``: the decode step's logits
   equal a prefill of all T + 1 tokens (the KV cache carries the context); ``--samples`` random inputs each;
-* TensorRT targets: ``trt:compat:<component>`` (``trt_compat.check_tensorrt_compat`` for the target's TensorRT:
-  errors fail, warnings are listed), ``trt:build-plan`` (``build_plan.json`` loads, matches the manifest's copy,
-  the target's TensorRT version, and the graphs' real input names / static dims), ``trt:build-script``
+* TensorRT targets: ``trt:compat:<component>`` (``trt_compat.check_tensorrt_compat`` for the target's TensorRT and
+  the plan's builder mode: every graph rule of the rule book, docs/tensorrt.md; an error-level rule fails, warnings
+  are listed), ``trt:build-plan`` (``build_plan.json`` loads, matches the manifest's copy, the target's TensorRT
+  version, and ``trt_compat.check_build_plan``: profiles cover every dynamic input and the KV-cache shapes, the
+  planned context is the manifest's, fp32 layers pinned in weakly typed fp16 builds; error-level rules fail),
+  ``trt:build-script``
   (``build_engines.sh`` builds every planned engine with the plan's trtexec arguments and version check);
 * ``engine:<component>``: for engines recorded in ``manifest["tensorrt"]["engines"]`` (by ``edgevlm
   build-engine``): the file is hash-listed; with TensorRT + a GPU here each engine runs on the same inputs as ONNX
@@ -32,6 +35,7 @@ Checks (each a row: name, status pass / warn / skip / fail, detail):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -448,32 +452,38 @@ class _Verifier:
         version = str(tgt.get("tensorrt") or (plan.tensorrt if plan else "") or "")
         comps = [n for n in self.sessions] + [n for n, e in m["components"].items()
                                               if str(e.get("file", "")).endswith(".onnx") and n not in self.sessions]
+        strong = (plan.builder_mode == "strong") if plan is not None else None
         for name in comps:
-            self.guard(f"trt:compat:{name}", lambda n=name: self._compat(n, version))
+            self.guard(f"trt:compat:{name}", lambda n=name: self._compat(n, version, strong))
         if plan is not None:
             self.guard("trt:build-plan", lambda: self._plan(plan, version))
             self.guard("trt:build-script", lambda: self._script(plan))
         self._engines(plan)
 
-    def _compat(self, name: str, version: str) -> None:
+    def _compat(self, name: str, version: str, strongly_typed: bool | None = None) -> None:
         from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
 
         if not version:
             raise BundleError("the manifest's target names no TensorRT version")
-        issues = check_tensorrt_compat(self.bundle.component_path(name), version)
+        issues = check_tensorrt_compat(self.bundle.component_path(name), version, strongly_typed=strongly_typed)
         errors = [i for i in issues if i.severity == ERROR]
         warnings = [i for i in issues if i.severity != ERROR]
-        data = {"errors": [str(i) for i in errors], "warnings": [str(i) for i in warnings]}
+        data = {"errors": [str(i) for i in errors], "warnings": [str(i) for i in warnings],
+                "rules": sorted({i.code for i in issues})}
         if errors:
-            self.add(f"trt:compat:{name}", FAIL, f"TensorRT {version} cannot parse it: "
-                     + _short([str(i) for i in errors], 4) + " (re-export for the TensorRT target)", **data)
+            rules = ", ".join(sorted({i.code for i in errors}))
+            self.add(f"trt:compat:{name}", FAIL, f"TensorRT {version} rule(s) broken [{rules}]: "
+                     + _short([str(i) for i in errors], 4) + " (re-export for the TensorRT target; rule book: "
+                     "docs/tensorrt.md)", **data)
         elif warnings:
             self.add(f"trt:compat:{name}", WARN, f"parsable by TensorRT {version}, {len(warnings)} warning(s): "
                      + _short([str(i) for i in warnings], 4), **data)
         else:
-            self.add(f"trt:compat:{name}", PASS, f"standard ONNX ops only, opset and Q/DQ fine for TensorRT {version}")
+            self.add(f"trt:compat:{name}", PASS, f"standard ONNX ops only; opset, Q/DQ, I/O types and precision "
+                     f"fine for TensorRT {version}")
 
     def _plan(self, plan, version: str) -> None:
+        from edgevlm.exporter.trt_compat import ERROR, check_build_plan
         from edgevlm.exporter.trt_plan import PLAN_FILE, BuildPlan, components_from_manifest
         from edgevlm.targets import parse_trt_version
 
@@ -502,42 +512,34 @@ class _Verifier:
                 continue
             if e.onnx != comp.onnx:
                 problems.append(f"engine '{e.component}' builds {e.onnx}, the manifest's graph is {comp.onnx}")
-            sess = self.sessions.get(e.component)
-            graph = ({i.name: list(i.shape or []) for i in sess.get_inputs()} if sess is not None else
-                     {i.name: list(i.shape) for i in comp.inputs})
-            dynamic = {n for n, s in graph.items() if any(not isinstance(d, int) for d in s)}
-            for prof in e.profiles:
-                where = f"engine '{e.component}' profile '{prof.name}'"
-                extra = sorted(set(prof.shapes) - set(graph))
-                if extra:
-                    problems.append(f"{where}: inputs {extra} are not graph inputs (graph: {sorted(graph)})")
-                missing = sorted(dynamic - set(prof.shapes))
-                if missing:
-                    problems.append(f"{where}: dynamic graph inputs {missing} have no shape range")
-                for n, rng in prof.shapes.items():
-                    if n not in graph:
-                        continue
-                    dims = graph[n]
-                    if not (len(rng.min) == len(rng.opt) == len(rng.max) == len(dims)):
-                        problems.append(f"{where}: '{n}' range rank differs from the graph's {dims}")
-                        continue
-                    for k, d in enumerate(dims):
-                        lo, op, hi = rng.min[k], rng.opt[k], rng.max[k]
-                        if not lo <= op <= hi or lo < 0:
-                            problems.append(f"{where}: '{n}' dim {k} range {lo}/{op}/{hi} is not min <= opt <= max")
-                        if isinstance(d, int) and not lo == op == hi == d:
-                            problems.append(f"{where}: '{n}' dim {k} is static {d} in the graph, planned "
-                                            f"{lo}/{op}/{hi}")
+        graphs: dict[str, Any] = {}                     # graph files (with onnx) give fp32-layers its island nodes
+        have_onnx = importlib.util.find_spec("onnx") is not None
+        for e in plan.engines:
+            path = self.bundle.root / e.onnx
+            if have_onnx and path.is_file():
+                graphs[e.component] = path
+            elif e.component in self.sessions:
+                graphs[e.component] = self.sessions[e.component].get_inputs()
+            elif e.component in comps:
+                graphs[e.component] = {i.name: list(i.shape) for i in comps[e.component].inputs}
+        issues = check_build_plan(plan, graphs, m)
+        problems += [f"{i} [{i.code}]" for i in issues if i.severity == ERROR]
+        warnings = [f"{i} [{i.code}]" for i in issues if i.severity != ERROR]
         planned = {e.component for e in plan.engines}
         for name in ("vision", "decoder"):
             if name in comps and name not in planned:
                 problems.append(f"no engine planned for the '{name}' graph")
+        rules = sorted({i.code for i in issues})
         if problems:
-            self.add("trt:build-plan", FAIL, _short(problems) + " (re-export the bundle for its target)",
-                     problems=problems)
+            self.add("trt:build-plan", FAIL, _short(problems) + " (re-export the bundle for its target; rule book: "
+                     "docs/tensorrt.md)", problems=problems, warnings=warnings, rules=rules)
+        elif warnings:
+            self.add("trt:build-plan", WARN, f"{PLAN_FILE}: {len(warnings)} warning(s): " + _short(warnings, 4),
+                     warnings=warnings, rules=rules)
         else:
             self.add("trt:build-plan", PASS, f"{PLAN_FILE}: {len(plan.engines)} engine(s) for TensorRT {plan.tensorrt} "
-                     f"({plan.builder_mode}ly typed, {plan.target}); profiles cover the graphs' inputs")
+                     f"({plan.builder_mode}ly typed, {plan.target}); profiles cover the graphs' inputs and the "
+                     f"KV-cache shapes, context {plan.context}")
 
     def _script(self, plan) -> None:
         from edgevlm.exporter.trt_plan import SCRIPT_FILE, trtexec_args
