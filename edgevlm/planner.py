@@ -23,10 +23,16 @@ Weights, per component (``targets.COMPONENTS``):
     weights (edgevlm.quant's block, as ModelOpt AWQ; onnxruntime-genai and llama.cpp use 32). Norms
     and biases are counted at the component precision (< 1 % of parameters).
 
-KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes x context x batch, bytes = 2 (fp16) on GPU targets,
-    4 (fp32) on CPU targets or for an fp32 decoder. Two buffers by default: with Optimum-style I/O the graph reads
-    ``past_key_values.*`` and writes ``present.*`` (past + new tokens), so a runtime ping-pongs two preallocated
-    buffers (``kv_shared_buffer=True`` for an in-place cache such as ORT GroupQueryAttention: one buffer).
+KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes x context x batch, at the dtype of the decoder
+    graph's KV I/O, which is what the runtime allocates: the exporter keeps float32 graph I/O on every target and
+    precision (``keep_io_types``; manifest ``components.decoder.kv_cache.dtype = "float32"``), so bytes = 4 (fp32)
+    even for fp16 / int8 / int4 decoders on GPUs (``KV_IO_DTYPE``; ``kv_dtype=`` for a graph with other KV I/O).
+    Two buffers by default: with Optimum-style I/O the graph reads ``past_key_values.*`` and writes ``present.*``
+    (past + new tokens), so the TensorRT runner (``runtime.trt_backend.TrtDecoderRunner``) preallocates two
+    max-context device buffers per past tensor and ping-pongs them, and ONNX Runtime holds the past and the new
+    present; ``kv_shared_buffer=True`` for an in-place cache such as ORT GroupQueryAttention (one buffer).
+    ``plan_memory_from_manifest`` takes all of this (dtype, buffering, context, precision, target) from a bundle's
+    manifest; the exporter records that plan in the manifest (``memory_plan``).
 
 Activations (prefill peak, one layer live at a time; S = longest prompt incl. visual tokens, ab = 2 on GPU,
     4 on CPU or fp32):
@@ -69,6 +75,9 @@ DEFAULT_TEXT_TOKENS = 256       # text budget of the longest prompt (besides the
 TYPICAL_TEXT_TOKENS = 64        # text of a typical VQA prompt (TensorRT opt shapes)
 NEAR_LIMIT = 0.90               # warn above this fraction of usable memory
 KV_BUFFERS = 2                  # past + present (Optimum I/O); 1 with an in-place cache
+KV_IO_DTYPE = "fp32"            # the exported decoder graphs' KV I/O dtype (keep_io_types), on every target
+_KV_DTYPES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
+              "bfloat16": "bf16"}
 GIB = 2**30
 
 VERDICTS = ("fits", "near_limit", "does_not_fit")
@@ -231,7 +240,7 @@ def _verdict(peak: int, usable: int) -> str:
 def plan_memory(model_cfg: ModelConfig, target: Target | str, precision: Mapping[str, str] | str | None = None,
                 context: int | None = None, batch: int = 1, *, prompt_tokens: int | None = None,
                 kv_shared_buffer: bool = False, workspace_gb: float | None = None,
-                suggest: bool = True) -> MemoryPlan:
+                suggest: bool = True, kv_dtype: str | None = None) -> MemoryPlan:
     """Itemized memory budget and verdict (see the module docstring for every formula).
 
     Args:
@@ -244,10 +253,15 @@ def plan_memory(model_cfg: ModelConfig, target: Target | str, precision: Mapping
         kv_shared_buffer: the runtime updates the KV cache in place (one buffer instead of past + present).
         workspace_gb: TensorRT builder workspace; None = ``target.workspace_gb``.
         suggest: compute suggestions (lower precision, shorter context, other targets) when it does not fit.
+        kv_dtype: dtype of the decoder graph's KV I/O (fp32 / float32, fp16 / float16, bf16); None =
+            ``KV_IO_DTYPE`` (fp32: what the exporter writes for every target).
     """
     if isinstance(target, str):
         target = get_target(target)
     recipe = target.recipe(precision)
+    kv_name = KV_IO_DTYPE if kv_dtype is None else _KV_DTYPES.get(str(kv_dtype).lower())
+    if kv_name is None:
+        raise ConfigError(f"kv_dtype '{kv_dtype}' unknown; use one of {', '.join(sorted(_KV_DTYPES))}")
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     ctx = default_context(model_cfg, target) if context is None else int(context)
@@ -265,7 +279,7 @@ def plan_memory(model_cfg: ModelConfig, target: Target | str, precision: Mapping
         raise ConfigError(f"prompt_tokens {prompt} is shorter than the {model_cfg.visual_tokens} visual tokens")
 
     cpu = target.kind == "cpu"
-    kv_dtype = "fp32" if cpu or recipe["decoder"] == "fp32" else ("bf16" if recipe["decoder"] == "bf16" else "fp16")
+    kv_dtype = kv_name
     dec_ab = 4 if cpu or recipe["decoder"] == "fp32" else 2
     vis_ab = 4 if cpu or recipe["vision"] == "fp32" else 2
     params = component_params(model_cfg)
@@ -286,11 +300,11 @@ def plan_memory(model_cfg: ModelConfig, target: Target | str, precision: Mapping
         MemoryItem("weights.decoder", w["decoder"], run + load,
                    f"{params['decoder']:,} params ({model_cfg.llm.num_layers} layers) @ {recipe['decoder']}"),
         MemoryItem("weights.lm_head", w["lm_head"], run + load, f"{params['lm_head']:,} params @ {recipe['lm_head']}"),
-        MemoryItem("kv_cache.past", kv_one, run, f"{kv_dtype}, {ctx} tokens x batch {batch}"),
+        MemoryItem("kv_cache.past", kv_one, run, f"{kv_dtype} (the graph's KV I/O), {ctx} tokens x batch {batch}"),
     ]
     if buffers == 2:
         items.append(MemoryItem("kv_cache.present", kv_one, run, "second buffer: the graph writes present.* apart "
-                                                                 "from past_key_values.*"))
+                                                                 "from past_key_values.* (ping-pong)"))
     items += [
         MemoryItem("activations.vision", vision_activation_bytes(model_cfg, vis_ab, batch), run,
                    f"{model_cfg.vision.num_patches + 1} patches, {'fp32' if vis_ab == 4 else 'fp16'}"),
@@ -339,7 +353,7 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
                  prompt_tokens: int | None, kv_shared: bool, workspace_gb: float | None) -> list[str]:
     def again(**kw: Any) -> MemoryPlan:
         args: dict[str, Any] = dict(precision=recipe, context=ctx, batch=batch, prompt_tokens=prompt_tokens,
-                                    kv_shared_buffer=kv_shared, workspace_gb=workspace_gb)
+                                    kv_shared_buffer=kv_shared, workspace_gb=workspace_gb, kv_dtype=plan.kv_dtype)
         args.update(kw)
         return plan_memory(cfg, args.pop("target", target), suggest=False, **args)
 
@@ -428,6 +442,48 @@ def _suggestions(plan: MemoryPlan, cfg: ModelConfig, target: Target, recipe: dic
     return out
 
 
+def kv_facts_from_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"kv_dtype", "kv_shared_buffer", "context"}`` of a bundle from its manifest: the decoder's
+    ``kv_cache.dtype`` and ``mode`` (``shared_buffer``: one in-place buffer of ``max_length``; else past + present),
+    and the context the runtime allocates (the TensorRT plan's ``context``, the shared buffer's ``max_length``,
+    else None = the planner's default)."""
+    dec = ((manifest.get("components") or {}).get("decoder") or {})
+    kv = dec.get("kv_cache") or {}
+    dtype = _KV_DTYPES.get(str(kv.get("dtype", "float32")).lower())
+    if dtype is None:
+        raise ConfigError(f"manifest components.decoder.kv_cache.dtype '{kv.get('dtype')}' is not one the planner "
+                          f"knows ({', '.join(sorted(_KV_DTYPES))})")
+    shared = str(kv.get("mode", "concat")) == "shared_buffer"
+    trt_plan = ((manifest.get("tensorrt") or {}).get("plan") or {})
+    context = trt_plan.get("context") or (kv.get("max_length") if shared else None)
+    return {"kv_dtype": dtype, "kv_shared_buffer": shared, "context": int(context) if context else None}
+
+
+def plan_memory_from_manifest(manifest: Mapping[str, Any], *, model_cfg: ModelConfig | None = None,
+                              target: Target | str | None = None, context: int | None = None, batch: int = 1,
+                              workspace_gb: float | None = None, suggest: bool = True) -> MemoryPlan:
+    """``plan_memory`` for a bundle, from its manifest: model (``manifest.model``), target, precision recipe, the KV
+    cache's dtype and buffering and the context its runtime allocates (``kv_facts_from_manifest``). ``target`` /
+    ``context`` override the manifest's (e.g. another board)."""
+    if model_cfg is None:
+        from edgevlm.bundle import _model_config
+
+        model_cfg = _model_config(dict(manifest["model"]))
+    tgt = manifest.get("target") or {}
+    if target is None:
+        target = tgt.get("label") or tgt.get("name") or "cpu"
+    recipe = (manifest.get("recipe") or {}).get("components") or manifest.get("precision")
+    facts = kv_facts_from_manifest(manifest)
+    ctx = context if context is not None else facts["context"]
+    if ctx is not None:
+        ctx = min(int(ctx), model_cfg.context_length)
+    trt_plan = ((manifest.get("tensorrt") or {}).get("plan") or {})
+    prompt = trt_plan.get("max_prompt_tokens") if context is None else None
+    return plan_memory(model_cfg, target, recipe, ctx, batch, prompt_tokens=prompt,
+                       kv_shared_buffer=facts["kv_shared_buffer"], workspace_gb=workspace_gb, suggest=suggest,
+                       kv_dtype=facts["kv_dtype"])
+
+
 def check_fits(plan: MemoryPlan) -> MemoryPlan:
     """Raise ``TargetError`` (numbers + suggestions) when ``plan`` does not fit; log a warning near the limit."""
     if plan.verdict == "does_not_fit":
@@ -443,7 +499,8 @@ def check_fits(plan: MemoryPlan) -> MemoryPlan:
     return plan
 
 
-__all__ = ["MemoryPlan", "MemoryItem", "plan_memory", "check_fits", "weight_bytes", "component_params",
+__all__ = ["MemoryPlan", "MemoryItem", "plan_memory", "plan_memory_from_manifest", "kv_facts_from_manifest",
+           "check_fits", "KV_IO_DTYPE", "KV_BUFFERS", "weight_bytes", "component_params",
            "vision_tower_params", "kv_bytes_per_token", "decoder_activation_bytes", "vision_activation_bytes",
            "max_prompt_tokens", "typical_prompt_tokens", "default_context", "INT4_BLOCK", "DEFAULT_TEXT_TOKENS",
            "NEAR_LIMIT", "VERDICTS", "gib"]

@@ -18,9 +18,10 @@ from edgevlm.targets import get_target
 GiB = 2**30
 
 
-def hand_plan_mobilevlm_17b_int4(memory_gb: float, workspace_gb: float, context: int = 2048) -> dict[str, int]:
-    """mobilevlm-1.7b, preset int4 (int8 vision, fp16 embedding, int4 decoder + lm_head), TensorRT on a Jetson,
-    computed by hand from the config dims (no planner code)."""
+def hand_plan_mobilevlm_17b_int4(memory_gb: float, workspace_gb: float, context: int = 2048,
+                                 lm_head: str = "int8") -> dict[str, int]:
+    """mobilevlm-1.7b, preset int4 (int8 vision, fp16 embedding, int4 decoder, ``lm_head`` head), TensorRT on a
+    Jetson, computed by hand from the config dims (no planner code)."""
     cfg = get_model_config("mobilevlm-1.7b")
     v, m = cfg.vision, cfg.llm
     # -- vision tower: CLIP ViT-L/14-336, hidden_states[-2] -> 23 of 24 layers, no post_layernorm
@@ -49,10 +50,11 @@ def hand_plan_mobilevlm_17b_int4(memory_gb: float, workspace_gb: float, context:
     w_vision = vision_params + 4 * math.ceil(vision_params / h)
     w_embedding = 2 * embedding_params
     w_decoder = math.ceil(decoder_params / 2) + 2 * math.ceil(decoder_params / 128)
-    w_lm_head = lm_head_params + 4 * math.ceil(lm_head_params / d)     # the int4 preset keeps the LM head int8
+    w_lm_head = {"int8": lm_head_params + 4 * math.ceil(lm_head_params / d),     # the LM head int8 or fp16
+                 "fp16": 2 * lm_head_params}[lm_head]
     weights = w_vision + w_embedding + w_decoder + w_lm_head
-    # -- KV cache: fp16, past + present buffers
-    kv = 2 * L * m.num_kv_heads * m.head_dim * 2 * context
+    # -- KV cache: float32 (the exported graphs' KV I/O, which TrtDecoderRunner allocates), past + present buffers
+    kv = 2 * L * m.num_kv_heads * m.head_dim * 4 * context
     # -- activations: vision (577 tokens) + prefill of the longest prompt (144 visual + 256 text = 400 tokens)
     tokens = n + 1
     act_vision = tokens * (7 * h + 2 * i) * 2 + 2 * v.num_heads * tokens * tokens * 4 + 144 * 4 * d * 2
@@ -75,7 +77,8 @@ def hand_plan_mobilevlm_17b_int4(memory_gb: float, workspace_gb: float, context:
     ("jetson-orin-nano-8gb", 8, 1.0, "fits"),
 ])
 def test_mobilevlm_17b_int4_on_orin_nano_matches_hand_computation(board, memory_gb, workspace_gb, verdict):
-    expect = hand_plan_mobilevlm_17b_int4(memory_gb, workspace_gb)
+    expect = hand_plan_mobilevlm_17b_int4(memory_gb, workspace_gb,
+                                          lm_head=get_target(board).recipe("int4")["lm_head"])
     plan = plan_memory(get_model_config("mobilevlm-1.7b"), get_target(board), "int4", context=2048)
     for name in ("weights.vision", "weights.embedding", "weights.decoder", "weights.lm_head", "kv_cache.past",
                  "kv_cache.present", "activations.vision", "activations.prefill"):
@@ -84,9 +87,9 @@ def test_mobilevlm_17b_int4_on_orin_nano_matches_hand_computation(board, memory_
     assert plan.peak_bytes == expect["peak"] and plan.usable_bytes == expect["usable"]
     assert plan.verdict == verdict
     if verdict == "does_not_fit":
-        assert expect["peak"] > expect["usable"]                  # 2.92 GiB > 2.80 GiB
+        assert expect["peak"] > expect["usable"]                  # 3.7 GiB (run) > 2.80 GiB
     else:
-        assert expect["peak"] <= 0.9 * expect["usable"]           # 3.31 GiB (build) of 6.80 GiB
+        assert expect["peak"] <= 0.9 * expect["usable"]           # 3.7 GiB (run: 1.5 GiB of KV) of 6.80 GiB
 
 
 def test_check_fits_refuses_with_numbers_and_working_suggestions():
@@ -125,11 +128,11 @@ def test_smaller_precision_at_shorter_context_is_suggested_and_fits():
 
 def test_precision_suggestion_and_near_limit_warning(caplog):
     cfg = get_model_config("mobilevlm-v2-7b")
-    plan = plan_memory(cfg, "rtx-4070", "fp16")
+    plan = plan_memory(cfg, "rtx-4070", "fp16", context=1024)
     assert plan.verdict == "does_not_fit"
     sugg = next(s for s in plan.suggestions if s.startswith("--precision"))
     preset = sugg.split()[1]
-    assert plan_memory(cfg, "rtx-4070", preset).verdict == "fits"
+    assert plan_memory(cfg, "rtx-4070", preset, context=1024).verdict == "fits"
     # near the limit: memory sized so that the peak is 95 % of usable
     small = get_model_config("mobilevlm-1.7b")
     base = plan_memory(small, "cpu", "int4", context=1024)
@@ -150,7 +153,10 @@ def test_budget_scales_as_expected():
     shared = plan_memory(cfg, "jetson-orin", "int4", context=2048, kv_shared_buffer=True)
     assert "kv_cache.present" not in [i.name for i in shared.items]
     cpu = plan_memory(cfg, "cpu", "int4", context=2048)
-    assert cpu.kv_dtype == "fp32" and cpu.item("kv_cache.past") == 2 * p2.item("kv_cache.past")
+    # every exported graph has float32 KV I/O (keep_io_types): the same KV bytes on a GPU as on a CPU
+    assert cpu.kv_dtype == p2.kv_dtype == "fp32" and cpu.item("kv_cache.past") == p2.item("kv_cache.past")
+    fp16_io = plan_memory(cfg, "jetson-orin", "int4", context=2048, kv_dtype="float16")
+    assert fp16_io.kv_dtype == "fp16" and 2 * fp16_io.item("kv_cache.past") == p2.item("kv_cache.past")
     assert "build" not in cpu.phases                              # no engine build with ONNX Runtime
     gpu = plan_memory(cfg, "rtx-4090", "fp16")
     assert "load.transient" not in [i.name for i in gpu.items]     # discrete GPU: engine bytes sit in host RAM
@@ -194,3 +200,112 @@ def test_targets_cli(capsys, monkeypatch):
     assert {r["name"] for r in rows} >= {"jetson-agx-orin-32gb", "rtx-4090", "cpu-arm64"}
     assert main(["targets"]) == 0
     assert "jetson-orin-nano-4gb" in capsys.readouterr().out
+
+
+# ---- the KV cache the runtime really allocates ------------------------------------------------------------------
+def test_kv_cache_of_mobilellama_14b_at_2048_tokens_is_1_5_gib_on_a_jetson():
+    """MobileLLaMA-1.4B (mobilevlm-1.7b's LLM: 24 layers x 2048 KV dims), 2048 tokens, float32 KV I/O and two
+    ping-pong buffers: 2 x 24 x 2048 x 4 B x 2048 x 2 = 1.5 GiB (an fp16 assumption said 0.75 GiB)."""
+    plan = plan_memory(get_model_config("mobilevlm-1.7b"), "jetson-orin-nano-8gb", "int4", context=2048)
+    assert plan.kv_dtype == "fp32"
+    assert plan.item("kv_cache.past") + plan.item("kv_cache.present") == int(1.5 * GiB)
+
+
+def _tiny_trt_manifest(target: str = "jetson-orin", precision: str = "int4"):
+    from edgevlm.bundle import model_entry
+    from edgevlm.exporter.spec import kv_cache_entry
+    from edgevlm.exporter.trt_plan import plan_tensorrt_build
+
+    cfg = get_model_config("tiny-ldpnet")
+    tgt = get_target(target)
+    trt_plan = plan_tensorrt_build(cfg, tgt, precision)
+    manifest = {"model": model_entry(cfg, random_init=True, source="random-init"), "target": tgt.to_dict(),
+                "precision": precision, "recipe": {"components": tgt.recipe(precision)},
+                "components": {"decoder": {"kv_cache": kv_cache_entry(cfg, "float32")}},
+                "tensorrt": {"plan": trt_plan.to_dict()}}
+    return cfg, trt_plan, manifest
+
+
+class _PlannedDecoderEngine:
+    """A TensorRT-engine look-alike built from a build plan's decoder engine: float32 embeds / KV / logits, int64
+    mask and positions, the planned profiles (what ``build-engine`` would build)."""
+
+    def __init__(self, cfg, engine_plan):
+        from test_trt_backend import FLOAT, INPUT, INT64, OUTPUT
+
+        c = cfg.llm
+        kv = (-1, c.num_kv_heads, -1, c.head_dim)
+        io = [("inputs_embeds", INPUT, FLOAT, (-1, -1, c.hidden_size)), ("attention_mask", INPUT, INT64, (-1, -1)),
+              ("position_ids", INPUT, INT64, (-1, -1))]
+        for i in range(c.num_layers):
+            io += [(f"past_key_values.{i}.key", INPUT, FLOAT, kv), (f"past_key_values.{i}.value", INPUT, FLOAT, kv)]
+        io.append(("logits", OUTPUT, FLOAT, (-1, 1, c.vocab_size)))
+        for i in range(c.num_layers):
+            io += [(f"present.{i}.key", OUTPUT, FLOAT, kv), (f"present.{i}.value", OUTPUT, FLOAT, kv)]
+        self.io, self.by_name = io, {t[0]: t for t in io}
+        self.num_io_tensors, self.profiles = len(io), engine_plan.profiles
+        self.num_optimization_profiles = len(self.profiles)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return self.by_name[name][1]
+
+    def get_tensor_dtype(self, name):
+        return self.by_name[name][2]
+
+    def get_tensor_shape(self, name):
+        return self.by_name[name][3]
+
+    def get_tensor_profile_shape(self, name, i):
+        r = self.profiles[i].shapes[name]
+        return r.min, r.opt, r.max
+
+    def create_execution_context(self):
+        return object()
+
+
+def test_planner_kv_bytes_equal_what_the_tensorrt_runner_allocates():
+    """The planner's KV items for a TensorRT bundle (from its manifest: float32 KV I/O, ping-pong, the plan's
+    context) equal the KV device buffers ``TrtDecoderRunner`` allocates for engines built from that plan."""
+    from edgevlm.planner import plan_memory_from_manifest
+    from edgevlm.runtime import trt_backend as tb
+    from edgevlm.runtime.kv_cache import KVSpec
+    from test_trt_backend import FakeCudart
+
+    cfg, trt_plan, manifest = _tiny_trt_manifest()
+    kv = KVSpec.from_manifest(manifest["components"]["decoder"]["kv_cache"])
+    engine = tb.TrtEngine(_PlannedDecoderEngine(cfg, trt_plan.engine("decoder")), name="decoder engine",
+                          profile_names=[p.name for p in trt_plan.engine("decoder").profiles])
+    runner = tb.TrtDecoderRunner(engine, kv, stream=7, cudart=FakeCudart())
+    runner_kv = sum(b.nbytes for pair in runner.d_kv for b in pair)
+    plan = plan_memory_from_manifest(manifest)
+    assert plan.context == runner.max_context == trt_plan.context
+    assert plan.item("kv_cache.past") + plan.item("kv_cache.present") == runner_kv
+    assert plan.kv_dtype == "fp32" and plan.target == manifest["target"]["label"]
+    # the default plan (no manifest) already tells the same truth for the standard export
+    direct = plan_memory(cfg, "jetson-orin", "int4", context=trt_plan.context)
+    assert direct.item("kv_cache.past") + direct.item("kv_cache.present") == runner_kv
+    runner.close()
+
+
+def test_plan_from_manifest_reads_the_kv_layout():
+    from edgevlm.planner import kv_facts_from_manifest, plan_memory_from_manifest
+
+    cfg, trt_plan, manifest = _tiny_trt_manifest()
+    assert kv_facts_from_manifest(manifest) == {"kv_dtype": "fp32", "kv_shared_buffer": False,
+                                                "context": trt_plan.context}
+    # an ONNX Runtime GroupQueryAttention bundle: one in-place buffer of max_length
+    gqa = {**manifest, "target": get_target("cpu").to_dict(), "recipe": {"components": get_target("cpu").recipe("fp32")},
+           "tensorrt": None}
+    gqa["components"] = {"decoder": {"kv_cache": {**manifest["components"]["decoder"]["kv_cache"],
+                                                  "mode": "shared_buffer", "max_length": 128}}}
+    p = plan_memory_from_manifest(gqa)
+    assert p.context == 128 and "kv_cache.present" not in [i.name for i in p.items]
+    assert p.item("kv_cache.past") == 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.head_dim * 4 * 128
+    half = {**manifest, "components": {"decoder": {"kv_cache": {**manifest["components"]["decoder"]["kv_cache"],
+                                                                "dtype": "float16"}}}}
+    assert plan_memory_from_manifest(half).kv_dtype == "fp16"
+    with pytest.raises(ConfigError):
+        plan_memory(cfg, "cpu", kv_dtype="int3")
