@@ -66,6 +66,20 @@ PRECISION_PRESETS: dict[str, dict[str, str]] = {
     "int4": {"vision": "int8", "embedding": "fp16", "decoder": "int4", "lm_head": "int8"},
 }
 PRESET_ORDER = ("fp32", "fp16", "int8", "int4")   # largest to smallest weights
+# The presets as TensorRT targets resolve them. TensorRT's weight-only quantization is INT4 only (no weight-only
+# INT8), so the int4 preset's LM head stays float there and runs fp16 (fp16 tensor types on TensorRT >= 11, the
+# --fp16 builder flag on 10.x): as close to fp32 as the 8-bit head of the CPU recipe. An explicit "lm_head=int8" on
+# a TensorRT target is W8A8 static QDQ of the head (edgevlm/quant/recipes.py).
+TENSORRT_PRESETS: dict[str, dict[str, str]] = {
+    **PRECISION_PRESETS,
+    "int4": {**PRECISION_PRESETS["int4"], "lm_head": "fp16"},
+}
+
+
+def presets_for(tensorrt: bool) -> dict[str, dict[str, str]]:
+    """The preset table a target resolves names with: ``TENSORRT_PRESETS`` on TensorRT targets, else
+    ``PRECISION_PRESETS``."""
+    return TENSORRT_PRESETS if tensorrt else PRECISION_PRESETS
 
 # Highest default-domain ONNX opset the TensorRT ONNX parser handles, by (major, minor) it was raised in.
 # 10.0: "opset 9 to 20" (onnx-tensorrt docs/operators.md); 22 from 10.9, 24 from 10.13; 11.x: 25 (TensorRT ONNX opset
@@ -173,12 +187,13 @@ class Target:
     def recipe(self, precision: str | Mapping[str, str] | None = None) -> dict[str, str]:
         """Resolve a precision spec to ``{component: precision}`` and check it against this target.
 
-        Accepted: ``None`` (the target's default recipe), a preset name (``fp32``, ``fp16``, ``int8``, ``int4``),
+        Accepted: ``None`` (the target's default recipe), a preset name (``fp32``, ``fp16``, ``int8``, ``int4``;
+        TensorRT targets resolve them with ``TENSORRT_PRESETS``: the int4 preset's LM head is fp16 there),
         ``"int4,vision=fp16"`` (a preset with per-component overrides), or a dict ``{"vision": "fp16", ...}`` whose
         missing components come from ``dict["base"]`` or the target's default recipe. A plain precision name that is
         not a preset (``bf16``, ``fp8``) applies to every component.
         """
-        comp = _resolve_recipe(precision, self.default_recipe)
+        comp = _resolve_recipe(precision, self.default_recipe, tensorrt=self.is_tensorrt)
         bad = []
         for c, p in comp.items():
             # The embedding table is a host-side gather: fp16/fp32 storage works on every backend.
@@ -254,7 +269,9 @@ class Target:
         return d
 
 
-def _resolve_recipe(precision: str | Mapping[str, str] | None, default: str) -> dict[str, str]:
+def _resolve_recipe(precision: str | Mapping[str, str] | None, default: str, *,
+                    tensorrt: bool = False) -> dict[str, str]:
+    presets = presets_for(tensorrt)
     if precision is None or precision == "":
         precision = default
     overrides: dict[str, str] = {}
@@ -271,8 +288,8 @@ def _resolve_recipe(precision: str | Mapping[str, str] | None, default: str) -> 
                 overrides[k.strip()] = v.strip()
             else:
                 base = p
-    if base in PRECISION_PRESETS:
-        comp = dict(PRECISION_PRESETS[base])
+    if base in presets:
+        comp = dict(presets[base])
     elif base in PRECISIONS:
         comp = {c: base for c in COMPONENTS}
     else:
@@ -289,13 +306,18 @@ def _resolve_recipe(precision: str | Mapping[str, str] | None, default: str) -> 
     return comp
 
 
-def recipe_name(recipe: Mapping[str, str]) -> str:
-    """A short name for a resolved recipe: the preset it equals, else ``preset,comp=prec`` or ``comp=prec,...``."""
-    for name, preset in PRECISION_PRESETS.items():
+def recipe_name(recipe: Mapping[str, str], *, tensorrt: bool = False) -> str:
+    """A short name for a resolved recipe: the preset it equals, else ``preset,comp=prec`` or ``comp=prec,...``
+    (``tensorrt``: against the presets as TensorRT targets resolve them, ``TENSORRT_PRESETS``)."""
+    presets = presets_for(tensorrt)
+    for name, preset in presets.items():
         if dict(recipe) == preset:
             return name
-    best = min(PRECISION_PRESETS, key=lambda n: sum(PRECISION_PRESETS[n][c] != recipe.get(c) for c in COMPONENTS))
-    diff = [f"{c}={recipe[c]}" for c in COMPONENTS if PRECISION_PRESETS[best][c] != recipe.get(c)]
+    # fewest differences; on a tie the preset with the same decoder precision ("int4,lm_head=int8", not
+    # "int8,decoder=int4")
+    best = min(presets, key=lambda n: (sum(presets[n][c] != recipe.get(c) for c in COMPONENTS),
+                                       presets[n]["decoder"] != recipe.get("decoder")))
+    diff = [f"{c}={recipe[c]}" for c in COMPONENTS if presets[best][c] != recipe.get(c)]
     return ",".join([best, *diff])
 
 
@@ -414,6 +436,7 @@ def get_target(name: str | Target, *, jetpack: str | None = None, tensorrt: str 
     return target
 
 
-__all__ = ["Target", "get_target", "target_names", "target_aliases", "PRECISION_PRESETS", "PRESET_ORDER",
+__all__ = ["Target", "get_target", "target_names", "target_aliases", "PRECISION_PRESETS", "TENSORRT_PRESETS",
+           "presets_for", "PRESET_ORDER",
            "PRECISIONS", "COMPONENTS", "TARGETS_DIR", "trt_opset_max", "trt_builder_mode", "parse_trt_version",
            "recipe_name", "JETPACK_STACKS"]

@@ -31,9 +31,9 @@ RECIPES = [
     ("int4", "cpu", {"int4_format": "qdq"}),                         # the TensorRT form also runs on ORT CPU
     ("fp16", "jetson-orin", {}),
     ("int8", "jetson-orin", {}),                                     # W8A8 QDQ decoder
-    ("int4", "jetson-orin", {}),                                     # blocked INT4 DQ decoder (opset 21)
-    ("int4,lm_head=int8", "jetson-orin", {}),
-    ("int4,vision=fp16", "rtx-4090", {}),
+    ("int4", "jetson-orin", {}),                                     # blocked INT4 DQ decoder (opset 21), fp16 head
+    ("int4,lm_head=int8", "jetson-orin", {}),                        # ... with a W8A8 head
+    ("int4,vision=fp16", "rtx-4090", {}),                            # TensorRT 11: fp16 tensors around the Q/DQ
 ]
 TRT_TARGETS = ("jetson-orin", "rtx-4090")
 
@@ -70,7 +70,8 @@ def _nodes(path):
 
 
 def _zero_points_all_zero(path) -> tuple[int, list[str]]:
-    """Walk the graph: every QuantizeLinear/DequantizeLinear zero point (when present) is an all-zero constant."""
+    """Walk the graph: every QuantizeLinear/DequantizeLinear zero point (when present) is an all-zero constant and
+    every scale is > 0 (TensorRT's parser: "Scale coefficients must all be positive")."""
     from onnx import numpy_helper
 
     m = onnx.load(str(path))                                       # with external data
@@ -84,6 +85,9 @@ def _zero_points_all_zero(path) -> tuple[int, list[str]]:
                 t = inits.get(n.input[2]) or consts.get(n.input[2])
                 if t is None or np.any(numpy_helper.to_array(t) != 0):
                     bad.append(n.name)
+            scale = inits.get(n.input[1]) or consts.get(n.input[1])
+            if scale is None or not (numpy_helper.to_array(scale) > 0).all():
+                bad.append(f"{n.name} (scale)")
     return n_qdq, bad
 
 
@@ -271,6 +275,8 @@ def test_user_folder_calibration_end_to_end(tmp_path_factory, tmp_path):
     ("int4,embedding=int8", "cpu", {}, QuantizationError, "embedding=fp16"),
     ("int4", "cpu", {"calib_method": "mse"}, QuantizationError, "minmax"),
     ("int4", "cpu", {"block_size": 48}, QuantizationError, "power of two"),
+    ("int4", "jetson-orin", {"block_size": 32}, QuantizationError, "64 and 128"),
+    ("int4,lm_head=fp16", "cpu", {}, TargetError, "use fp32, int8 or int4"),
     ("int5", "cpu", {}, ConfigError, "presets"),
 ])
 def test_unsupported_combinations_name_the_fix(precision, target, opts, error, fix):
@@ -346,23 +352,29 @@ def test_a_failed_quantization_leaves_the_fp32_export(fp32_bundle, tmp_path, mon
     assert not (root / A.SCRATCH_DIR).exists()
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4,lm_head=int8"])
-def test_tensorrt_lm_head_is_weight_only_int8(fp32_bundle, tmp_path_factory, precision):
-    """W8A8 / int4 decoders for TensorRT keep float activations at the LM head: per-channel INT8 weight DQ only."""
+@pytest.mark.parametrize("precision,head", [("int8", "w8a8"), ("int4,lm_head=int8", "w8a8"), ("int4", "float")])
+def test_tensorrt_lm_head_is_w8a8_or_float(fp32_bundle, tmp_path_factory, precision, head):
+    """TensorRT has no weight-only INT8 (its weight-only mode is INT4): an int8 LM head is W8A8 static QDQ (activation
+    Q/DQ + per-channel INT8 weight DQ); the int4 preset keeps it float (fp16 on the device)."""
     from onnx import numpy_helper
 
     out = _quantized(fp32_bundle, tmp_path_factory, precision, "jetson-orin", {})
     m = onnx.load(str(out / "decoder.onnx"))
     producers = {o: n for n in m.graph.node for o in n.output}
     inits = {i.name: i for i in m.graph.initializer}
-    head = producers["logits"]
-    while head.op_type != "MatMul":                               # walk back through reshapes / casts
-        head = producers[head.input[0]]
-    act, weight = producers.get(head.input[0]), producers[head.input[1]]
-    assert act is None or act.op_type != "DequantizeLinear"       # float activations
+    head_node = producers["logits"]
+    while head_node.op_type != "MatMul":                          # walk back through reshapes / casts
+        head_node = producers[head_node.input[0]]
+    act, weight = producers.get(head_node.input[0]), producers.get(head_node.input[1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    if head == "float":
+        assert head_node.input[1] in inits and inits[head_node.input[1]].data_type == onnx.TensorProto.FLOAT
+        assert manifest["recipe"]["components"]["lm_head"] == "fp16"
+        return
+    assert act.op_type == "DequantizeLinear" and producers[act.input[0]].op_type == "QuantizeLinear"
     assert weight.op_type == "DequantizeLinear" and inits[weight.input[0]].data_type == onnx.TensorProto.INT8
-    assert next(a.i for a in weight.attribute if a.name == "axis") == 1
     assert not numpy_helper.to_array(inits[weight.input[2]]).any()
+    assert manifest["recipe"]["components"]["lm_head"] == "int8"
 
 
 def test_session_warns_when_an_8_bit_int8_graph_meets_a_cpu_without_vnni(fp32_bundle, tmp_path_factory,

@@ -9,8 +9,8 @@ import pytest
 from edgevlm.config import get_model_config
 from edgevlm.errors import ConfigError, TargetError
 from edgevlm.planner import plan_memory
-from edgevlm.targets import (PRECISION_PRESETS, TARGETS_DIR, _load_file, get_target, target_aliases, target_names,
-                             trt_builder_mode, trt_opset_max)
+from edgevlm.targets import (PRECISION_PRESETS, TARGETS_DIR, TENSORRT_PRESETS, _load_file, get_target, target_aliases,
+                             target_names, trt_builder_mode, trt_opset_max)
 
 JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "jetson-orin-nx-8gb",
            "jetson-orin-nano-8gb", "jetson-orin-nano-4gb"]
@@ -109,10 +109,13 @@ def test_trt_version_tables():
 
 def test_recipes():
     t = get_target("jetson-orin")
-    assert t.recipe(None) == PRECISION_PRESETS["int4"] == {"vision": "int8", "embedding": "fp16", "decoder": "int4",
-                                                           "lm_head": "int8"}
+    assert PRECISION_PRESETS["int4"] == {"vision": "int8", "embedding": "fp16", "decoder": "int4", "lm_head": "int8"}
+    # TensorRT has no weight-only INT8: its int4 preset keeps the LM head float (fp16); CPU targets keep it 8-bit
+    assert t.recipe(None) == TENSORRT_PRESETS["int4"] == {**PRECISION_PRESETS["int4"], "lm_head": "fp16"}
+    assert get_target("cpu").recipe(None) == PRECISION_PRESETS["int4"]
+    assert t.recipe("int4,lm_head=int8")["lm_head"] == "int8"
     assert t.recipe("int4,vision=fp16")["vision"] == "fp16"
-    assert t.recipe({"vision": "fp16"}) == {**PRECISION_PRESETS["int4"], "vision": "fp16"}
+    assert t.recipe({"vision": "fp16"}) == {**TENSORRT_PRESETS["int4"], "vision": "fp16"}
     assert t.recipe({"base": "fp16", "decoder": "int8"})["decoder"] == "int8"
     assert t.recipe("bf16") == {c: "bf16" for c in PRECISION_PRESETS["fp16"]}
     assert t.recipe("projector=fp16")["vision"] == "fp16"

@@ -6,13 +6,16 @@ the embedding table and the tokenizer exist, before parity and the manifest are 
 1. moves the fp32 graph aside (``.quant-fp32/`` inside the bundle dir; removed at the end),
 2. writes the quantized graph under the same file name (``vision.onnx`` / ``decoder.onnx`` + ``.onnx.data``; a data
    file that the new graph no longer references is deleted), using
-   ``quant_pre_process`` + ``quantize_static`` (static QDQ), ``MatMulNBitsQuantizer`` (int8/int4 weight-only, QOperator
-   or QDQ), ``quantize_dynamic`` or ``convert_float_to_float16`` (see ``edgevlm.quant.recipes``),
+   ``quant_pre_process`` + ``quantize_static`` (static QDQ), ``MatMulNBitsQuantizer`` (int8/int4 weight-only for ORT
+   CPU, QOperator), ``edgevlm.quant.int4_qdq`` (blocked INT4 DequantizeLinear for TensorRT), ``quantize_dynamic`` or
+   ``convert_float_to_float16`` with the fp32 islands kept fp32 (``edgevlm.quant.fp16``; see
+   ``edgevlm.quant.recipes``); on TensorRT >= 11 targets (strongly typed) the float parts of a Q/DQ graph are then
+   converted to fp16 tensor types the same way,
 3. rewrites ``embed_tokens.npy`` as float16 when the recipe asks for it,
 4. checks TensorRT-targeted graphs with ``edgevlm.exporter.trt_compat`` (no contrib ops, symmetric Q/DQ, opset),
-5. updates ``manifest["components"][name]`` (precision, recipe details, op histogram, contrib_ops flag, opset, I/O)
-   and, with ``report=True``, stores the quantization report (``edgevlm.quant.report``) in
-   ``manifest["quantization"]`` (error against fp32 on held-out inputs, sizes before/after) and prints it.
+5. updates ``manifest["components"][name]`` (precision, recipe details incl. ``layer_precisions``, op histogram,
+   contrib_ops flag, opset, I/O) and, with ``report=True``, stores the quantization report (``edgevlm.quant.report``)
+   in ``manifest["quantization"]`` (error against fp32 on held-out inputs, sizes before/after) and prints it.
 
 It returns the ``ParityTolerances`` to use for the (looser) post-quantization parity check against PyTorch.
 
@@ -20,7 +23,8 @@ It returns the ``ParityTolerances`` to use for the (looser) post-quantization pa
     ...                                        "lm_head": "int4"}, target="cpu", calibration=None)
 
 ``quantize_bundle`` does the same to a finished fp32 bundle and writes a new bundle (``edgevlm quantize``-style use,
-tests, benchmarks).
+tests, benchmarks); for TensorRT targets it also writes the engine build plan of the quantized graphs
+(``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``: ``build_plan.json``, ``build_engines.sh``).
 """
 
 from __future__ import annotations
@@ -215,13 +219,30 @@ def qdq_report(model: Any, base_dir: str | os.PathLike | None = None) -> dict[st
 
 # ---- the quantizers ---------------------------------------------------------------------------------------------
 def _fp16(src: Path, dst: Path, block: list[str] | None = None) -> dict[str, Any]:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """fp16 tensor types (graph I/O float32) with the fp32 islands (RMSNorm, LayerNorm, Softmax) and ``block`` kept
+    fp32 in the graph (``edgevlm.quant.fp16.convert_fp16``); ``src`` may be ``dst``."""
+    from edgevlm.quant.fp16 import convert_fp16
 
+    model = _load(src)
     with _quiet():
-        model = convert_float_to_float16(_load(src), keep_io_types=True, disable_shape_infer=True,
-                                         node_block_list=block or None)
+        model, info = convert_fp16(model, source=src, block=block or [])
     save_graph(model, dst)
-    return {"node_block_list": list(block or [])}
+    return info
+
+
+def _int4_qdq(src: Path, dst: Path, *, block_size: int, exclude: list[str] | None,
+              allowed_blocks: tuple[int, ...] | None, min_scale: float = 0.0) -> dict[str, Any]:
+    """Blocked INT4 weight-only DequantizeLinear -> MatMul for every constant-weight MatMul but ``exclude``
+    (``edgevlm.quant.int4_qdq``: scale amax/7 > 0, range [-7, 7], no zero point, opset 21)."""
+    from edgevlm.quant.int4_qdq import quantize_matmuls_int4
+
+    model = _load(src)
+    info = quantize_matmuls_int4(model, block_size=block_size, exclude=exclude or (), allowed_blocks=allowed_blocks,
+                                 min_scale=min_scale)
+    if not info["nodes_quantized"]:
+        raise QuantizationError(f"{src.name}: no MatMul with a constant 2-D weight to quantize to int4")
+    save_graph(model, dst)
+    return info
 
 
 def _pre_process(src: Path, work: Path) -> Path:
@@ -239,15 +260,17 @@ _CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...], calib_method: str,
                 per_channel: bool, work: Path, include: list[str] | None = None,
-                exclude: list[str] | None = None, reduce_range: bool = False) -> dict[str, Any]:
+                exclude: list[str] | None = None, reduce_range: bool = False,
+                lm_head_only: bool = False, quantize_bias: bool = True) -> dict[str, Any]:
     """``quant_pre_process`` + ``quantize_static`` (QDQ, QInt8/QInt8, symmetric) on weight-bearing nodes only;
-    ``reduce_range``: 7-bit weights (``recipes.int8_reduce_range``)."""
+    ``reduce_range``: 7-bit weights (``recipes.int8_reduce_range``); ``lm_head_only``: the decoder's LM head alone
+    (found in the pre-processed graph); ``quantize_bias=False``: biases stay float (TensorRT: no INT32 bias DQ)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     pre = _pre_process(src, work)
     pre_model = onnx.load(str(pre), load_external_data=False)
-    nodes = weight_nodes(pre_model, op_types)
+    nodes = [find_lm_head(pre_model)] if lm_head_only else weight_nodes(pre_model, op_types)
     if include is not None:
         nodes = [n for n in nodes if n in include]
     if exclude:
@@ -256,7 +279,7 @@ def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...],
     if not nodes:
         raise QuantizationError(f"{src.name}: no {'/'.join(op_types)} node with constant weights to quantize")
     out = work / f"{src.stem}.qdq.onnx"
-    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": quantize_bias}
     if calib_method != "minmax":
         # ORT's histogram calibrators stack each tensor's samples with np.asarray, which fails when shapes differ
         # (prefill vs decode samples): feed them one sample per collect_data call (strided calibration).
@@ -279,7 +302,10 @@ def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...],
     save_graph(model, dst)
     _remove_graph(out)
     _remove_graph(pre)
-    return {"nodes_quantized": len(nodes), "calibration_seconds": round(time.perf_counter() - t0, 3)}
+    out_info: dict[str, Any] = {"nodes_quantized": len(nodes), "calibration_seconds": round(time.perf_counter() - t0, 3)}
+    if lm_head_only:
+        out_info["lm_head_node"] = nodes[0]
+    return out_info
 
 
 def _matmulnbits(src: Path, dst: Path, *, bits: int, block_size: int, quant_format: str,
@@ -429,10 +455,13 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             reader = VisionCalibrationReader(cset.items, ctx.preprocess, fp32["vision"])
             info = _static_qdq(fp32["vision"], paths["vision"], reader, op_types=R.WEIGHT_OPS_VISION,
                                calib_method=plan.calib_method, per_channel=bool(vr.params.get("per_channel", True)),
-                               work=work, reduce_range=bool(vr.params.get("reduce_range", False)))
+                               work=work, reduce_range=bool(vr.params.get("reduce_range", False)),
+                               quantize_bias=bool(vr.params.get("quantize_bias", True)))
             info["calibration_samples"] = len(cset.items)
         else:                                                     # pragma: no cover - plan_quantization guards
             raise QuantizationError(f"vision method '{vr.method}' unknown")
+        if vr.fp16_after_quantization:                           # TensorRT >= 11: fp16 tensor types, islands fp32
+            info["fp16_tensors"] = _fp16(paths["vision"], paths["vision"])
         info["seconds"] = round(time.perf_counter() - t0, 3)
         details["vision"] = info
 
@@ -568,7 +597,7 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
         return DecoderCalibrationReader(ctx, cset.items, fp32["vision"], src, decode_steps=steps, threads=threads)
 
     keep_head = [head] if head is not None else None          # the body pass leaves the head to its own pass
-    body = dst if head_method in (None, "none") else work / "decoder.body.onnx"
+    body = dst if head_method in (None, "none", "fp16") else work / "decoder.body.onnx"
     if dr.method == "none" and head_method is None:
         pass                                                      # unchanged (not moved aside)
     elif dr.method == "none":
@@ -578,7 +607,8 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
     elif dr.method == "static-qdq":
         info.update(_static_qdq(src, body, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
                                 per_channel=bool(dr.params.get("per_channel", True)), work=work, exclude=keep_head,
-                                reduce_range=bool(dr.params.get("reduce_range", False))))
+                                reduce_range=bool(dr.params.get("reduce_range", False)),
+                                quantize_bias=bool(dr.params.get("quantize_bias", True))))
         info["calibration_samples"] = len(cset.items)
     elif dr.method == "matmulnbits-int8":
         info.update(_matmulnbits(src, body, bits=8, block_size=int(dr.params["block_size"]), quant_format="QOperator",
@@ -590,57 +620,35 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
         info.update(_matmulnbits(src, body, bits=4, block_size=int(dr.params["block_size"]),
                                  quant_format=str(dr.params["quant_format"]),
                                  accuracy_level=dr.params.get("accuracy_level"), exclude=keep_head))
+    elif dr.method == "int4-qdq":
+        from edgevlm.quant.fp16 import FP16_MIN_NORMAL
+
+        start = src
+        if head_method == "static-qdq":                          # W8A8 head first (calibrated on the fp32 graph)
+            start = work / "decoder.head.onnx"
+            h = _static_qdq(src, start, reader(), op_types=R.WEIGHT_OPS_DECODER, calib_method=plan.calib_method,
+                            per_channel=bool(dr.params.get("per_channel", True)), work=work, lm_head_only=True,
+                            quantize_bias=bool(dr.params.get("quantize_bias", True)))
+            info["lm_head_node"] = h["lm_head_node"]
+            info["lm_head_quantization"] = {"method": "static-qdq (W8A8)", **h}
+            info["calibration_samples"] = len(cset.items)
+            body = dst
+        allowed = dr.params.get("allowed_block_sizes")
+        info.update(_int4_qdq(start, body, block_size=int(dr.params["block_size"]), exclude=keep_head,
+                              allowed_blocks=tuple(allowed) if isinstance(allowed, list) else None,
+                              min_scale=FP16_MIN_NORMAL if dr.fp16_after_quantization else 0.0))
+        if start != src:
+            _remove_graph(start)
     else:                                                         # pragma: no cover - plan_quantization guards
         raise QuantizationError(f"decoder method '{dr.method}' unknown")
     if head_method == "matmulnbits-int8":                        # ORT graphs: MatMulNBits 8-bit LM head
         _matmulnbits(body, dst, bits=8, block_size=int(dr.params.get("lm_head_block_size", R.INT8_BLOCK_SIZE)),
                      quant_format="QOperator", accuracy_level=dr.params.get("accuracy_level"), include=[head])
-    elif head_method == "int8-dq":                               # TensorRT graphs: weight-only INT8 DQ LM head
-        info.update(_int8_dq_weight_only(body, dst, head))
     if body != dst:
         _remove_graph(body)
+    if dr.fp16_after_quantization:                              # TensorRT >= 11: fp16 tensor types, islands fp32
+        info["fp16_tensors"] = _fp16(dst, dst, block=keep_head if head_method == "none" else None)
     return info
-
-
-def _int8_dq_weight_only(src: Path, dst: Path, node_name: str) -> dict[str, Any]:
-    """Weight-only INT8 for one MatMul: its constant weight ``[K, N]`` becomes an INT8 initializer with one fp32 scale
-    per output column (symmetric, zero point 0) and a ``DequantizeLinear(axis=1)`` feeding the MatMul; activations stay
-    float. Scales and rounding are ORT's (``quant_utils.compute_scale_zp`` / ``quantize_nparray``, symmetric
-    [-127, 127]); ORT has no weight-only int8 QDQ mode, so only the graph wiring is done here."""
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, quantize_nparray
-
-    model = _load(src)
-    g = model.graph
-    node = next((n for n in g.node if n.name == node_name), None)
-    inits = {i.name: i for i in g.initializer}
-    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
-        raise QuantizationError(f"{src.name}: '{node_name}' is not a MatMul with a constant weight")
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    if w.ndim != 2:
-        raise QuantizationError(f"{src.name}: weight of '{node_name}' has rank {w.ndim}, expected 2")
-    qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, symmetric=True)
-    scales = np.empty(w.shape[1], np.float32)
-    for j in range(w.shape[1]):
-        col = w[:, j]
-        _, scales[j] = compute_scale_zp(np.minimum(col.min(), np.float32(0)), np.maximum(col.max(), np.float32(0)),
-                                        qmin, qmax, symmetric=True)
-    scales = np.where(scales > 0, scales, np.float32(1.0))
-    q = quantize_nparray(TensorProto.INT8, w, scales[None, :], np.int8(0), low=qmin, high=qmax)
-    base = node.input[1]
-    q_name, s_name, z_name, out = base + "_int8", base + "_scale", base + "_zero_point", base + "_dq"
-    g.initializer.extend([numpy_helper.from_array(q.astype(np.int8), q_name),
-                          numpy_helper.from_array(scales, s_name),
-                          numpy_helper.from_array(np.zeros(w.shape[1], np.int8), z_name)])
-    dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], name=node_name + "_weight_dq", axis=1)
-    idx = list(g.node).index(node)
-    g.node.insert(idx, dq)
-    node.input[1] = out
-    if not any(base in n.input for n in g.node):
-        g.initializer.remove(inits[base])
-    save_graph(model, dst)
-    err = float(np.abs(q.astype(np.float32) * scales[None, :] - w).max())
-    return {"lm_head_weight_max_abs_error": err}
 
 
 def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -697,10 +705,17 @@ def _sizes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, Any
 def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: Mapping[str, str] | str, *,
                     target: Any = None, calibration: Any = None, calib_method: str = "minmax",
                     overwrite: bool = False, report: bool = True, show: bool = False,
-                    **kwargs: Any) -> Path:
+                    trt_plan_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
     """Quantize a finished **fp32** bundle into a new bundle ``out`` (written atomically). The new manifest keeps
     the source's parity results under ``components.*.parity_fp32`` (PyTorch parity needs the model; the quantization
-    report measures the error against the fp32 graphs instead)."""
+    report measures the error against the fp32 graphs instead).
+
+    For a TensorRT target the fp32 bundle's engine build plan is not copied: ``build_plan.json`` and
+    ``build_engines.sh`` are written for the quantized graphs (``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``
+    with the resolved recipe: precisions and builder flags, e.g. ``--fp16 --int4`` for int4 on TensorRT 10.3) and
+    its return value is ``manifest["tensorrt"]``. ``trt_plan_options``: keyword arguments for
+    ``prepare_tensorrt_bundle`` / ``plan_tensorrt_build`` (e.g. ``use_dla``, ``context``, ``workspace_gb``).
+    Other keyword arguments go to ``apply_precision``."""
     from edgevlm.bundle import BundleWriter, read_bundle
     from edgevlm.targets import get_target
 
@@ -729,8 +744,15 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
             manifest["components"][name]["parity_fp32"] = {k: par.get(k) for k in ("passed", "skipped", "max_abs_diff",
                                                                                    "cosine", "worst_check")
                                                            if k in par}
+    from edgevlm.exporter.trt_plan import PLAN_FILE, SCRIPT_FILE
+
+    # the fp32 export's engine build plan describes fp32 graphs (precision fp32, no --fp16/--int8/--int4 flags): a
+    # TensorRT target gets a new one for the quantized graphs below, other targets none
+    stale = {PLAN_FILE, SCRIPT_FILE}
     with BundleWriter(out, overwrite=overwrite) as w:
         for rel in b.files:
+            if rel in stale:
+                continue
             dst = w.path(rel)
             shutil.copy2(b.path(rel), dst)
         tol = apply_precision(w.root, manifest, precision, target=tgt, calibration=calibration,
@@ -747,9 +769,10 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
         except Exception as exc:  # the plan is informative here; quantization itself succeeded
             log.warning("memory plan for %s not recorded: %s", tgt.label, exc)
         if tgt.is_tensorrt:
-            manifest["tensorrt"] = {"tensorrt": tgt.tensorrt,
-                                    "compat": {n: manifest["components"][n]["recipe"].get("tensorrt_compat")
-                                               for n in GRAPHS}}
+            from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+
+            manifest["tensorrt"] = prepare_tensorrt_bundle(w.root, b.model_config, tgt, plan["components"],
+                                                           **dict(trt_plan_options or {}))
         manifest.setdefault("notes", []).append(f"quantized from fp32 bundle '{Path(src).resolve()}' with "
                                                 f"edgevlm.quant ({plan['name']})")
         manifest["parity"] = {**(manifest.get("parity") or {}), "quantized_from_fp32": True}

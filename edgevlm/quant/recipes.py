@@ -2,45 +2,62 @@
 
 A precision spec (``fp32``, ``fp16``, ``int8``, ``int4`` or ``"int4,vision=fp16"``, see ``edgevlm.targets``) is
 resolved to ``{vision, embedding, decoder, lm_head} -> precision`` and then, per component, to a *method* that
-``edgevlm.quant.apply`` runs with ONNX Runtime's own tools (no hand-written quantizers):
+``edgevlm.quant.apply`` runs with ONNX Runtime's tools, or edgevlm's own where none writes what TensorRT accepts
+(the blocked INT4 weights, ``edgevlm.quant.int4_qdq``; the fp32 islands of fp16 graphs, ``edgevlm.quant.fp16``):
 
 ==========  ===========  ===============================================================================================
 component   precision    method (ORT CPU target | TensorRT target)
 ==========  ===========  ===============================================================================================
 vision      fp32         as exported
 vision      fp16         ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (GPU only)
+                         with the fp32 islands (LayerNorm, Softmax: ``precision_islands``) kept fp32 in the graph
 vision      int8         static QDQ: ``quant_pre_process`` then ``quantize_static`` (QuantFormat.QDQ, QInt8/QInt8,
                          ActivationSymmetric + WeightSymmetric, per-channel weights, minmax|entropy|percentile
                          calibration on real preprocessed images); weight-bearing Conv/MatMul/Gemm only; 7-bit
                          weights (``reduce_range``) on x86 CPU targets without VNNI (``int8_reduce_range``)
 vision      int4         refused: int4 weight-only is for decoder matmuls
-decoder     fp16         ``convert_float_to_float16(keep_io_types=True)`` (GPU targets; KV and logits stay float32)
+decoder     fp16         ``convert_float_to_float16(keep_io_types=True)`` (GPU targets; KV and logits stay float32),
+                         RMSNorm chains and Softmax kept fp32 in the graph (fp16 overflows x**2 for |x| > 256)
 decoder     int8         CPU: weight-only ``MatMulNBitsQuantizer(bits=8)`` -> ``com.microsoft::MatMulNBits``
                          (or ``quantize_dynamic`` with ``int8_decoder="dynamic"``);
                          TensorRT: W8A8 static QDQ (``quantize_static``, symmetric, per-channel) calibrated on real
-                         prefill + decode activations (TensorRT rejects MatMulInteger/DynamicQuantizeLinear/contrib ops)
-decoder     int4         CPU: ``MatMulNBitsQuantizer(bits=4, block 32, symmetric, accuracy_level 4)`` -> MatMulNBits;
-                         TensorRT: the same quantizer with ``quant_format=QDQ`` -> blocked INT4 ``DequantizeLinear``
-                         (opset 21, zero point 0) -> ``MatMul``
-lm_head     int8         the decoder graph's last MatMul. Under an int4 decoder (``int4,lm_head=int8``, the int4
-                         recipe that meets the accuracy bar): CPU: ``MatMulNBits`` bits=8; TensorRT: weight-only
-                         per-channel INT8 ``DequantizeLinear(axis=1)`` -> ``MatMul`` (float activations). Under a
-                         TensorRT W8A8 decoder the head is weight-only INT8 too (no activation Q/DQ)
-lm_head     int4 / fp32  like the decoder's other matmuls / kept unquantized
+                         prefill + decode activations, the LM head included (TensorRT rejects MatMulInteger,
+                         DynamicQuantizeLinear and contrib ops)
+decoder     int4         CPU: ``MatMulNBitsQuantizer(bits=4, block 128, symmetric, accuracy_level 4)`` -> MatMulNBits;
+                         TensorRT: ``edgevlm.quant.int4_qdq`` -> blocked INT4 ``DequantizeLinear(axis=0,
+                         block_size 64|128, scale = amax/7 > 0, no zero point)`` -> ``MatMul`` (opset 21). ORT's
+                         QDQ mode writes negative scales, which TensorRT's parser refuses
+lm_head     fp16         TensorRT, under an int4/int8 decoder (the int4 preset on TensorRT targets,
+                         ``edgevlm.targets.TENSORRT_PRESETS``): float weights, run fp16 (fp16 tensor types on
+                         TensorRT >= 11, the ``--fp16`` builder flag on TensorRT 10). TensorRT has no weight-only
+                         INT8 (its weight-only quantization is INT4 only)
+lm_head     int8         the decoder graph's last MatMul. Under an int4 decoder (``int4,lm_head=int8``; the int4 preset
+                         on CPU targets): CPU: ``MatMulNBits`` bits=8; Q/DQ graphs (TensorRT): W8A8 static QDQ of the
+                         head node alone (``quantize_static(nodes_to_quantize=[head])``, calibrated like the W8A8
+                         decoder). Under a W8A8 decoder the head is quantized like the rest
+lm_head     int4 / fp32  like the decoder's other matmuls / kept unquantized (and fp32 in fp16 graphs)
 embedding   fp32|fp16    a ``.npy`` table the runtime gathers from (int8/int4 presets store it fp16)
 ==========  ===========  ===============================================================================================
 
-Why the LM head stays 8-bit: see the note above ``INT4_BLOCK_SIZE`` below (measured on the trained demo).
+TensorRT >= 11 builds strongly typed (no ``--fp16``): the ONNX dtypes are the precision, so a Q/DQ graph of float32
+tensors would run float32 between its quantized layers (W4A32). There, int8/int4 graphs are converted to fp16 tensor
+types after quantization (``convert_float_to_float16``, graph I/O float32, DequantizeLinear scales fp16 so the
+dequantized weights are fp16, the fp32 islands kept fp32). On TensorRT 10 (weakly typed) the graphs stay float32 and
+the builder flags pick fp16 for the float layers; the build plan pins the islands to fp32. Each graph's recipe
+records the result in ``layer_precisions`` (layer class -> precision).
+
+Why the LM head stays 8-bit on CPU: see the note above ``INT4_BLOCK_SIZE`` below (measured on the trained demo).
 
 Rules on top of ``Target.recipe()`` (every violation raises a typed error whose message names the fix):
 fp8 needs an Ada/Hopper GPU (and is not implemented here: use int8/fp16); bf16 is not implemented (use fp16);
 fp16 is refused on CPU targets; int4 is refused for the vision tower; MatMulNBits (``int4_format="matmulnbits"``,
-``int8_decoder="weight-only"``) and ``quantize_dynamic`` are refused on TensorRT targets.
+``int8_decoder="weight-only"``) and ``quantize_dynamic`` are refused on TensorRT targets; INT4 block sizes other
+than 64 and 128 are refused on TensorRT targets.
 
     >>> from edgevlm.quant.recipes import plan_quantization
     >>> plan = plan_quantization("int4", "jetson-orin")
-    >>> plan.decoder.method, plan.decoder.params["quant_format"]
-    ('matmulnbits-int4', 'QDQ')
+    >>> plan.decoder.method, plan.decoder.params["quant_format"], plan.components["lm_head"]
+    ('int4-qdq', 'QDQ', 'fp16')
 """
 
 from __future__ import annotations
@@ -67,15 +84,19 @@ INT4_FORMATS = ("matmulnbits", "qdq")
 #: on the demo as trained by configs/train/demo.toml (98.4 % exact match, decisive logits) the 8-bit head agrees
 #: 100 % and the int4 head 99.91 % (block 128; benchmarks/results/quant_demo.json). An 8-bit head costs ~2 % of the
 #: demo bundle (~3 % of a 1.7B int4 bundle) and removes the failure mode, so the int4 recipe runs with
-#: ``lm_head=int8`` (``edgevlm.targets.PRECISION_PRESETS["int4"]``;
-#: ``"int4,lm_head=int4"`` for the smallest bundle), and the TensorRT W8A8 decoder keeps float activations at the LM
-#: head (weight-only INT8 DQ). Block size 32 vs 64/128 and accuracy_level 4 vs 0 changed no accuracy figure.
+#: ``lm_head=int8`` on CPU targets (``edgevlm.targets.PRECISION_PRESETS["int4"]``;
+#: ``"int4,lm_head=int4"`` for the smallest bundle). TensorRT has no weight-only INT8 (its weight-only mode is INT4),
+#: so on TensorRT targets the int4 preset keeps the head float, run fp16 (``edgevlm.targets.TENSORRT_PRESETS``;
+#: fp16 is as close to fp32 as the 8-bit head); an explicit ``lm_head=int8`` there is W8A8 static QDQ.
+#: Block size 32 vs 64/128 and accuracy_level 4 vs 0 changed no accuracy figure.
 #: Defaults of the int4 weight-only recipe (measured on the demo model: benchmarks/results/quant_demo.json).
 #: Block 128 rather than 32 (onnxruntime-genai's and llama.cpp Q4_0's): measured with ORT 1.32 MatMulNBits
 #: (accuracy_level 4, 2 threads, 16 matmuls of 2048 x 5632): decode GEMV 7.00 -> 4.79 ms, 128-token prefill
 #: 180 -> 120 ms, i.e. 1.5x on the decoder's dominant operator; ModelOpt AWQ (TensorRT) uses 128 too. The demo's
 #: accuracy and agreement do not change (benchmarks/results/quant_demo.json); override with ``block_size=32``.
 INT4_BLOCK_SIZE = 128
+#: Block sizes TensorRT's INT4 weight-only quantization supports ("Quantization Schemes": {64, 128}).
+TENSORRT_INT4_BLOCK_SIZES = (64, 128)
 INT4_ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations inside the kernel (fastest on x86/ARM CPUs)
 INT8_BLOCK_SIZE = 128            # MatMulNBits bits=8 (weight-only int8 on ORT CPU; LM head GEMV 1.81 -> 1.54 ms)
 WEIGHT_OPS_VISION = ("Conv", "MatMul", "Gemm")
@@ -103,30 +124,43 @@ class ComponentRecipe:
 
     component: str                   # "vision" | "decoder"
     precision: str                   # fp32 | fp16 | int8 | int4
-    method: str                      # none | fp16-cast | static-qdq | matmulnbits-int8 | matmulnbits-int4 | dynamic
+    method: str                      # none | fp16-cast | static-qdq | matmulnbits-int8 | matmulnbits-int4 | int4-qdq
+                                     # | dynamic
     params: Mapping[str, Any] = field(default_factory=dict)
     lm_head: str | None = None       # decoder only: precision of the LM head MatMul
     description: str = ""
+    float_types: str = "fp32"        # dtype of the graph's float tensors: fp16 for fp16-cast, and for Q/DQ graphs on
+                                     # TensorRT >= 11 (strongly typed: converted after quantization)
+    builder_mode: str | None = None  # TensorRT builder mode of the target (weak | strong), None on CPU targets
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "static-qdq"
+        return self.method == "static-qdq" or self.lm_head_method == "static-qdq"
+
+    @property
+    def fp16_after_quantization(self) -> bool:
+        """Whether the quantized graph's float parts are converted to fp16 tensor types (TensorRT >= 11)."""
+        return self.float_types == "fp16" and self.method not in ("none", "fp16-cast")
 
     @property
     def lm_head_method(self) -> str | None:
         """How the LM head is brought to its precision when it is not quantized like the rest of the decoder
-        (None: like the decoder). ``int8-dq``: weight-only per-channel INT8 ``DequantizeLinear`` -> ``MatMul`` with
-        float activations (TensorRT graphs); ``matmulnbits-int8``: MatMulNBits 8-bit (ORT graphs); ``none``: fp32."""
+        (None: like the decoder). ``none``: unquantized, float32 (kept fp32 in fp16 graphs too); ``fp16``:
+        unquantized, run fp16 (TensorRT: fp16 tensor types on >= 11, the --fp16 builder flag on 10.x);
+        ``static-qdq``: W8A8 static QDQ of the head node (Q/DQ graphs under an int4 decoder);
+        ``matmulnbits-int8``: MatMulNBits 8-bit (ORT graphs)."""
         if self.component != "decoder":
             return None
         head = self.lm_head or self.precision
-        if head == "fp32" and self.precision != "fp32":
-            return "none"
-        if self.method == "static-qdq" and head == "int8":
-            return "int8-dq"          # W8A8 decoder: the head keeps float activations (see INT8 notes above)
         if head == self.precision:
             return None
-        return "int8-dq" if self.params.get("quant_format") == "QDQ" else "matmulnbits-int8"
+        if head == "fp32":
+            return "none"
+        if head == "fp16":
+            return "fp16"
+        if head == "int8" and self.method == "int4-qdq":
+            return "static-qdq"
+        return "matmulnbits-int8"
 
     @property
     def uses_contrib_ops(self) -> bool:
@@ -134,13 +168,60 @@ class ComponentRecipe:
                                                     and self.params.get("quant_format") == "QOperator") \
             or self.lm_head_method == "matmulnbits-int8"
 
+    def layer_precisions(self) -> dict[str, str]:
+        """Layer class -> the precision it runs in on the target (``matmul_weights``, ``matmul_activations`` (W8A8
+        only), ``matmul_compute``, ``lm_head`` (decoder), ``norms``, ``softmax``, ``other``). On TensorRT 10 (weakly
+        typed) the float layers are the builder's choice under ``--fp16``, the norms/softmax pinned to fp32 by the
+        build plan's per-layer constraints; on TensorRT >= 11 the graph's tensor types say it."""
+        weak = self.builder_mode == "weak"
+        if self.float_types == "fp16":
+            flt = "fp16"
+            island = "fp32 (kept fp32 in the graph" + ("; per-layer constraint in the build plan)" if weak else ")")
+        elif weak and self.method != "none":
+            flt, island = "fp16 (builder flag)", "fp32 (per-layer constraint in the build plan)"
+        else:
+            flt, island = "fp32", "fp32"
+        m, p = self.method, self.params
+        out: dict[str, str] = {}
+        if m == "none":
+            out.update(matmul_weights="fp32", matmul_compute="fp32")
+        elif m == "fp16-cast":
+            out.update(matmul_weights="fp16", matmul_compute="fp16")
+        elif m == "static-qdq":
+            out.update(matmul_weights="int8", matmul_activations="int8", matmul_compute="int8")
+        elif m == "int4-qdq":
+            out.update(matmul_weights="int4", matmul_compute=flt)
+        elif m in ("matmulnbits-int4", "matmulnbits-int8"):
+            level = p.get("accuracy_level")
+            out.update(matmul_weights="int4" if m.endswith("int4") else "int8",
+                       matmul_compute="int8 activations (MatMulNBits accuracy_level 4)" if level == 4 else "fp32")
+        elif m == "dynamic":
+            out.update(matmul_weights="int8", matmul_activations="int8 (dynamic per-token scales)",
+                       matmul_compute="int8")
+        if self.component == "decoder":
+            hm = self.lm_head_method
+            if hm is None:
+                out["lm_head"] = "like the other matmuls"
+            elif hm == "none":
+                out["lm_head"] = "fp32" + (" (kept fp32 in the graph)" if self.float_types == "fp16" else "") \
+                    + (" (the --fp16 builder flag lets TensorRT choose)" if weak else "")
+            elif hm == "fp16":
+                out["lm_head"] = "fp16 (builder flag)" if weak else "fp16"
+            elif hm == "static-qdq":
+                out["lm_head"] = "int8 weights and activations (W8A8)"
+            else:
+                out["lm_head"] = "int8 weights (MatMulNBits)"
+        out.update(norms=island, softmax=island, other=flt)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"precision": self.precision, "method": self.method, "description": self.description,
-                             **copy.deepcopy(dict(self.params))}
+                             **copy.deepcopy(dict(self.params)), "float_types": self.float_types}
         if self.component == "decoder":
             d["lm_head"] = self.lm_head or self.precision
             if self.lm_head_method:
                 d["lm_head_method"] = self.lm_head_method
+        d["layer_precisions"] = self.layer_precisions()
         return d
 
 
@@ -161,7 +242,7 @@ class QuantPlan:
     def name(self) -> str:
         from edgevlm.targets import recipe_name
 
-        return recipe_name(self.components)
+        return recipe_name(self.components, tensorrt=self.backend == "tensorrt")
 
     @property
     def needs_calibration(self) -> bool:
@@ -202,7 +283,7 @@ def tolerances_for(components: Mapping[str, str]) -> S.ParityTolerances:
 def _resolve(precision: str | Mapping[str, str] | None, target) -> dict[str, str]:
     from edgevlm.targets import _resolve_recipe   # same package family; the parser behind Target.recipe()
 
-    return _resolve_recipe(precision, target.default_recipe)
+    return _resolve_recipe(precision, target.default_recipe, tensorrt=target.is_tensorrt)
 
 
 def _check_rules(comps: Mapping[str, str], target) -> None:
@@ -235,11 +316,13 @@ def _check_rules(comps: Mapping[str, str], target) -> None:
         raise QuantizationError(f"embedding={comps.get('embedding')}: the embedding table is gathered (a few rows "
                                 f"per token), not multiplied, and is stored fp16 or fp32; use embedding=fp16")
     dec, head = comps.get("decoder"), comps.get("lm_head", comps.get("decoder"))
-    allowed = {dec, "fp32"} | ({"int8"} if dec == "int4" else set())
+    allowed = {dec, "fp32"} | ({"int8"} if dec == "int4" else set()) \
+        | ({"fp16"} if target.is_tensorrt and dec in ("int8", "int4") else set())
     if head not in allowed:
         raise QuantizationError(f"lm_head={head} with decoder={dec} ({what}): the LM head is the decoder graph's last "
-                                f"MatMul; it can follow the decoder, stay fp32, or be int8 under an int4 decoder "
-                                f"(--precision int4,lm_head=int8)")
+                                f"MatMul; it can follow the decoder, stay fp32, be int8 under an int4 decoder "
+                                f"(--precision int4,lm_head=int8) or, on TensorRT targets, fp16 under an int8/int4 "
+                                f"decoder")
 
 
 def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *, calib_method: str = "minmax",
@@ -270,8 +353,9 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
     if int4_format not in ("auto", *INT4_FORMATS):
         raise QuantizationError(f"int4 format '{int4_format}' unknown; use auto, {', '.join(INT4_FORMATS)}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise QuantizationError(f"block size {block_size} unsupported: MatMulNBits needs a power of two >= 16 "
-                                f"(e.g. 32, the default, or 128)")
+        raise QuantizationError(f"block size {block_size} unsupported: int4 blocks must be a power of two >= 16 "
+                                f"(e.g. {INT4_BLOCK_SIZE}, the default, 64 or 32; TensorRT targets: "
+                                f"{' or '.join(map(str, TENSORRT_INT4_BLOCK_SIZES))})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizationError(f"accuracy_level {accuracy_level} unknown; use 0 (unset), 1 (fp32), 2 (fp16), "
                                 f"3 (bf16) or 4 (int8 compute, the default)")
@@ -289,6 +373,11 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
         raise QuantizationError(f"int4_format='matmulnbits' on TensorRT target '{tgt.name}': MatMulNBits is a "
                                 f"com.microsoft contrib op that TensorRT cannot parse; use int4_format='qdq' "
                                 f"(blocked INT4 DequantizeLinear + MatMul, symmetric), the TensorRT default")
+    if trt and "int4" in (comps["decoder"], comps["lm_head"]) and block_size not in TENSORRT_INT4_BLOCK_SIZES:
+        raise QuantizationError(f"INT4 block size {block_size} on TensorRT target '{tgt.name}': TensorRT's INT4 "
+                                f"weight-only quantization supports block sizes "
+                                f"{' and '.join(map(str, TENSORRT_INT4_BLOCK_SIZES))}; use block_size="
+                                f"{INT4_BLOCK_SIZE} (the default) or 64")
     if int8_decoder == "auto":
         int8_decoder = "qdq" if trt else "weight-only"
     if int4_format == "auto":
@@ -298,10 +387,36 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
     vision = _vision_recipe(comps["vision"], calib_method, per_channel, reduce_range)
     decoder = _decoder_recipe(comps["decoder"], comps["lm_head"], int8_decoder=int8_decoder,
                               int4_format=int4_format, calib_method=calib_method, block_size=block_size,
-                              accuracy_level=accuracy_level, per_channel=per_channel, reduce_range=reduce_range)
+                              accuracy_level=accuracy_level, per_channel=per_channel, reduce_range=reduce_range,
+                              allowed_blocks=TENSORRT_INT4_BLOCK_SIZES if trt else None)
+    mode = tgt.builder_mode
+    vision, decoder = (_for_target(r, mode) for r in (vision, decoder))
     return QuantPlan(components=dict(comps), vision=vision, decoder=decoder,
                      embed_dtype={"fp32": "float32", "fp16": "float16"}[comps["embedding"]], target=tgt.label,
                      backend=tgt.backend, tensorrt=tgt.tensorrt, calib_method=calib_method)
+
+
+def _for_target(r: ComponentRecipe, mode: str | None) -> ComponentRecipe:
+    """``r`` with the target's builder mode and, on TensorRT >= 11 (strongly typed), fp16 tensor types for the float
+    parts of a quantized graph (else they would run fp32 between the quantized layers)."""
+    from dataclasses import replace
+
+    r = replace(r, builder_mode=mode)
+    if mode is not None and (r.method == "static-qdq" or r.lm_head_method == "static-qdq"):
+        # TensorRT's DequantizeLinear takes INT8/INT4/FP8/FP4 inputs only: no INT32 bias DQ (ORT's default)
+        r = replace(r, params={**r.params, "quantize_bias": False,
+                               "bias": "float (QuantizeBias=False: TensorRT dequantizes no INT32 bias)"})
+    if mode == "strong" and r.method not in ("none", "fp16-cast"):
+        params = {**r.params, "float_layers": "fp16 tensor types: convert_float_to_float16(keep_io_types=True) after "
+                                              "quantization, Q/DQ scales fp16, fp32 islands kept fp32 (TensorRT >= 11 "
+                                              "builds strongly typed)"}
+        r = replace(r, float_types="fp16", params=params,
+                    description=r.description + "; float layers fp16 (strongly typed TensorRT)")
+    elif mode == "weak" and r.method not in ("none", "fp16-cast"):
+        params = {**r.params, "float_layers": "float32 in the graph; fp16 by the --fp16 builder flag (TensorRT 10 "
+                                              "weakly typed), fp32 islands pinned by the build plan"}
+        r = replace(r, params=params)
+    return r
 
 
 def int8_reduce_range(tgt: Any) -> bool:
@@ -339,7 +454,8 @@ def _vision_recipe(precision: str, calib_method: str, per_channel: bool,
         return ComponentRecipe("vision", "fp32", "none", {}, description="as exported (float32)")
     if precision == "fp16":
         return ComponentRecipe("vision", "fp16", "fp16-cast", _fp16_params(),
-                               description="float16 weights and compute, float32 graph I/O")
+                               description="float16 weights and compute, float32 graph I/O, LayerNorm and Softmax "
+                                           "fp32", float_types="fp16")
     if precision == "int8":
         return ComponentRecipe("vision", "int8", "static-qdq", _static_params(calib_method, per_channel,
                                                                               WEIGHT_OPS_VISION, reduce_range),
@@ -350,17 +466,22 @@ def _vision_recipe(precision: str, calib_method: str, per_channel: bool,
 
 
 def _fp16_params() -> dict[str, Any]:
-    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
+            "fp32_islands": "RMSNorm chains, LayerNorm and Softmax (edgevlm.exporter.precision_islands) kept fp32 in "
+                            "the graph (node_block_list; the casts between island nodes removed by "
+                            "edgevlm.quant.fp16.join_fp32_islands)"}
 
 
 def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_format: str, calib_method: str,
                     block_size: int, accuracy_level: int, per_channel: bool,
-                    reduce_range: bool = False) -> ComponentRecipe:
+                    reduce_range: bool = False, allowed_blocks: tuple[int, ...] | None = None) -> ComponentRecipe:
+    head_notes = {"fp32": ", LM head fp32", "fp16": ", LM head fp16 (unquantized)"}
     if precision == "fp32":
         return ComponentRecipe("decoder", "fp32", "none", {}, lm_head, "as exported (float32)")
     if precision == "fp16":
         return ComponentRecipe("decoder", "fp16", "fp16-cast", _fp16_params(), lm_head,
-                               "float16 weights and compute, float32 graph I/O (KV cache and logits stay float32)")
+                               "float16 weights and compute, float32 graph I/O (KV cache and logits stay float32), "
+                               "RMSNorm and Softmax fp32", float_types="fp16")
     if precision == "int8":
         if int8_decoder == "weight-only":
             return ComponentRecipe("decoder", "int8", "matmulnbits-int8", {
@@ -375,34 +496,48 @@ def _decoder_recipe(precision: str, lm_head: str, *, int8_decoder: str, int4_for
                 "ops": "DynamicQuantizeLinear + MatMulInteger"}, lm_head,
                 "int8 dynamic quantization (per-token activation scales at run time; ONNX Runtime CPU only)")
         params = _static_params(calib_method, per_channel, WEIGHT_OPS_DECODER, reduce_range)
-        if lm_head == "int8":
-            params["lm_head_format"] = "weight-only per-channel INT8 DequantizeLinear -> MatMul (float activations)"
+        if lm_head in ("fp32", "fp16"):
+            params["lm_head_format"] = f"unquantized ({lm_head})"
         return ComponentRecipe("decoder", "int8", "static-qdq", params, lm_head,
                                "W8A8 static QDQ (symmetric, per-channel weights) calibrated on real prefill and "
-                               "decode activations" + ("; LM head weight-only INT8" if lm_head == "int8" else ""))
+                               "decode activations" + head_notes.get(lm_head, ", LM head W8A8 like the rest"))
     if precision == "int4":
-        fmt = "QDQ" if int4_format == "qdq" else "QOperator"
-        params: dict[str, Any] = {
-            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
-            "block_size": block_size, "symmetric": True, "quant_format": fmt,
-            "op": "DequantizeLinear(int4, block_size) -> MatMul" if fmt == "QDQ" else "com.microsoft::MatMulNBits"}
-        if fmt == "QOperator":
-            params["accuracy_level"] = accuracy_level
+        if int4_format == "qdq":
+            from edgevlm.quant.int4_qdq import TOOL
+
+            params: dict[str, Any] = {
+                "tool": TOOL + " (edgevlm's own blocked INT4 quantizer: no installed library writes the form "
+                               "TensorRT accepts)",
+                "bits": 4, "block_size": block_size, "symmetric": True, "quant_format": "QDQ",
+                "scale": "amax(|block|) / 7 per block of block_size rows (axis 0) and column, float32, strictly "
+                         "positive (all-zero block: 1.0)",
+                "range": [-7, 7], "zero_point": None, "rounding": "round half to even",
+                "partial_blocks": "never written: a matmul whose K is not a multiple of block_size uses the largest "
+                                  "allowed block that divides K (recorded in block_size_overrides), else refused",
+                "allowed_block_sizes": list(allowed_blocks) if allowed_blocks else "powers of two >= 16",
+                "op": "DequantizeLinear(int4 [K, N], scale [K/B, N], axis=0, block_size=B) -> MatMul", "opset": 21}
+            method, how = "int4-qdq", "(blocked INT4 DequantizeLinear -> MatMul, scale amax/7, for TensorRT)"
         else:
-            params["opset"] = 21
+            params = {
+                "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
+                "block_size": block_size, "symmetric": True, "quant_format": "QOperator",
+                "op": "com.microsoft::MatMulNBits", "accuracy_level": accuracy_level}
+            method, how = "matmulnbits-int4", f"(ORT MatMulNBits, accuracy_level {accuracy_level})"
         if lm_head == "int8":
             params["lm_head_bits"] = 8
-            if fmt == "QDQ":
-                params["lm_head_format"] = "weight-only per-channel INT8 DequantizeLinear -> MatMul"
+            if int4_format == "qdq":
+                params["lm_head_format"] = ("W8A8 static QDQ of the head node (quantize_static, "
+                                            "nodes_to_quantize=[head], calibrated)")
             else:
                 params["lm_head_format"] = "com.microsoft::MatMulNBits bits=8"
                 params["lm_head_block_size"] = INT8_BLOCK_SIZE
-        return ComponentRecipe("decoder", "int4", "matmulnbits-int4", params, lm_head,
-                               f"int4 weight-only, block {block_size}, symmetric "
-                               + ("(blocked INT4 DequantizeLinear -> MatMul, for TensorRT)" if fmt == "QDQ"
-                                  else f"(ORT MatMulNBits, accuracy_level {accuracy_level})")
-                               + (", LM head int8" if lm_head == "int8" else "")
-                               + (", LM head fp32" if lm_head == "fp32" else ""))
+        elif lm_head in ("fp32", "fp16"):
+            params["lm_head_format"] = f"unquantized ({lm_head})"
+        return ComponentRecipe("decoder", "int4", method, params, lm_head,
+                               f"int4 weight-only, block {block_size}, symmetric {how}"
+                               + head_notes.get(lm_head, ", LM head W8A8" if lm_head == "int8" and
+                                                int4_format == "qdq" else
+                                                (", LM head int8" if lm_head == "int8" else "")))
     raise QuantizationError(f"decoder precision '{precision}' is not implemented; use fp32, fp16, int8 or int4")
 
 
