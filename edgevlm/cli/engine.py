@@ -1,8 +1,11 @@
-"""``edgevlm build-engine BUNDLE`` (TensorRT engines on the device) and ``edgevlm verify BUNDLE`` (is the bundle
-sound; do its engines agree with ONNX Runtime?).
+"""``edgevlm build-engine BUNDLE`` (TensorRT engines on the device), ``edgevlm register-engines BUNDLE`` (record
+engines that the bundle's build_engines.sh built with trtexec) and ``edgevlm verify BUNDLE`` (is the bundle sound;
+do its engines agree with ONNX Runtime?).
 
     edgevlm build-engine out/bundle-orin                      # on the Jetson / GPU box: engines/*.engine + manifest
     edgevlm build-engine out/bundle-orin --only decoder --no-timing-cache --verbose
+    bash out/bundle-orin/build_engines.sh                     # trtexec; ends with `edgevlm register-engines .`
+    edgevlm register-engines out/bundle-orin --tensorrt 10.3.0
     edgevlm verify out/bundle-orin [--json-output] [--samples 2] [--seed 0] [--engines auto|skip|require]
 
 Nothing heavy at import time; neither verb imports torch (both run on devices).
@@ -17,7 +20,8 @@ from typing import Any, Literal
 
 from edgevlm.cli import positional
 
-__all__ = ["build_engine", "verify", "build_bundle_engines", "COMMANDS"]
+__all__ = ["build_engine", "register_engines", "verify", "build_bundle_engines", "register_bundle_engines",
+           "COMMANDS"]
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +36,33 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, *, only: list[str] | Non
     Returns ``(bundle, {component: metadata})``. Raises ``TargetError`` for a bundle exported for a non-TensorRT
     target, ``MissingDependency`` / ``RuntimeBackendError`` (from ``trt_build``) without TensorRT or a GPU.
     """
-    from edgevlm.bundle import read_bundle, update_manifest
-    from edgevlm.errors import TargetError
     from edgevlm.exporter.trt_build import build_engines
+
+    bundle = _tensorrt_bundle(bundle_dir, verify_hashes=True)     # never build from a tampered graph
+    results = build_engines(bundle.root, only=only, allow_version_mismatch=allow_version_mismatch,
+                            timing_cache=timing_cache, verbose=verbose)
+    return _record_engines(bundle.root, results), results
+
+
+def _tensorrt_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool) -> Any:
+    from edgevlm.bundle import read_bundle
+    from edgevlm.errors import TargetError
     from edgevlm.exporter.trt_plan import PLAN_FILE
 
-    bundle = read_bundle(bundle_dir, verify_hashes=True)     # never build from a tampered graph
+    bundle = read_bundle(bundle_dir, verify_hashes=verify_hashes)
     m = bundle.manifest
     tgt = m.get("target") or {}
     if not (bundle.root / PLAN_FILE).is_file() or "tensorrt" not in m:
         raise TargetError(f"bundle '{bundle.root}' was exported for target '{tgt.get('name', '?')}' "
                           f"({tgt.get('backend', 'onnxruntime')}), which has no TensorRT engines (no {PLAN_FILE}). "
                           f"Re-export it for a TensorRT target, e.g. `edgevlm export ... --target jetson-orin` (see "
-                          f"`edgevlm targets`), then run build-engine on that device")
-    results = build_engines(bundle.root, only=only, allow_version_mismatch=allow_version_mismatch,
-                            timing_cache=timing_cache, verbose=verbose)
+                          f"`edgevlm targets`), then build its engines on that device")
+    return bundle
+
+
+def _record_engines(root: Path, results: dict[str, dict[str, Any]]) -> Any:
+    """``manifest.tensorrt.engines[component] = metadata`` and each engine file hashed into ``files``."""
+    from edgevlm.bundle import update_manifest
 
     def record(manifest: dict[str, Any]) -> None:
         entry = manifest.setdefault("tensorrt", {})
@@ -56,8 +72,21 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, *, only: list[str] | Non
         for component, meta in results.items():
             engines[component] = dict(meta)
 
-    updated = update_manifest(bundle.root, record, new_files=[meta["file"] for meta in results.values()])
-    return updated, results
+    return update_manifest(root, record, new_files=[meta["file"] for meta in results.values()])
+
+
+def register_bundle_engines(bundle_dir: str | os.PathLike, *, tensorrt: str | None = None,
+                            built_by: str = "build_engines.sh", validate: bool = True,
+                            trt: Any = None) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Record engines that are already on disk (built by the bundle's ``build_engines.sh`` with trtexec) in its
+    manifest exactly like ``build_bundle_engines`` does (``trt_build.register_engines``: file, bytes, sha256, the
+    full TensorRT version, device, profiles, ``built_by``; ``validated`` when tensorrt here deserialized them), each
+    engine file hashed into ``files``. Returns ``(bundle, {component: metadata})``."""
+    from edgevlm.exporter.trt_build import register_engines as collect
+
+    bundle = _tensorrt_bundle(bundle_dir, verify_hashes=False)   # only adds files; sizes are still checked
+    results = collect(bundle.root, tensorrt=tensorrt, built_by=built_by, validate=validate, trt=trt)
+    return _record_engines(bundle.root, results), results
 
 
 @positional("bundle")
@@ -82,23 +111,52 @@ def build_engine(bundle: str, only: list[str] | None = None, allow_version_misma
     verbose = verbose or logging.getLogger().isEnabledFor(logging.DEBUG)   # main() consumes the --verbose flag
     _, results = build_bundle_engines(bundle, only=only, allow_version_mismatch=allow_version_mismatch,
                                       timing_cache=timing_cache, verbose=verbose)
+    _print_engines(bundle, results)
+    return 0
+
+
+@positional("bundle")
+def register_engines(bundle: str, tensorrt: str | None = None, validate: bool = True) -> int:
+    """Record the engines that the bundle's build_engines.sh built (trtexec) in its manifest.
+
+    build_engines.sh runs this itself when edgevlm is installed on the device. For every engine of build_plan.json
+    that is on disk it records what `edgevlm build-engine` records (file, size, sha256, TensorRT version, GPU and
+    compute capability, target, builder flags, DLA core, profiles; built_by: build_engines.sh) under manifest
+    tensorrt.engines and hashes the engine files into the manifest, so `edgevlm run` / `edgevlm verify` find them.
+    Where TensorRT imports and a GPU is present, each engine is deserialized once to check that it loads.
+
+    Args:
+        bundle: the bundle directory (exported for a TensorRT target).
+        tensorrt: the full TensorRT version that built the engines (build_engines.sh passes trtexec's, e.g.
+            10.3.0); default: the installed tensorrt package's.
+        validate: deserialize each engine when tensorrt is installed (--no-validate to skip).
+    """
+    _, results = register_bundle_engines(bundle, tensorrt=tensorrt, validate=validate)
+    _print_engines(bundle, results)
+    return 0
+
+
+def _print_engines(bundle: str, results: dict[str, dict[str, Any]]) -> None:
     from rich import box
     from rich.table import Table
 
     from edgevlm.console import make_console
 
     table = Table(title=f"TensorRT engines of {bundle}", box=box.SIMPLE, title_justify="left")
-    for col in ("component", "engine", "MiB", "build s", "TensorRT", "device", "profiles"):
+    for col in ("component", "engine", "MiB", "build s", "TensorRT", "device", "profiles", "loads"):
         table.add_column(col, justify="right" if col in ("MiB", "build s") else "left")
     for comp, meta in results.items():
-        table.add_row(comp, str(meta["file"]), f"{meta['bytes'] / 2**20:.1f}", f"{meta.get('build_s', 0):.0f}",
-                      str(meta.get("tensorrt")), f"{meta.get('device')} (SM {meta.get('compute_capability')})",
-                      ", ".join(p["name"] for p in meta.get("profiles", [])))
+        build_s = meta.get("build_s")
+        device = f"{meta.get('device') or 'unknown device'} (SM {meta.get('compute_capability') or '?'})"
+        loads = ("yes (built here)" if "validated" not in meta else "yes" if meta["validated"]
+                 else f"not checked: {meta.get('validation', '')}")
+        table.add_row(comp, str(meta["file"]), f"{meta['bytes'] / 2**20:.1f}",
+                      "-" if build_s is None else f"{build_s:.0f}", str(meta.get("tensorrt")), device,
+                      ", ".join(p["name"] for p in meta.get("profiles", [])), loads)
     console = make_console()
     console.print(table)
     console.print(f"recorded in {Path(bundle) / 'manifest.json'} (tensorrt.engines); check them with "
                   f"`edgevlm verify {bundle}`")
-    return 0
 
 
 @positional("bundle")
@@ -129,4 +187,4 @@ def verify(bundle: str, json_output: bool = False, samples: int = 2, seed: int =
     return 0 if report.passed else 1
 
 
-COMMANDS = {"build-engine": build_engine, "verify": verify}
+COMMANDS = {"build-engine": build_engine, "register-engines": register_engines, "verify": verify}
