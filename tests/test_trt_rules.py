@@ -15,8 +15,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as T, helper as h, numpy_helper as nh  # noqa: E402
 
-from edgevlm.exporter.trt_compat import (ERROR, RULES, WARNING, check_build_plan,  # noqa: E402
-                                         check_tensorrt_compat)
+from edgevlm.errors import TargetError  # noqa: E402
+from edgevlm.exporter.trt_compat import (ERROR, RULES, WARNING, assert_tensorrt_compat,  # noqa: E402
+                                         check_build_plan, check_tensorrt_compat)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +148,8 @@ def test_scale_not_finite_positive_is_an_error(bad, word):
         msg = errs[0].message
         assert "3 of 16" in msg and f"3 {word}" in msg and "w_scale" in msg
         assert "amax/7 for int4, amax/127 for int8" in msg
+    with pytest.raises(TargetError, match=r"dq_w \(DequantizeLinear\) \[qdq-scale-positive\]"):
+        assert_tensorrt_compat(int4_graph(scales=scales), "10.3", component="decoder")
 
 
 def test_negative_fp16_int8_scale_is_an_error():

@@ -1017,17 +1017,20 @@ def _check_masks(model: Any, graphs: _Graphs) -> list[Issue]:
 
 
 def assert_tensorrt_compat(model: Any, trt_version: str, *, allow_int4_opset21: bool = True,
-                           component: str = "") -> list[Issue]:
-    """Raise ``TargetError`` listing every error-level issue; log and return the warnings otherwise."""
-    issues = check_tensorrt_compat(model, trt_version, allow_int4_opset21=allow_int4_opset21)
+                           component: str = "", strongly_typed: bool | None = None) -> list[Issue]:
+    """Raise ``TargetError`` listing every error-level issue (with its rule code); log and return the warnings
+    otherwise. Arguments as ``check_tensorrt_compat``."""
+    issues = check_tensorrt_compat(model, trt_version, allow_int4_opset21=allow_int4_opset21,
+                                   strongly_typed=strongly_typed)
     errors = [i for i in issues if i.severity == ERROR]
     warnings = [i for i in issues if i.severity == WARNING]
     what = component or (str(model) if not hasattr(model, "graph") else (model.graph.name or "model"))
     for w in warnings:
         log.warning("%s: %s", what, w)
     if errors:
-        lines = [f"{what}: {len(errors)} problem(s) TensorRT {trt_version} cannot parse:"]
-        lines += [f"  - {e.node} ({e.op}): {e.message}" if e.op else f"  - {e.message}" for e in errors]
+        lines = [f"{what}: {len(errors)} problem(s) TensorRT {trt_version} rejects (rule book: docs/tensorrt.md):"]
+        lines += [f"  - {e.node} ({e.op}) [{e.code}]: {e.message}" if e.op else f"  - [{e.code}] {e.message}"
+                  for e in errors]
         exc = TargetError("\n".join(lines))
         exc.issues = issues  # type: ignore[attr-defined]
         raise exc
