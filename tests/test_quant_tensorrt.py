@@ -290,6 +290,10 @@ def test_tensorrt_int4_bundle_parses(quantized, precision, target):
     for name in ("vision.onnx", "decoder.onnx"):
         scales = _scales(out / name)
         assert scales and all((s > 0).all() and np.isfinite(s).all() for s in scales), name
+        m, inits, _ = _graph(out / name)
+        dq_types = {inits[n.input[0]].data_type for n in m.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+        assert dq_types <= {TensorProto.INT8, TensorProto.INT4}, (name, dq_types)   # no INT32 bias DQ
         assert not [i for i in check_tensorrt_compat(out / name, get_target(target).tensorrt) if i.severity == ERROR]
     m, inits, _ = _graph(out / "decoder.onnx")
     blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
@@ -406,3 +410,34 @@ def test_quantize_bundle_passes_trt_plan_options(portable, tmp_path, monkeypatch
     cpu = quantize_bundle(portable, tmp_path / "cpu", "int8", target="cpu", report=False, show=False, **SMALL)
     assert not (cpu / "build_plan.json").exists() and "tensorrt" not in json.loads(
         (cpu / "manifest.json").read_text())
+
+
+def test_fp16_tensors_keep_qdq_scales_normal_and_positive():
+    """Converting a Q/DQ graph to fp16 tensors (TensorRT >= 11): a scale below fp16's smallest normal number would turn
+    subnormal (or 0: TensorRT refuses it); it is lifted, and an int8 weight re-quantized with the lifted scale."""
+    from edgevlm.quant.fp16 import FP16_MIN_NORMAL, convert_fp16
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((8, 4)) * 1e-4).astype(np.float32)
+    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)                       # ~3e-6 < 6.1e-5
+    w_q = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    inits = [numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(w_scale, "w_s"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "a_s"), numpy_helper.from_array(np.int8(0), "a_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "a_s", "a_zp"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "a_s", "a_zp"], ["xd"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["wd"], name="dq_w", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    converted, info = convert_fp16(copy.deepcopy(model))
+    assert info["qdq_scales_floored"] == {"weights": 4, "activations": 1}
+    scales = {i.name: numpy_helper.to_array(i) for i in converted.graph.initializer}
+    assert scales["w_s"].dtype == np.float16 and (scales["w_s"].astype(np.float32) >= FP16_MIN_NORMAL * 0.999).all()
+    assert scales["a_s"].astype(np.float32) >= FP16_MIN_NORMAL * 0.999
+    w_new = scales["w_q"].astype(np.float32) * scales["w_s"].astype(np.float32)
+    assert np.abs(w_new - w).max() <= FP16_MIN_NORMAL / 2 + 1e-9                     # re-quantized, not rescaled
+    x = np.full((2, 8), 0.5, np.float32)
+    (y,) = _run(converted, {"x": x})
+    assert np.isfinite(y).all()

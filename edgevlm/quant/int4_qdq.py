@@ -61,8 +61,9 @@ def effective_block_size(k: int, block_size: int, allowed: Sequence[int] | None 
         + (f" or {', '.join(map(str, [b for b in sizes if b < block_size]))}" if any(b < block_size for b in sizes)
            else "")
         + ": a partial last block is misread by TensorRT's parser (it infers the block size as K / scale rows); "
-          "keep this layer unquantized (decoder precision int8 or fp16), or pick a block size that divides K "
-          f"(block sizes TensorRT supports: {', '.join(map(str, TENSORRT_INT4_BLOCK_SIZES))})")
+          "pick a block size that divides K (block_size=..., TensorRT supports "
+          f"{', '.join(map(str, TENSORRT_INT4_BLOCK_SIZES))}) or quantize this decoder to int8 or fp16 "
+          "(--precision int8)")
 
 
 def quantize_weight_int4(w: np.ndarray, block: int, *, min_scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
