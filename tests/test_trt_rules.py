@@ -326,6 +326,15 @@ def test_fp16_norm_in_a_strongly_typed_graph_is_an_error():
     # ... unless the 10.x build is strongly typed
     assert {e.code for e in errors(check_tensorrt_compat(bad, "10.3", strongly_typed=True))} == {"fp16-island"}
     assert check_tensorrt_compat(rmsnorm_graph(island_fp32=True), "11.4") == []
+    # LayerNormalization computes in its stash_type (float32 by default: setComputePrecision) whatever its I/O type
+    ln = rmsnorm_graph(island_fp32=True)
+    ln.graph.initializer.extend([nh.from_array(np.ones(8, np.float16), "ln_w"), nh.from_array(np.zeros(8, np.float16),
+                                                                                              "ln_b")])
+    ln.graph.node.insert(0, h.make_node("LayerNormalization", ["x0", "ln_w", "ln_b"], ["x"], name="ln", axis=-1))
+    ln.graph.input[0].name = "x0"
+    assert check_tensorrt_compat(ln, "11.4") == []
+    ln.graph.node[0].attribute.append(h.make_attribute("stash_type", T.FLOAT16))
+    assert [(e.node, e.code) for e in errors(check_tensorrt_compat(ln, "11.4"))] == [("ln", "fp16-island")]
 
 
 # ---- build plans ----------------------------------------------------------------------------------------------------

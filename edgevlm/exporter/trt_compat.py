@@ -636,7 +636,10 @@ def _rule_fp16_islands(model: Any, types: _Types, trt_version: str) -> list[Issu
     change them; TensorRT 11 builds every network this way). So in a graph that computes in fp16 (a MatMul / Gemm /
     Conv reads an fp16 tensor), every fp32-island node (``precision_islands``: the RMSNorm chain, LayerNormalization,
     Softmax) must read and write float32: the developer guide ("Reduced Precision") says to "force the
-    normalization layers to FP32" because fp16 overflows there (an activation > 256 squares past 65504)."""
+    normalization layers to FP32" because fp16 overflows there (an activation > 256 squares past 65504). A
+    LayerNormalization whose ``stash_type`` is float32 (the ONNX default) is exempt: the parser builds it with
+    ``setComputePrecision(stash_type)`` (onnx-tensorrt LayerNormalization importer), so it computes in fp32 whatever
+    its I/O type."""
     from edgevlm.exporter.precision_islands import fp32_islands
 
     onnx = _onnx()
@@ -649,6 +652,8 @@ def _rule_fp16_islands(model: Any, types: _Types, trt_version: str) -> list[Issu
     out: list[Issue] = []
     for n in nodes:
         if n.name not in kind_of:
+            continue
+        if n.op_type == "LayerNormalization" and int(_attr(n, "stash_type", 1)) == FP32:
             continue
         ins = [i for k, i in enumerate(n.input) if i and not (n.op_type == "Pow" and k == 1)]
         bad = [f"{t} ({_type_name(types.elem(t))})" for t in [*ins, *[o for o in n.output if o]]
