@@ -64,3 +64,24 @@ def test_edgevlm_error_is_printed_without_traceback(capsys):
         models_module.COMMANDS["models"] = old
     err = capsys.readouterr().err
     assert rc == 2 and "error: model 'nope' unknown; known:" in err and "Traceback" not in err
+
+
+def test_engine_verbs_and_dla_flag_are_registered():
+    parser, commands = build_parser()
+    assert {"build-engine", "register-engines", "verify", "export"} <= set(commands)
+    args = parser.parse_args(["register-engines", "b", "--tensorrt", "10.3.0"])
+    assert (args.bundle, args.tensorrt, args.validate) == ("b", "10.3.0", True)
+    args = parser.parse_args(["export", "--model", "tiny-ldpnet", "--random-init", "--target", "jetson-orin", "--dla"])
+    assert args.dla is True
+    assert parser.parse_args(["export", "--model", "tiny-ldpnet", "--random-init"]).dla is False   # GPU by default
+
+
+def test_export_refuses_dla_before_exporting(tmp_path, capsys):
+    """--dla needs a DLA core and an fp16/int8 vision graph: a typed error (exit 2) before any work."""
+    out = tmp_path / "b"
+    assert main(["export", "--model", "tiny-ldpnet", "--random-init", "--target", "jetson-orin-nano-8gb",
+                 "--precision", "fp16", "--dla", "--out", str(out)]) == 2
+    assert "no DLA core" in capsys.readouterr().err
+    assert main(["export", "--model", "tiny-ldpnet", "--random-init", "--target", "jetson-orin", "--precision",
+                 "fp32", "--dla", "--out", str(out)]) == 2
+    assert "DLA runs only fp16 and int8" in capsys.readouterr().err and not out.exists()

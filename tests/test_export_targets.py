@@ -49,8 +49,9 @@ def _check_build_files(out, target, precision: str, vision_precision: str) -> No
         assert ("--fp16" in script) == (precision != "fp32")
     else:
         assert "--stronglyTyped" in script and "--fp16" not in script and "--int8" not in script
-    dla_precision = vision_precision in ("fp16", "int8")      # DLA runs fp16 / int8 only
-    assert ("--useDLACore=0" in script) == (target.dla_cores > 0 and dla_precision)
+    assert "--useDLACore" not in script                        # DLA is opt-in (edgevlm export --dla)
+    weak_fp16 = target.tensorrt.startswith("10.") and vision_precision != "fp32"
+    assert all(bool(e["fp32_layers"]) == (weak_fp16 and "fp16" in e["precision_flags"]) for e in plan["engines"])
 
 
 _EXPORTED: dict[str, object] = {}
@@ -102,3 +103,24 @@ def test_fp32_export_for_every_target(tmp_path, name):
 @pytest.mark.parametrize("name", target_names())
 def test_default_recipe_export_for_every_target(tmp_path, name):
     _check_export(tmp_path, name, None)
+
+
+def test_dla_export_lists_the_vision_ops_that_fall_back_to_the_gpu(tmp_path):
+    """``edgevlm export --dla`` on an AGX Orin (fp16): the vision engine goes to DLA core 0 and the plan names the
+    ViT ops DLA cannot run; the weakly typed fp16 build pins the norms/softmax to fp32; the recorded memory plan is
+    the manifest's (float32 KV, the engines' context)."""
+    out = export_bundle("tiny-ldpnetv2", tmp_path / "dla", random_init=True, target="jetson-agx-orin-32gb",
+                        precision="fp16", parity=False, dla=True)
+    m = read_bundle(out).manifest
+    engines = {e["component"]: e for e in m["tensorrt"]["plan"]["engines"]}
+    vision, decoder = engines["vision"], engines["decoder"]
+    assert vision["dla_core"] == 0 and decoder["dla_core"] is None
+    assert {"LayerNormalization", "Gelu"} <= set(vision["dla_fallback_ops"])
+    assert any("fall back to the GPU" in n and "LayerNormalization x" in n for n in m["tensorrt"]["plan"]["notes"])
+    script = (out / "build_engines.sh").read_text()
+    assert "--useDLACore=0" in script and "--precisionConstraints=obey" in script
+    assert vision["fp32_layers"] and decoder["fp32_layers"]
+    assert decoder["layer_precisions"]["norms/softmax"].startswith("fp32 (per-layer constraint")
+    mem = m["memory_plan"]
+    assert mem["kv_dtype"] == "fp32" and mem["context"] == m["tensorrt"]["plan"]["context"]
+    assert "kv_cache.present" in [i["name"] for i in mem["items"]]

@@ -43,7 +43,7 @@ def default_out(model: str | None, checkpoint: str | None, random_init: bool, ta
 def export(model: str | None = None, checkpoint: str | None = None, random_init: bool = False,
            out: str | None = None, target: str = "cpu", precision: str = "fp32", opset: int = 20,
            overwrite: bool = False, skip_parity: bool = False, seed: int = 0, decoder_graph: str = "auto",
-           json_output: bool = False) -> int:
+           dla: bool = False, json_output: bool = False) -> int:
     """Export a model to an ONNX bundle and validate it against PyTorch with ONNX Runtime.
 
     Writes vision.onnx (pixel values -> image embeddings), embed_tokens.npy (token embedding table),
@@ -68,6 +68,10 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
         decoder_graph: auto | gqa | portable. gqa: ONNX Runtime CPU graph (GroupQueryAttention writing the KV cache
             in place into one preallocated buffer; CPU targets, needs onnxruntime-genai); portable: standard ONNX
             ops with a concatenated past/present (any runtime, TensorRT). auto: gqa on ONNX Runtime CPU targets.
+        dla: TensorRT targets with DLA cores (AGX Orin, Orin NX): build the vision engine on DLA core 0 with GPU
+            fallback instead of the GPU (default: GPU only). Needs an fp16 or int8 vision precision. Most ViT ops
+            (LayerNorm, GELU, attention matmuls) have no DLA layer and fall back to the GPU; the export lists them.
+            Compare with the GPU-only build in `edgevlm bench` before keeping it.
         json_output: print the result as one JSON line instead of a summary.
     """
     from edgevlm.errors import ConfigError
@@ -112,7 +116,7 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
 
         path = export_bundle(model, out_path, checkpoint=checkpoint, random_init=random_init, target=tgt,
                              precision=precision, opset=opset, overwrite=overwrite, parity=not skip_parity,
-                             seed=seed, decoder_graph=decoder_graph, progress=progress)
+                             seed=seed, decoder_graph=decoder_graph, progress=progress, dla=dla)
 
     from edgevlm.bundle import read_bundle
 
@@ -125,6 +129,9 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
                "parity": {n: None if p.get("skipped") else {"max_abs_diff": p["max_abs_diff"], "cosine": p["cosine"]}
                           for n, p in par.items()},
                "timings_s": m["export"]["timings_s"], "peak_rss_bytes": m["export"]["peak_rss_bytes"]}
+    engines = tensorrt_summary(m)
+    if engines:
+        summary["tensorrt_engines"] = engines
     if json_output:
         print(json.dumps(summary))
         return 0
@@ -139,8 +146,31 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
                           f"cosine {p['cosine']:.7f}")
     console.print(f"  total {m['export']['timings_s'].get('total', 0):.1f} s, peak RSS "
                   f"{m['export']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for name, e in engines.items():
+        console.print(f"  engine {name:<8} {e['device']}; {', '.join(f'{k}: {v}' for k, v in e['layers'].items())}",
+                      highlight=False)
+        if e.get("dla_fallback_ops"):
+            console.print("    falls back to the GPU (no DLA layer): "
+                          + ", ".join(f"{k} x{v}" for k, v in e["dla_fallback_ops"].items()), highlight=False)
+    if engines:
+        console.print(f"  build the engines on the device: bash {path}/build_engines.sh  (or edgevlm build-engine "
+                      f"{path})", highlight=False)
     sys.stdout.flush()
     return 0
+
+
+def tensorrt_summary(manifest: dict) -> dict[str, dict]:
+    """Per planned engine: where it runs (GPU / DLA core), its layer precisions and the ops that fall back from DLA
+    to the GPU (from the manifest's ``tensorrt.plan``); empty for non-TensorRT bundles."""
+    plan = (manifest.get("tensorrt") or {}).get("plan") or {}
+    out = {}
+    for e in plan.get("engines", []):
+        core = e.get("dla_core")
+        out[e["component"]] = {"device": "GPU" if core is None else f"DLA core {core} + GPU fallback",
+                               "layers": dict(e.get("layer_precisions") or {}),
+                               "dla_fallback_ops": dict(sorted((e.get("dla_fallback_ops") or {}).items(),
+                                                               key=lambda kv: (-kv[1], kv[0])))}
+    return out
 
 
 # the --precision help is generated from the registry (PRECISION_PRESETS_HELP in the docstring above)

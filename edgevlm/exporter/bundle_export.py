@@ -15,7 +15,9 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
                  quantization work registers more with ``register_component_precision``)
     parity       ONNX Runtime CPU vs the PyTorch reference; ``ExportMismatch`` beyond tolerance
     tensorrt     TensorRT targets only: standard-ops / opset / Q-DQ / finite-mask check of every graph, engine build plan
-                 (build_plan.json + build_engines.sh); the memory plan (planner.check_fits) runs before anything
+                 (build_plan.json + build_engines.sh; GPU only unless ``dla=True`` / ``--dla``); the memory plan
+                 (planner.check_fits) runs before anything, and is recorded from the finished manifest
+                 (``planner.plan_memory_from_manifest``: the KV dtype and buffering the bundle really has)
     manifest     written by ``edgevlm.bundle.BundleWriter``: atomic, nothing appears at ``out`` on failure
 
     >>> from edgevlm.exporter.bundle_export import export_bundle
@@ -176,15 +178,30 @@ def resolve_target(target):
     return get_target(target if target is not None else DEFAULT_TARGET)
 
 
-def tensorrt_checks(root: Path, cfg: ModelConfig, target, recipe: ExportRecipe) -> dict[str, Any]:
+def tensorrt_checks(root: Path, cfg: ModelConfig, target, recipe: ExportRecipe, *,
+                    dla: bool = False) -> dict[str, Any]:
     """TensorRT targets, once the graphs are in ``root``: ``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``
     checks every graph with ``trt_compat.assert_tensorrt_compat`` (standard ONNX ops only, opset, symmetric Q/DQ,
     finite masks; ``TargetError`` naming every offending node), plans the engines (optimization profiles, builder
-    flags, DLA) and writes ``build_plan.json`` + ``build_engines.sh`` into the bundle. Returns the manifest's
-    ``tensorrt`` entry (``engines`` is filled later by ``edgevlm build-engine``)."""
+    flags, per-layer fp32 for weak fp16 builds, the vision graph on DLA only with ``dla=True``) and writes
+    ``build_plan.json`` + ``build_engines.sh`` into the bundle. Returns the manifest's ``tensorrt`` entry
+    (``engines`` is filled later by ``edgevlm build-engine`` / ``edgevlm register-engines``)."""
     from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
 
-    return prepare_tensorrt_bundle(root, cfg, target, recipe.components)
+    entry = prepare_tensorrt_bundle(root, cfg, target, recipe.components, use_dla=dla)
+    for e in entry["plan"]["engines"]:
+        if e.get("dla_core") is not None:
+            log.info("%s on DLA core %s; ops without a DLA layer (GPU fallback): %s", e["component"], e["dla_core"],
+                     ", ".join(f"{k} x{v}" for k, v in e.get("dla_fallback_ops", {}).items()) or "none")
+    return entry
+
+
+def check_dla_request(target, recipe_components: Mapping[str, str]) -> None:
+    """``--dla`` before anything is exported: the target has a DLA core and the vision precision runs on DLA
+    (fp16 / int8); ``ConfigError`` otherwise (``trt_plan.check_dla``)."""
+    from edgevlm.exporter.trt_plan import check_dla
+
+    check_dla(target, recipe_components["vision"], where="the vision precision")
 
 
 def _genai_available() -> bool:
@@ -233,15 +250,19 @@ def _export_gqa_decoder(vlm, root: Path, cfg: ModelConfig):
                                                 "builder_entry": entry})
 
 
-def memory_plan(cfg: ModelConfig, target, recipe: ExportRecipe) -> dict[str, Any] | None:
-    """``edgevlm.planner.plan_memory`` for the target; ``check_fits`` raises ``TargetError`` on TensorRT targets
-    (where the engine must be built on the device), CPU targets only log a warning."""
+def memory_plan(cfg: ModelConfig, target, recipe: ExportRecipe, graph_kind: str = "portable", *,
+                check: bool = True) -> dict[str, Any] | None:
+    """``edgevlm.planner.plan_memory`` for the target, with the KV cache this export writes (float32 KV I/O;
+    ``gqa``: one shared buffer, ``portable``: past + present); ``check_fits`` raises ``TargetError`` on TensorRT
+    targets (where the engine must be built on the device), CPU targets only log a warning. The manifest records the
+    plan recomputed from the finished manifest (``planner.plan_memory_from_manifest``)."""
     from edgevlm import planner
 
-    plan = planner.plan_memory(cfg, target, recipe.components, suggest=True)
-    if target.is_tensorrt:
+    plan = planner.plan_memory(cfg, target, recipe.components, suggest=check, kv_dtype=planner.KV_IO_DTYPE,
+                               kv_shared_buffer=graph_kind == "gqa")
+    if check and target.is_tensorrt:
         planner.check_fits(plan)
-    elif plan.verdict != "fits":
+    elif check and plan.verdict != "fits":
         log.warning("%s", plan.summary())
     return plan.to_dict()
 
@@ -419,39 +440,56 @@ def _is_quantized(precision: str | Mapping[str, str], target) -> bool:
     return any(p in QUANTIZED_PRECISIONS for c, p in comps.items() if c != "embedding")
 
 
-def _export_quantized(model_name_or_cfg, out, *, target, precision, overwrite: bool, progress, **kwargs) -> Path:
-    """Quantized recipes: an fp32 export (parity-checked against PyTorch) into a scratch directory beside ``out``,
-    then ``edgevlm.quant.apply.quantize_bundle`` (calibrated on the embedded set, quantization report in the
-    manifest) into ``out`` and, for TensorRT targets, the engine build plan for the quantized graphs. Each step
-    writes atomically; a failure anywhere leaves nothing at ``out``."""
+def _export_quantized(model_name_or_cfg, out, *, target, precision, overwrite: bool, progress, dla: bool = False,
+                      **kwargs) -> Path:
+    """Quantized recipes: an fp32 export (parity-checked against PyTorch; no memory check: it is never built on the
+    device) into a scratch directory beside ``out``, then ``edgevlm.quant.apply.quantize_bundle`` (calibrated on
+    the embedded set, quantization report in the manifest; for TensorRT targets it writes the engine build plan for
+    the quantized graphs, with ``trt_plan_options={"use_dla": dla}``) into ``out``, then the memory plan of the
+    quantized bundle from its manifest (``check_fits`` on TensorRT targets). Each step writes atomically; a failure
+    anywhere leaves nothing at ``out``."""
     import shutil
     import tempfile
 
-    from edgevlm.bundle import read_bundle, update_manifest
+    from edgevlm.bundle import update_manifest
     from edgevlm.quant.apply import quantize_bundle
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"'{out}' already exists; pass overwrite=True (--overwrite) or choose another --out")
+    tgt = resolve_target(target)
+    if dla:
+        check_dla_request(tgt, tgt.recipe(precision))
+    # the memory check is for the quantized bundle: the fp32 intermediate is never built on the device
+    cfg = model_name_or_cfg if isinstance(model_name_or_cfg, ModelConfig) else getattr(kwargs.get("model"), "cfg", None)
+    if cfg is None and isinstance(model_name_or_cfg, str):
+        cfg = get_model_config(model_name_or_cfg)
+    if cfg is not None:
+        memory_plan(cfg, tgt, _QuantRecipeView(tgt.recipe(precision)))
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
     stages = _Stages(progress)
-    tgt = resolve_target(target)
+    plan_options = {"trt_plan_options": {"use_dla": bool(dla)}} if tgt.is_tensorrt else {}
     try:
         fp32 = export_bundle(model_name_or_cfg, scratch / "fp32", target=tgt.name, precision="fp32",
-                             overwrite=False, progress=progress, **kwargs)
-        stages.run("quantize", lambda: quantize_bundle(fp32, out, precision, target=tgt.name, overwrite=overwrite))
+                             overwrite=False, progress=progress, check_memory=False, **kwargs)
+        stages.run("quantize", lambda: quantize_bundle(fp32, out, precision, target=tgt.name, overwrite=overwrite,
+                                                       **plan_options))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if tgt.is_tensorrt:
-        try:
-            b = read_bundle(out, verify_hashes=False)
-            entry = tensorrt_checks(out, b.model_config, tgt, _QuantRecipeView(b.manifest["recipe"]["components"]))
-            update_manifest(out, lambda m: m.__setitem__("tensorrt", entry),
-                            new_files=[entry["plan_file"], entry["script"]])
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
+    try:
+        from edgevlm.planner import check_fits, plan_memory_from_manifest
+
+        def record(m: dict[str, Any]) -> None:
+            plan = plan_memory_from_manifest(m, target=tgt, suggest=True)
+            if tgt.is_tensorrt:
+                check_fits(plan)
+            m["memory_plan"] = plan.to_dict()
+
+        update_manifest(out, record)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
@@ -468,7 +506,8 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                   overwrite: bool = False, parity: bool = True, seed: int = 0,
                   tokenizer_dir: str | os.PathLike | None = None, model=None,
                   tolerances: S.ParityTolerances | None = None, parity_prompt_len: int | None = None,
-                  decoder_graph: str = "auto", progress: Progress | None = None) -> Path:
+                  decoder_graph: str = "auto", progress: Progress | None = None, dla: bool = False,
+                  check_memory: bool = True) -> Path:
     """Export a MobileVLM to a validated bundle directory ``out``; returns its path.
 
     Args:
@@ -489,6 +528,10 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         parity_prompt_len: prompt length of the decoder parity prefill (default 16).
         decoder_graph: ``auto`` (default), ``gqa`` or ``portable`` (``DECODER_GRAPHS``, ``resolve_decoder_graph``).
         progress: ``progress(stage, event, seconds)`` callback; ``event`` is "start", "done" or "skip".
+        dla: TensorRT targets with DLA cores: plan the vision engine on DLA core 0 with GPU fallback (opt-in; the
+            plan lists the ops that fall back to the GPU). The vision precision must be fp16 or int8.
+        check_memory: refuse (``planner.check_fits``) a bundle that does not fit a TensorRT target; False for the
+            fp32 intermediate of a quantized export (checked at its final precision instead).
     """
     from edgevlm.bundle import BundleWriter, model_entry, prompt_entry
 
@@ -497,7 +540,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                                  target=target, precision=precision, opset=opset, overwrite=overwrite, parity=parity,
                                  seed=seed, tokenizer_dir=tokenizer_dir, model=model, tolerances=tolerances,
                                  parity_prompt_len=parity_prompt_len, decoder_graph=decoder_graph,
-                                 progress=progress)
+                                 progress=progress, dla=dla)
     t_start = time.perf_counter()
     cfg, kind = _resolve_source(model_name_or_cfg, checkpoint, random_init, model)
     S.check_opset(opset)
@@ -506,6 +549,8 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         raise TargetError(f"opset {opset} is above what target '{tgt.name}' parses (<= {tgt.opset_max}); use "
                           f"--opset {min(tgt.opset_max, S.DEFAULT_OPSET)}")
     recipe = resolve_recipe(precision, tgt, tolerances)
+    if dla:
+        check_dla_request(tgt, recipe.components)
     graph_kind = resolve_decoder_graph(decoder_graph, tgt, recipe)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"tokenizer directory '{tokenizer_dir}' does not exist")
@@ -513,7 +558,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     is_random = bool(random_init) and kind != "checkpoint"
     plan = None
     if cfg is not None:                                      # fail fast before building anything
-        plan = memory_plan(cfg, tgt, recipe)
+        plan = memory_plan(cfg, tgt, recipe, graph_kind, check=check_memory)
 
     with BundleWriter(out, overwrite=overwrite) as w:
         root = w.root
@@ -539,7 +584,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         vlm, mcfg = stages.run("model", build)
         owned = kind != "in-memory"
         if plan is None:
-            plan = memory_plan(mcfg, tgt, recipe)
+            plan = memory_plan(mcfg, tgt, recipe, graph_kind, check=check_memory)
 
         from edgevlm.exporter import onnx_export as E
 
@@ -597,7 +642,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
 
         trt_report = None
         if tgt.is_tensorrt:
-            trt_report = stages.run("tensorrt", lambda: tensorrt_checks(root, mcfg, tgt, recipe))
+            trt_report = stages.run("tensorrt", lambda: tensorrt_checks(root, mcfg, tgt, recipe, dla=dla))
         else:
             stages.skip("tensorrt")
 
@@ -656,6 +701,10 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             }
             if trt_report is not None:
                 m["tensorrt"] = trt_report
+            from edgevlm.planner import plan_memory_from_manifest
+
+            # the recorded plan: from what the manifest says (KV dtype / buffering, the engines' context)
+            m["memory_plan"] = plan_memory_from_manifest(m, model_cfg=mcfg, target=tgt, suggest=True).to_dict()
             w.set_manifest(m)
 
         stages.run("manifest", manifest)
@@ -668,4 +717,4 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
 __all__ = ["export_bundle", "resolve_recipe", "resolve_target", "write_tokenizer", "register_component_precision",
            "component_precisions", "ComponentPrecision", "ExportRecipe", "tensorrt_checks", "memory_plan",
            "peak_rss_bytes", "STAGES", "DEFAULT_TARGET", "DEFAULT_PRECISION", "EMBED_FILE", "DECODER_GRAPHS",
-           "resolve_decoder_graph"]
+           "resolve_decoder_graph", "check_dla_request"]

@@ -341,7 +341,9 @@ def _layer_precisions(mode: str, flags: Sequence[str], precisions: Sequence[str]
     out: dict[str, str] = {}
     if mode == "weak":
         flt = ("fp16 (builder flag)" if "fp16" in flags else "bf16 (builder flag)" if "bf16" in flags else "fp32")
-        out["matmul_weights"] = " + ".join(quant) if quant else flt
+        floats = facts is not None and any(t in ("fp16", "bf16", "fp32") for t in facts.weight_types)
+        out["matmul_weights"] = ((" + ".join(quant) + (f"; unquantized ones {flt}" if floats else ""))
+                                 if quant else flt)
         out["float layers"] = flt
         if fp32_layers:
             out["norms/softmax"] = f"fp32 (per-layer constraint, {len(fp32_layers)} layers)"
