@@ -124,3 +124,19 @@ def test_dla_export_lists_the_vision_ops_that_fall_back_to_the_gpu(tmp_path):
     mem = m["memory_plan"]
     assert mem["kv_dtype"] == "fp32" and mem["context"] == m["tensorrt"]["plan"]["context"]
     assert "kv_cache.present" in [i["name"] for i in mem["items"]]
+
+
+def test_quantized_export_is_memory_checked_at_its_own_precision(tmp_path, monkeypatch):
+    """An int4 export for a Jetson goes through an fp32 intermediate bundle on the host: only the int4 bundle is
+    checked against the board's memory (an fp32 check refused e.g. mobilevlm-1.7b int4 on an Orin Nano 8 GB, where
+    fp32 does not fit but int4 does)."""
+    from edgevlm import planner
+
+    checked = []
+    real = planner.check_fits
+    monkeypatch.setattr(planner, "check_fits", lambda plan: checked.append(plan.precision_name) or real(plan))
+    out = export_bundle("tiny-ldpnetv2", tmp_path / "q", random_init=True, target="jetson-orin-nano-8gb",
+                        precision="int4", parity=False)
+    assert checked and all(p != "fp32" for p in checked)
+    m = read_bundle(out).manifest
+    assert m["memory_plan"]["precision"] == m["recipe"]["components"] and m["memory_plan"]["kv_dtype"] == "fp32"
