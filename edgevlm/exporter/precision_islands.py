@@ -82,6 +82,10 @@ def _scalar_constants(model: Any) -> dict[str, float]:
             out[name] = float(numpy_helper.to_array(t).reshape(-1)[0])
         except (ValueError, TypeError, IndexError):
             continue
+    # through Cast / Identity: an fp16-converted graph feeds Pow its exponent as Cast(fp16 2.0 -> float)
+    for n in model.graph.node:                                      # graph order: producers come first
+        if n.op_type in ("Cast", "Identity") and n.input and n.input[0] in out:
+            out[n.output[0]] = out[n.input[0]]
     return out
 
 
