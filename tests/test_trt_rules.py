@@ -188,6 +188,13 @@ def test_unsigned_weight_is_an_error():
     assert [(e.node, e.code) for e in errors(check_tensorrt_compat(m, "10.3"))] == [("dq_w", "unsigned-qdq")]
 
 
+def test_int32_bias_dequantize_is_an_error():
+    m = int8_weight_graph(scale=np.float32(0.02))
+    m.graph.initializer[0].CopyFrom(nh.from_array(np.zeros((8, 16), np.int32), "w_q"))
+    errs = errors(check_tensorrt_compat(m, "10.3"))
+    assert [(e.node, e.code) for e in errs] == [("dq_w", "qdq-wide-type")] and "QuantizeBias=False" in errs[0].message
+
+
 # ---- axes, blocks ---------------------------------------------------------------------------------------------------
 def test_per_channel_axis_must_match_the_scale():
     rows = int8_weight_graph(scale=np.full(8, 0.02, np.float32), attrs={"axis": 0})   # 8 scales for axis 0 of 8

@@ -135,6 +135,8 @@ RULES: dict[str, str] = {
                       "because only symmetric quantization is supported'",
     "unsigned-qdq": "onnx-tensorrt QuantDequantLinearHelper: notInvalidType(UINT8); 'TensorRT only allows FP8, "
                     "INT8, and INT4 quantization'",
+    "qdq-wide-type": "onnx-tensorrt QuantDequantLinearHelper: 'TensorRT only allows FP8, INT8, and INT4 "
+                     "quantization' (an INT32 bias DequantizeLinear, as ORT's QuantizeBias writes, is rejected)",
     "qdq-axis": "TensorRT 10.x API, IDequantizeLayer: 'The size of the 1D scale tensor must match the size of the "
                 "quantization axis'; onnx-tensorrt: 'The number of scales is not equal to the number of output "
                 "channels'",
@@ -685,6 +687,7 @@ def _check_qdq(node: Any, name: str, graphs: _Graphs, types: _Types, version: tu
 
 
 _UNSIGNED = ("UINT8", "UINT4", "UINT16")
+_WIDE_QUANT = ("INT16", "INT32", "UINT32")          # legal in ONNX DequantizeLinear, not in TensorRT
 
 
 def _rule_qdq_unsigned(node: Any, name: str, graphs: _Graphs) -> list[Issue]:
@@ -697,6 +700,10 @@ def _rule_qdq_unsigned(node: Any, name: str, graphs: _Graphs) -> list[Issue]:
         if x is not None and _type_name(x.data_type) in _UNSIGNED:
             out.append(Issue(ERROR, name, op, f"quantized input is {_type_name(x.data_type)}: TensorRT quantizes to "
                              f"signed INT8/INT4 (use QInt8/QInt4 weights)", "unsigned-qdq"))
+        elif x is not None and _type_name(x.data_type) in _WIDE_QUANT:
+            out.append(Issue(ERROR, name, op, f"quantized input is {_type_name(x.data_type)}: TensorRT dequantizes "
+                             f"only INT8, INT4, FP8 and FP4 (ONNX Runtime's quantize_static writes INT32 biases: "
+                             f"keep biases float with extra_options QuantizeBias=False)", "qdq-wide-type"))
     else:
         to = _attr(node, "output_dtype", 0)
         if to and _type_name(to) in _UNSIGNED:
