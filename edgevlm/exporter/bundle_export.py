@@ -95,20 +95,23 @@ class ComponentPrecision:
 
 
 def _fp16_postprocess(path: Path, cfg: ModelConfig) -> dict[str, Any]:
-    """Cast weights and compute to float16, keeping float32 graph I/O (``onnxruntime.transformers.float16``)."""
+    """Cast weights and compute to float16, keeping float32 graph I/O and the numerically sensitive ops (RMSNorm /
+    LayerNorm chains, Softmax: ``edgevlm.exporter.precision_islands``) in float32 in the graph
+    (``edgevlm.quant.fp16.convert_fp16`` around ``onnxruntime.transformers.float16``)."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from edgevlm.quant.fp16 import convert_fp16
 
     model = onnx.load(str(path))                              # with external data
-    model16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    model16, info = convert_fp16(model, source=path)
     del model
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()                                         # onnx appends to an existing data file
     onnx.save(model16, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
-    return {"converter": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
-            "clamp_constants": 1e4}
+    return {"converter": "edgevlm.quant.fp16.convert_fp16 (onnxruntime.transformers.float16)", "keep_io_types": True,
+            "clamp_constants": 1e4, **info}
 
 
 _COMPONENT_PRECISIONS: dict[str, ComponentPrecision] = {
