@@ -67,6 +67,18 @@ def test_verify_passes_on_a_tensorrt_bundle(trt_bundle, capsys):
     assert data["passed"] and data["counts"]["fail"] == 0
 
 
+def test_verify_fails_on_engines_on_disk_that_are_not_registered(trt_bundle, tmp_path):
+    """build_engines.sh run where edgevlm is not on PATH leaves engines the manifest does not know: verify says so
+    and names `edgevlm register-engines` (issue 21)."""
+    bad = _copy(trt_bundle, tmp_path)
+    (bad / "engines").mkdir()
+    (bad / "engines" / "decoder.engine").write_bytes(b"an engine trtexec wrote")
+    report = verify_bundle(bad, samples=1)
+    check = report.check("engines")
+    assert not report.passed and check.status == "fail"
+    assert "engines/decoder.engine" in check.detail and "edgevlm register-engines" in check.detail
+
+
 def test_verify_fails_on_a_contrib_op_in_a_tensorrt_bundle(trt_bundle, tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
     from onnx import helper

@@ -568,6 +568,13 @@ class _Verifier:
         from edgevlm.targets import parse_trt_version
 
         entries = ((self.bundle.manifest.get("tensorrt") or {}).get("engines") or {})
+        on_disk = [e.engine for e in (plan.engines if plan is not None else ())
+                   if (self.bundle.root / e.engine).is_file() and e.component not in entries]
+        if on_disk:                      # built by build_engines.sh where edgevlm was not on PATH: not registered
+            self.add("engines", FAIL, f"{', '.join(on_disk)} exist but are not registered in the manifest (built by "
+                     f"build_engines.sh without edgevlm on PATH?): run `edgevlm register-engines "
+                     f"{self.bundle.root}` on the device that built them")
+            return
         if not entries:
             self.add("engines", FAIL if self.engines == "require" else SKIP, "no engines built yet: build them on the device with `edgevlm build-engine "
                      "BUNDLE`, then " + ON_DEVICE)
