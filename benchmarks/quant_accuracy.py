@@ -51,9 +51,9 @@ INT4 = _int4_spec()
 #: (label, precision spec, target, options). The first one is the acceptance variant.
 VARIANTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("int4@cpu", INT4, "cpu", {}),                              # int8 QDQ vision + MatMulNBits int4 (+ 8-bit head)
-    ("int4@jetson-orin", INT4, "jetson-orin", {}),              # TensorRT form (blocked INT4 DQ), run on ORT CPU
+    ("int4@jetson-orin", INT4, "jetson-orin", {}),              # TensorRT form (blocked INT4 DQ amax/7), ORT CPU
     ("int8@cpu", "int8", "cpu", {}),
-    ("int8@jetson-orin", "int8", "jetson-orin", {}),            # W8A8 static QDQ, weight-only INT8 LM head
+    ("int8@jetson-orin", "int8", "jetson-orin", {}),            # W8A8 static QDQ, LM head W8A8 too
     ("int4,lm_head=int4@cpu", "int4,lm_head=int4", "cpu", {}),  # why the head stays 8-bit
 ]
 SWEEP: list[tuple[str, str, str, dict[str, Any]]] = [

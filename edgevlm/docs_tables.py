@@ -60,9 +60,14 @@ def precisions_table() -> str:
 
     rows = ["| preset | vision + projector | embedding | decoder | lm_head | targets that support it |",
             "|---|---|---|---|---|---|"]
+    from edgevlm.targets import TENSORRT_PRESETS
+
     for name, comp in PRECISION_PRESETS.items():
         ok = [t for t in target_names() if supported(t, name)]
-        rows.append(f"| `{name}` | {comp['vision']} | {comp['embedding']} | {comp['decoder']} | {comp['lm_head']} | "
+        head = comp["lm_head"]
+        if TENSORRT_PRESETS[name]["lm_head"] != head:         # TensorRT has no weight-only INT8 (INT4 only)
+            head = f"{head} (TensorRT targets: {TENSORRT_PRESETS[name]['lm_head']})"
+        rows.append(f"| `{name}` | {comp['vision']} | {comp['embedding']} | {comp['decoder']} | {head} | "
                     f"{len(ok)} of {len(target_names())} |")
     return "\n".join(rows)
 

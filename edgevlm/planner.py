@@ -191,7 +191,7 @@ class MemoryPlan:
 
     @property
     def precision_name(self) -> str:
-        return recipe_name(self.precision)
+        return recipe_name(self.precision, tensorrt=self.backend == "tensorrt")
 
     @property
     def utilization(self) -> float:

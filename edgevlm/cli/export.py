@@ -22,14 +22,18 @@ def precision_presets_help() -> str:
     """What each ``--precision`` preset does per component, from ``edgevlm.targets.PRECISION_PRESETS`` (so the help
     cannot drift from the registry): ``"fp32 = fp32 everywhere; ...; int4 = int8 vision + fp16 embedding + int4
     decoder + int8 LM head"``."""
-    from edgevlm.targets import PRECISION_PRESETS
+    from edgevlm.targets import PRECISION_PRESETS, TENSORRT_PRESETS
 
     parts = []
     for name, comp in PRECISION_PRESETS.items():
         if len(set(comp.values())) == 1:
-            parts.append(f"{name} = {next(iter(comp.values()))} everywhere")
+            text = f"{name} = {next(iter(comp.values()))} everywhere"
         else:
-            parts.append(f"{name} = " + " + ".join(f"{p} {_COMPONENT_NAMES.get(c, c)}" for c, p in comp.items()))
+            text = f"{name} = " + " + ".join(f"{p} {_COMPONENT_NAMES.get(c, c)}" for c, p in comp.items())
+        trt = {c: p for c, p in TENSORRT_PRESETS[name].items() if comp.get(c) != p}
+        if trt:
+            text += " (TensorRT targets: " + ", ".join(f"{p} {_COMPONENT_NAMES.get(c, c)}" for c, p in trt.items()) + ")"
+        parts.append(text)
     return "; ".join(parts)
 
 

@@ -156,7 +156,8 @@ def resolve_recipe(precision: str | Mapping[str, str], target=None,
     not implemented by the exporter yet."""
     from edgevlm.targets import recipe_name
 
-    comps = resolve_target(target).recipe(precision)
+    tgt = resolve_target(target)
+    comps = tgt.recipe(precision)
     missing = sorted({p for c, p in comps.items() if c != "embedding" and p not in _COMPONENT_PRECISIONS})
     if missing:
         raise ConfigError(f"precision {', '.join(missing)} is not implemented by the exporter yet; available: "
@@ -170,7 +171,7 @@ def resolve_recipe(precision: str | Mapping[str, str], target=None,
     vision, decoder = _COMPONENT_PRECISIONS[comps["vision"]], _COMPONENT_PRECISIONS[comps["decoder"]]
     tol = tolerances or S.ParityTolerances(vision=vision.tolerances.vision, logits=decoder.tolerances.logits,
                                            kv=decoder.tolerances.kv)
-    return ExportRecipe(recipe_name(comps), comps, vision, decoder, _EMBED_DTYPES[comps["embedding"]], tol)
+    return ExportRecipe(recipe_name(comps, tensorrt=tgt.is_tensorrt), comps, vision, decoder, _EMBED_DTYPES[comps["embedding"]], tol)
 
 
 # ---- targets ----------------------------------------------------------------------------------------------------

@@ -652,7 +652,7 @@ def plan_tensorrt_build(model_cfg: ModelConfig, target: Target | str, precision:
         notes.append("build on the board itself: engines are tied to the TensorRT version and the GPU")
     return BuildPlan(target=target.label, tensorrt=version, builder_mode=mode,
                      compute_capability=target.compute_capability, jetpack=target.jetpack, model=model_cfg.name,
-                     precision=recipe_name(recipe) if components is None else ",".join(
+                     precision=recipe_name(recipe, tensorrt=True) if components is None else ",".join(
                          dict.fromkeys(p for c in comps for p in c.precisions)),
                      context=ctx, max_prompt_tokens=p_max, opt_prompt_tokens=p_opt, max_batch=max_batch,
                      engine_dir=engine_dir, timing_cache=f"{engine_dir}/timing.cache", engines=tuple(engines),

@@ -7,7 +7,8 @@ Runtime's quantizers, calibrated on real activations, with a measured accuracy r
 
 Modules: ``recipes`` (what each precision means per component and target, the rules), ``calibration`` (calibration
 sources and ``CalibrationDataReader``s feeding real activations), ``apply`` (``apply_precision``: quantize a bundle's
-graphs in place during export), ``report`` (error against fp32 on held-out inputs, exact match, teacher-forced
+graphs in place during export), ``int4_qdq`` (blocked INT4 weight-only Q/DQ as TensorRT takes it: positive scales
+amax/7, whole blocks of 64/128), ``fp16`` (fp16 conversion that keeps the norm/softmax islands fp32), ``report`` (error against fp32 on held-out inputs, exact match, teacher-forced
 agreement). The calibration set is defined in ``calibration/embedded.toml`` (see ``calibration/README.md``).
 """
 
