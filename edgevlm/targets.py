@@ -169,8 +169,10 @@ class Target:
 
     @property
     def kv_dtype(self) -> str:
-        """KV-cache dtype for non-fp32 decoders: fp16 on GPUs, fp32 on CPUs (ORT CPU computes attention in fp32)."""
-        return "fp32" if self.kind == "cpu" else "fp16"
+        """KV-cache dtype of the bundles exported for this target: fp32 everywhere. The graphs keep float32 KV I/O
+        (``keep_io_types``; ORT CPU computes attention in fp32, and the TensorRT runner binds the engines' float32
+        past/present tensors), so the planner (``edgevlm.planner``) counts 4 bytes per KV element on every target."""
+        return "fp32"
 
     @property
     def builder_mode(self) -> str | None:

@@ -41,6 +41,8 @@ def test_target_profile_is_consistent(name):
         assert t.compute_capability in ("8.6", "8.9")
         assert t.supports("fp8") == (t.compute_capability == "8.9")     # fp8: Ada (and Hopper) only
         assert t.opset_max == trt_opset_max(t.tensorrt)
+    if t.is_tensorrt:
+        assert t.kv_dtype == "fp32"              # the exported graphs' KV I/O: what the runner allocates
     else:
         assert (t.memory_kind, t.backend, t.tensorrt, t.compute_capability) == ("host", "onnxruntime-cpu", None, None)
         assert t.kv_dtype == "fp32" and not t.supports("fp16") and t.supports("int4")
