@@ -762,17 +762,18 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
         manifest["recipe"] = {"name": plan["name"], "components": plan["components"],
                               "embed_dtype": plan["embed_dtype"], "tolerances": tol.to_dict()}
         manifest["target"] = tgt.to_dict()
-        try:
-            from edgevlm import planner
-
-            manifest["memory_plan"] = planner.plan_memory(b.model_config, tgt, plan["components"]).to_dict()
-        except Exception as exc:  # the plan is informative here; quantization itself succeeded
-            log.warning("memory plan for %s not recorded: %s", tgt.label, exc)
         if tgt.is_tensorrt:
             from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
 
             manifest["tensorrt"] = prepare_tensorrt_bundle(w.root, b.model_config, tgt, plan["components"],
                                                            **dict(trt_plan_options or {}))
+        try:             # from the manifest: the KV dtype, buffering and context this bundle's runtime allocates
+            from edgevlm import planner
+
+            manifest["memory_plan"] = planner.plan_memory_from_manifest(manifest, model_cfg=b.model_config,
+                                                                        target=tgt).to_dict()
+        except Exception as exc:  # the plan is informative here; quantization itself succeeded
+            log.warning("memory plan for %s not recorded: %s", tgt.label, exc)
         manifest.setdefault("notes", []).append(f"quantized from fp32 bundle '{Path(src).resolve()}' with "
                                                 f"edgevlm.quant ({plan['name']})")
         manifest["parity"] = {**(manifest.get("parity") or {}), "quantized_from_fp32": True}
