@@ -40,10 +40,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgevlm.errors import ConfigError, TargetError
+from edgevlm.resources import data_dir
 
 log = logging.getLogger(__name__)
 
-TARGETS_DIR = Path(__file__).resolve().parents[1] / "export" / "targets"
+#: the installed wheel's edgevlm/_data/targets, else the source tree's export/targets (edgevlm.resources)
+TARGETS_DIR = data_dir("targets")
 
 KINDS = ("jetson", "gpu", "cpu")
 MEMORY_KINDS = ("unified", "discrete", "host")
@@ -371,7 +373,8 @@ def _load_file(path: Path) -> Target:
 def _load_all(directory: str) -> tuple[dict[str, Target], dict[str, str]]:
     folder = Path(directory)
     if not folder.is_dir():
-        raise ConfigError(f"target folder {folder} not found (it ships with the edgevlm source tree: export/targets)")
+        raise ConfigError(f"target folder {folder} not found (a wheel carries it as edgevlm/_data/targets, a checkout as "
+                          f"export/targets: reinstall edgevlm)")
     targets: dict[str, Target] = {}
     aliases: dict[str, str] = {}
     loaded = [_load_file(path) for path in sorted(folder.glob("*.toml"))]

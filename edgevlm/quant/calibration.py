@@ -41,10 +41,11 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgevlm.errors import BundleError, ConfigError, DataError
+from edgevlm.resources import data_dir
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_SPEC = Path(__file__).resolve().parents[2] / "calibration" / "embedded.toml"
+EMBEDDED_SPEC = data_dir("calibration") / "embedded.toml"      # wheel: edgevlm/_data/calibration (edgevlm.resources)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 _SPEC_KEYS = ("name", "generator", "generator_version", "split", "seed", "num_samples", "heldout_split",
