@@ -459,10 +459,18 @@ def test_engine_entries_must_match_the_installed_tensorrt_and_gpu():
     entry = {"file": "engines/decoder.engine", "tensorrt": "10.3.0.30", "compute_capability": "8.7",
              "device": "Orin"}
     tb.check_engine_entry("decoder", entry, "10.3.0.26", ("Orin", "8.7"))          # same major.minor: fine
-    with pytest.raises(RuntimeBackendError, match="TensorRT 10.3.0.30 but TensorRT 10.7"):
+    with pytest.raises(tb.EngineMismatchError, match="another TensorRT release") as exc:
         tb.check_engine_entry("decoder", entry, "10.7.0", ("Orin", "8.7"))
-    with pytest.raises(RuntimeBackendError, match="SM 8.7.*SM 8.9"):
+    assert "built for SM 8.7 (Orin) with TensorRT 10.3.0.30; this device is SM 8.7 (Orin) with TensorRT 10.7.0" in (
+        str(exc.value)) and "`edgevlm build-engine BUNDLE` on this device" in str(exc.value)
+    assert isinstance(exc.value, RuntimeBackendError) and exc.value.component == "decoder"
+    with pytest.raises(tb.EngineMismatchError, match="another GPU architecture") as exc:
         tb.check_engine_entry("decoder", entry, "10.3", ("RTX 4090", "8.9"))
+    assert "built for SM 8.7 (Orin) with TensorRT 10.3.0.30; this device is SM 8.9 (RTX 4090) with TensorRT 10.3" in (
+        str(exc.value))
+    assert exc.value.built["compute_capability"] == "8.7" and exc.value.here["compute_capability"] == "8.9"
+    with pytest.raises(tb.EngineMismatchError, match="another GPU architecture and another TensorRT release"):
+        tb.check_engine_entry("decoder", entry, "10.7.0", ("RTX 4090", "8.9"))
 
 
 def test_engine_load_without_a_gpu_says_where_to_run(tmp_path, monkeypatch):
@@ -641,7 +649,7 @@ def test_backend_sets_the_build_time_dla_core_and_cleans_up_a_failed_load(tmp_pa
 def test_engines_record_the_full_tensorrt_release_and_dla_needs_11_4_1():
     entry = {"file": "engines/vision.engine", "tensorrt": "10.3.0", "compute_capability": "8.7"}
     tb.check_engine_entry("vision", entry, "10.3.0.30", ("Orin", "8.7"))     # build number: not part of it
-    with pytest.raises(RuntimeBackendError, match="TensorRT 10.3.0 but TensorRT 10.3.1"):
+    with pytest.raises(tb.EngineMismatchError, match="TensorRT 10.3.0; this device is SM 8.7 .* TensorRT 10.3.1"):
         tb.check_engine_entry("vision", entry, "10.3.1", ("Orin", "8.7"))
     dla = {**entry, "tensorrt": "11.4", "dla_core": 0}
     tb.check_engine_entry("vision", dla, "11.4.1", ("Orin", "8.7"))
