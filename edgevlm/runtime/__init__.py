@@ -8,15 +8,17 @@ transformers or onnx (``tests/test_torch_free.py`` checks it).
 
 Command line: ``edgevlm run BUNDLE --image IMG --prompt TEXT [--json-output] [--stream] [--threads N]``.
 
-Modules: ``session`` (Session, Result, Stream), ``backends`` (ORT providers + session options + optimized-graph
+Modules: ``session`` (Session, Result, Stream), ``decoders`` (the Decoder / VisionEncoder interface, OrtDecoder,
+NativeStepDecoder, open_decoder), ``bundle_io`` (verified bundle reads, manifest I/O tables), ``backends`` (ORT providers + session options + optimized-graph
 cache), ``kv_cache`` (KV binding per manifest mode), ``sampling`` (numpy greedy / temperature / top-k / top-p),
 ``timings`` (per-request record, Eq. 4 decomposition, peak RSS). Design notes and measurements: docs/runtime.md.
 """
 
 from edgevlm.runtime.backends import BackendOptions, physical_cores
+from edgevlm.runtime.decoders import Decoder, NativeStepDecoder, OrtDecoder, VisionEncoder, open_decoder
 from edgevlm.runtime.sampling import Sampler, SamplingParams, select_token
 from edgevlm.runtime.session import Result, Session, Stream
 from edgevlm.runtime.timings import RequestTimings, eq4_terms, format_eq4_table, peak_rss_bytes
 
-__all__ = ["Session", "Result", "Stream", "BackendOptions", "SamplingParams", "Sampler", "select_token",
+__all__ = ["Decoder", "VisionEncoder", "OrtDecoder", "NativeStepDecoder", "open_decoder", "Session", "Result", "Stream", "BackendOptions", "SamplingParams", "Sampler", "select_token",
            "RequestTimings", "eq4_terms", "format_eq4_table", "peak_rss_bytes", "physical_cores"]

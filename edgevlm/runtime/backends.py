@@ -169,6 +169,9 @@ class BackendOptions:
         native_kv: what the native kernel's attention reads: ``"float16"`` (default; an fp16 copy of the KV cache,
             half the KV bytes per step, as llama.cpp's default cache) or ``"float32"`` (the ONNX Runtime buffers,
             bit-for-bit the cache the prefill wrote).
+        backend: which decoder / vision backend ``Session`` and ``open_decoder`` use: ``"auto"`` (default:
+            TensorRT engines when usable here, else native where it runs, else ONNX Runtime), ``"ort"``,
+            ``"native"`` or ``"tensorrt"`` (``edgevlm.runtime.decoders``).
     """
 
     threads: int | None = None
@@ -181,6 +184,7 @@ class BackendOptions:
     save_prepacked: bool = False
     native_decode: str = "auto"
     native_kv: str = "float16"
+    backend: str = "auto"
     extra_config: dict[str, str] = field(default_factory=dict)
 
     @property
