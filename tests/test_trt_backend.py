@@ -379,6 +379,54 @@ def test_decoder_runner_respects_a_smaller_context_and_explicit_positions():
         runner.decode(np.ones(D, np.float32))
 
 
+def test_the_runners_implement_the_decoder_and_vision_interfaces():
+    from edgevlm.runtime.decoders import Decoder, VisionEncoder
+
+    runner, cudart = _decoder()
+    assert isinstance(runner, Decoder) and runner.backend == "tensorrt"
+    rng = np.random.default_rng(3)
+    embeds = rng.standard_normal((3, D))                              # [T, D] float64: cast to the engine's
+    runner.prefill(embeds)
+    e = rng.standard_normal((1, 1, D)).astype(np.float32)
+    logits = runner.step(e)
+    assert logits.dtype == np.float32 and logits.shape == (VOCAB,) and runner.decode == runner.step
+    all_e, pos = np.concatenate([embeds, e[0]]), np.arange(4)
+    np.testing.assert_allclose(logits, reference_logits(all_e, pos), rtol=1e-5)
+    kv = runner.kv_arrays()                                            # device -> host, current past buffers
+    assert len(kv) == 2 * L and all(a.shape == (1, H, 4, HD) and a.dtype == np.float32 for a in kv)
+    for j, a in enumerate(kv):
+        np.testing.assert_allclose(a[0], toy_kv(all_e, pos, j), rtol=1e-5)
+    info = runner.info()
+    assert {k: info[k] for k in ("backend", "kv_dtype", "kv_mode", "kv_device", "max_context", "max_prompt")} == {
+        "backend": "tensorrt", "kv_dtype": "float32", "kv_mode": "ping-pong", "kv_device": "cuda",
+        "max_context": CTX, "max_prompt": PROMPT}
+    assert info["kv_bytes"] == 2 * (2 * L) * H * CTX * HD * 4 and info["profiles"] == ["prefill", "decode"]
+    with pytest.raises(PromptError, match="prefill profile"):
+        runner.prefill(np.ones((1, PROMPT + 1, D), np.float32))
+    runner.prefill(np.ones((PROMPT, D), np.float32))
+    for _ in range(CTX - PROMPT):
+        runner.step(np.ones(D, np.float32))
+    with pytest.raises(PromptError, match="at most 12 tokens"):
+        runner.step(np.ones(D, np.float32))                            # the cache is full
+    runner.close()
+    runner.close()
+    assert cudart.mem == {}
+    with pytest.raises(RuntimeBackendError, match="closed"):
+        runner.step(np.ones(D, np.float32))
+
+    vision = tb.TrtVisionRunner(tb.TrtEngine(FakeVisionEngine(), name="vision engine"), input_name="pixel_values",
+                                output_name="image_embeds", stream=7, cudart=cudart)
+    assert isinstance(vision, VisionEncoder) and vision.backend == "tensorrt"
+    px = np.ones((1, 3, S, S), np.float32)
+    np.testing.assert_allclose(vision.encode(px), FakeVisionEngine.reference(px), rtol=1e-6)
+    assert vision.info()["backend"] == "tensorrt" and vision.info()["max_batch"] == 2
+    with vision:
+        pass
+    with pytest.raises(RuntimeBackendError, match="closed"):
+        vision.encode(px)
+    assert cudart.mem == {}
+
+
 def test_decoder_runner_checks_the_engine_against_the_manifest():
     eng = tb.TrtEngine(FakeDecoderEngine(), name="decoder engine")
     bad = KVSpec.from_manifest({"num_layers": L + 1, "num_kv_heads": H, "head_dim": HD,

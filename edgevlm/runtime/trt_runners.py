@@ -37,7 +37,9 @@ __all__ = ["TrtVisionRunner", "TrtDecoderRunner"]
 
 class TrtVisionRunner(_Closing):
     """``pixel_values [B, 3, S, S] -> image_embeds [B, V, D]`` on the vision engine (buffers for the profile's max
-    batch, allocated once)."""
+    batch, allocated once). A ``VisionEncoder``: ``encode`` (also ``runner(pixel_values)``), ``info``, ``close``."""
+
+    backend = "tensorrt"
 
     def __init__(self, engine: TrtEngine, *, input_name: str, output_name: str, stream: Any, cudart: Any) -> None:
         self.engine, self.stream, self.cudart = engine, stream, cudart
@@ -69,8 +71,10 @@ class TrtVisionRunner(_Closing):
     def device_bytes(self) -> int:
         return self.d_in.nbytes + self.d_out.nbytes
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Run the engine; returns a new float32 array ``[B, V, D]``."""
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Run the engine: ``[B, 3, S, S]`` (B <= ``max_batch``) -> a new float32 array ``[B, V, D]``."""
+        if self.d_in is None or not self.d_in.ptr:
+            raise RuntimeBackendError(f"{self.engine.name}: the vision runner is closed")
         x = np.asarray(pixel_values)
         b = int(x.shape[0])
         if b > self.max_batch:
@@ -89,6 +93,15 @@ class TrtVisionRunner(_Closing):
         _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return np.array(host, dtype=np.float32)
 
+    __call__ = encode
+
+    def info(self) -> dict[str, Any]:
+        """What runs the vision encoder: backend, engine, max batch, I/O names, device bytes, profiles."""
+        return {"backend": self.backend, "engine": self.engine.name, "max_batch": self.max_batch,
+                "input": self.input_name, "output": self.output_name,
+                "device_bytes": self.device_bytes if self.d_in is not None else 0,
+                "profiles": [p.name for p in self.engine.profiles]}
+
     def _free_quietly(self) -> None:
         try:
             self.close()
@@ -102,15 +115,20 @@ class TrtVisionRunner(_Closing):
 
 class TrtDecoderRunner(_Closing):
     """The decoder engine with every buffer preallocated and the KV cache on the device (ping-pong, see the
-    module docstring). Same step interface as the ORT path of ``Session``:
+    module docstring). A ``Decoder`` (``edgevlm.runtime.decoders``):
 
-    * ``reset()``: forget the context (a new request);
-    * ``prefill(embeds [1, T, D], positions [1, T] | None) -> logits [vocab]`` (starts a new sequence);
+    * ``reset()``: forget the context (a new request); ``length``: tokens in the KV cache;
+    * ``prefill(embeds [1, T, D] | [T, D], positions [T] | [1, T] | None) -> logits [vocab]`` (starts a new sequence;
+      ``PromptError`` beyond ``max_prompt`` / ``max_context``);
     * ``extend(embeds, positions)``: like prefill but after the cached context (chunked prompts; needs a prefill
       profile with past > 0);
-    * ``decode(embed [D] | [1, 1, D], position | None) -> logits [vocab]``.
+    * ``step(embed [D] | [1, 1, D], position | None) -> logits [vocab]`` (``decode`` is the same method;
+      ``PromptError`` when the cache is full);
+    * ``kv_arrays()``: host copies of the current past buffers (verify / parity, not the hot path);
+    * ``info()``: backend, KV dtype / mode / device / bytes, limits, profiles.
 
-    The returned logits row is a view of pinned host memory, overwritten by the next step (copy it to keep it).
+    The returned logits row is a float32 view of pinned host memory, overwritten by the next step (copy it to keep
+    it).
 
     Args:
         engine: the decoder ``TrtEngine``.
@@ -121,6 +139,8 @@ class TrtDecoderRunner(_Closing):
         max_prompt: longest prefill (default: the largest ``inputs_embeds`` length the profiles accept).
         logits_name: the logits output (default: the one output that is not a present).
     """
+
+    backend = "tensorrt"
 
     def __init__(self, engine: TrtEngine, kv: Any, *, stream: Any, cudart: Any, max_context: int | None = None,
                  max_prompt: int | None = None, logits_name: str | None = None, embeds_name: str = "inputs_embeds",
@@ -164,7 +184,7 @@ class TrtDecoderRunner(_Closing):
         d, p = self.hidden_size, self.max_prompt
         self._emb_dtype, self._mask_dtype, self._logits_dtype = t_emb.dtype, t_mask.dtype, t_logits.dtype
         t_kv = engine.tensor(self.past_names[0])
-        self._kv_itemsize = t_kv.itemsize
+        self._kv_itemsize, self._kv_dtype = t_kv.itemsize, t_kv.dtype
         self.d_embeds = self.d_mask = self.d_logits = self.d_positions = None
         self.h_embeds = self.h_positions = self.h_logits = None
         self.d_kv: list[list[DeviceBuffer]] = []
@@ -206,6 +226,8 @@ class TrtDecoderRunner(_Closing):
         self.h_positions = PinnedBuffer(p * 8, cudart=cudart, name="positions.host")
         self.h_logits = PinnedBuffer(self.vocab_size * t_logits.itemsize, cudart=cudart, name="logits.host")
         self.logits = self.h_logits.array((self.vocab_size,), self._logits_dtype)
+        # fp16 logits engines: the float32 row the interface promises (a host array reused every step)
+        self._logits32 = self.logits if self.logits.dtype == np.float32 else np.empty(self.vocab_size, np.float32)
         ones = np.ones(self.max_context, dtype=self._mask_dtype)
         self.d_mask.copy_from_host(ones, stream)             # the mask is all ones: uploaded once, prefixes bound
         _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -235,6 +257,7 @@ class TrtDecoderRunner(_Closing):
 
     def extend(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """``T`` more tokens after the cached context -> last-position logits ``[vocab]``."""
+        self._alive()
         e = np.asarray(embeds)
         if e.ndim == 3:
             if e.shape[0] != 1:
@@ -257,8 +280,10 @@ class TrtDecoderRunner(_Closing):
                 np.copyto(pos, np.asarray(positions).reshape(-1), casting="same_kind")
         return self._step(t, staged, pos)
 
-    def decode(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
-        """One token (``embed [D]`` / ``[1, 1, D]``) at ``position`` (default: the cache length) -> logits."""
+    def step(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
+        """One token (``embed [D]`` / ``[1, 1, D]``) at ``position`` (default: the cache length) -> logits
+        ``[vocab]`` (``PromptError`` when the cache already holds ``max_context`` tokens)."""
+        self._alive()
         e = np.asarray(embed).reshape(-1)
         if e.shape[0] != self.hidden_size:
             raise RuntimeBackendError(f"embed must have {self.hidden_size} values, got {e.shape[0]}")
@@ -269,6 +294,40 @@ class TrtDecoderRunner(_Closing):
             pos = self.h_positions.array((1,), self._pos_dtype)
             pos[0] = self.length if position is None else int(position)
         return self._step(1, staged, pos)
+
+    decode = step
+
+    # -- KV facts (verify / parity / calibration; not the hot path)
+    @property
+    def kv_bytes(self) -> int:
+        """Device bytes of the KV cache (both ping-pong buffers of every past tensor)."""
+        return sum(b.nbytes for pair in self.d_kv for b in pair)
+
+    def kv_arrays(self) -> list[np.ndarray]:
+        """Host copies of the cache: the buffer holding the current past of each tensor, in ``KVSpec.past_names()``
+        order, each ``[1, kv_heads, length, head_dim]`` float32 (device -> host, synchronized)."""
+        self._alive()
+        shape = tuple(int(d) for d in self.kv_spec.shape(self.length))      # [1, H, length, hd]
+        out = []
+        for pair in self.d_kv:
+            host = np.empty(shape, self._kv_dtype)
+            pair[self.kv.current].copy_to_host(host, self.stream)          # the first length rows of [1, H, *, hd]
+            out.append(host)
+        _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return [a.astype(np.float32, copy=False) for a in out]
+
+    def info(self) -> dict[str, Any]:
+        """``{"backend", "kv_dtype", "kv_mode", "kv_device", "kv_bytes", "max_context", "max_prompt", "profiles",
+        ...}``."""
+        return {"backend": self.backend, "kv_dtype": np.dtype(self._kv_dtype).name, "kv_mode": "ping-pong",
+                "kv_device": "cuda", "kv_bytes": self.kv_bytes, "max_context": self.max_context,
+                "max_prompt": self.max_prompt, "profiles": [p.name for p in self.engine.profiles],
+                "engine": self.engine.name, "device_bytes": self.device_bytes if self.d_embeds is not None else 0,
+                "logits_dtype": np.dtype(self._logits_dtype).name, "steps": self.steps}
+
+    def _alive(self) -> None:
+        if self.d_embeds is None or not self.d_embeds.ptr:
+            raise RuntimeBackendError(f"{self.engine.name}: the decoder runner is closed")
 
     def step_shapes(self, step: KVStep) -> dict[str, tuple[int, ...]]:
         """Input shapes of one step (batch 1)."""
@@ -293,6 +352,7 @@ class TrtDecoderRunner(_Closing):
         return addr
 
     def _step(self, seq: int, embeds: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+        self._alive()
         step = self.kv.plan(seq)
         self.d_embeds.copy_from_host(embeds, self.stream)
         if positions is not None and self.d_positions is not None:
@@ -306,7 +366,9 @@ class TrtDecoderRunner(_Closing):
         _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         self.kv.commit(step)
         self.steps += 1
-        return self.logits
+        if self._logits32 is not self.logits:
+            np.copyto(self._logits32, self.logits)
+        return self._logits32
 
     def close(self) -> None:
         """Free every buffer (all of them, even if one free fails; idempotent)."""
