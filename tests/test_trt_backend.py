@@ -1,7 +1,10 @@
 """The TensorRT runtime backend without TensorRT: KV ping-pong bookkeeping, profile selection, I/O-table parsing,
-the decoder / vision runners end to end against fake engines and a fake ``cudart`` whose "device memory" is host
-memory (so every copy and every engine read/write really happens), and the clear errors without tensorrt /
-cuda-python. The real-engine test is marked ``tensorrt`` (skipped without TensorRT and a GPU)."""
+the decoder / vision runners (the ``Decoder`` / ``VisionEncoder`` interfaces) against hand-made fake engines and a
+fake ``cudart`` whose "device memory" is host memory (so every copy and every engine read/write really happens), a
+tiny exported bundle through ``TrtBackend`` with ``tests/fake_tensorrt.py`` (engines that run the bundle's ONNX
+graphs with ONNX Runtime: greedy tokens identical to ONNX Runtime), engines of another GPU / TensorRT
+(``EngineMismatchError``), and the clear errors without tensorrt / cuda-python. The real-engine test is marked
+``tensorrt`` (skipped without TensorRT and a GPU)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import pytest
 from edgevlm.errors import BundleError, MissingDependency, PromptError, RuntimeBackendError
 from edgevlm.runtime import trt_backend as tb
 from edgevlm.runtime.kv_cache import KVSpec
+from tests.fake_tensorrt import FakeCudart, install_fake_tensorrt
 
 H, HD, D, VOCAB, L = 2, 4, 8, 5, 2          # kv heads, head dim, hidden, vocab, layers
 CTX, PROMPT = 12, 6                          # context (KV capacity) and longest prefill
@@ -38,56 +42,6 @@ class _E:
 
 INPUT, OUTPUT = _E("INPUT"), _E("OUTPUT")
 FLOAT, INT64, BF16 = _E("FLOAT"), _E("INT64"), _E("BF16")
-
-
-class FakeCudart:
-    """cuda-python's runtime API shape; "device" allocations are host ctypes buffers, copies are memmove."""
-
-    class cudaError_t:
-        cudaSuccess = 0
-
-    class cudaMemcpyKind:
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = "H2D", "D2H"
-
-    def __init__(self):
-        self.mem, self.mallocs, self.host_mallocs, self.copies, self.freed = {}, 0, 0, [], 0
-
-    def _alloc(self, n):
-        buf = ctypes.create_string_buffer(n)
-        self.mem[ctypes.addressof(buf)] = buf
-        return 0, ctypes.addressof(buf)
-
-    def cudaMalloc(self, n):
-        self.mallocs += 1
-        return self._alloc(n)
-
-    def cudaMallocHost(self, n):
-        self.host_mallocs += 1
-        return self._alloc(n)
-
-    def cudaFree(self, ptr):
-        self.freed += 1
-        del self.mem[ptr]
-        return (0,)
-
-    cudaFreeHost = cudaFree
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        ctypes.memmove(dst, src, n)
-        self.copies.append((kind, n))
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return 0, 7
-
-    def cudaStreamDestroy(self, stream):
-        return (0,)
-
-    def cudaGetErrorString(self, err):
-        return 0, b"fake error"
 
 
 def _view(addr, shape, dtype):
@@ -703,6 +657,119 @@ def test_engines_record_the_full_tensorrt_release_and_dla_needs_11_4_1():
     tb.check_engine_entry("vision", dla, "11.4.1", ("Orin", "8.7"))
     with pytest.raises(RuntimeBackendError, match="11.4.1"):
         tb.check_engine_entry("vision", dla, "11.4.0", ("Orin", "8.7"))
+
+
+# ---- a real tiny bundle through fake engines that run its ONNX graphs (tests/fake_tensorrt.py) ----------------------
+@pytest.fixture(scope="module")
+def tiny_trt_bundle(tmp_path_factory):
+    """The tiny random-init bundle for a TensorRT target (portable Optimum decoder: past/present KV, mask, positions)."""
+    from edgevlm.exporter.bundle_export import export_bundle
+
+    out = tmp_path_factory.mktemp("trt_backend") / "tiny-orin"
+    return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin-nano-8gb", precision="fp32",
+                         parity=False)
+
+
+def _ort_greedy(root, prompt, table, n):
+    """Greedy tokens + final past KV with ONNX Runtime running decoder.onnx directly (the reference)."""
+    import onnxruntime as ort
+
+    from edgevlm.bundle import read_bundle
+
+    kv = KVSpec.from_manifest(read_bundle(root).component("decoder")["kv_cache"])
+    sess = ort.InferenceSession(str(root / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    past = [np.zeros(kv.shape(0), np.float32) for _ in kv.past_names()]
+    x, length, tokens = prompt, 0, []
+    for _ in range(n):
+        t = x.shape[0]
+        feeds = {"inputs_embeds": x[None].astype(np.float32), "attention_mask": np.ones((1, length + t), np.int64),
+                 "position_ids": np.arange(length, length + t, dtype=np.int64)[None],
+                 **dict(zip(kv.past_names(), past))}
+        logits, *past = sess.run(["logits", *kv.present_names()], feeds)
+        length += t
+        tokens.append(int(np.argmax(logits[0, -1])))
+        x = table[tokens[-1]][None]
+    return tokens, past, logits[0, -1]
+
+
+def test_a_tiny_bundle_through_fake_engines_gives_the_greedy_tokens_of_onnx_runtime(tiny_trt_bundle, monkeypatch):
+    import onnxruntime as ort
+
+    from edgevlm.bundle import read_bundle
+
+    root = install_fake_tensorrt(monkeypatch, tiny_trt_bundle)
+    bundle = read_bundle(root)                                         # engines hashed into the manifest
+    entry = tb.engine_entries(bundle.manifest)["decoder"]
+    assert (entry["tensorrt"], entry["compute_capability"], entry["built_by"]) == ("10.3.0", "8.7", "build_engines.sh")
+    assert tb.engines_usable_here(bundle.manifest) == (True, "TensorRT 10.3.0 on Orin (fake) (SM 8.7)")
+    cfg = bundle.model_config
+    s_img = cfg.vision.image_size
+    px = np.random.default_rng(0).standard_normal((1, 3, s_img, s_img)).astype(np.float32)
+    table = np.load(root / bundle.component("embed")["file"])
+    vision_ref = ort.InferenceSession(str(root / "vision.onnx"), providers=["CPUExecutionProvider"])
+    cudart = sys.modules["tensorrt"].cudart
+    n = 8
+    with tb.TrtBackend.from_bundle(bundle) as be:
+        img = be.vision.encode(px)                                     # [1, V, D]
+        np.testing.assert_allclose(img, vision_ref.run(None, {"pixel_values": px})[0], rtol=1e-5, atol=1e-6)
+        prompt = np.concatenate([table[[1, 5, 9]], img[0], table[[17, 3]]])    # text, image, text: [T, D]
+        want, want_kv, want_logits = _ort_greedy(root, prompt, table, n)
+        dec = be.decoder
+        got = [int(np.argmax(dec.prefill(prompt[None])))]
+        assert dec.last_profile == 0                                   # the planned prefill profile
+        for _ in range(n - 1):
+            logits = dec.step(table[got[-1]])
+            got.append(int(np.argmax(logits)))
+        assert dec.last_profile == 1 and dec.engine.profile_switches == 2       # prefill -> decode, once
+        assert got == want
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
+        assert dec.length == prompt.shape[0] + n - 1
+        for a, b in zip(dec.kv_arrays(), want_kv):                     # the device cache = ORT's presents
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert dec.info()["kv_device"] == "cuda" and dec.info()["max_context"] == 256
+        # a second request on the same buffers
+        assert int(np.argmax(dec.prefill(prompt))) == want[0] and dec.length == prompt.shape[0]
+    assert cudart.mem == {} and cudart.streams == 0                   # everything handed back
+
+
+def test_engines_of_another_gpu_or_tensorrt_are_refused_naming_both(tiny_trt_bundle, monkeypatch):
+    from edgevlm.bundle import read_bundle
+
+    root = install_fake_tensorrt(monkeypatch, tiny_trt_bundle, device_compute_capability="8.9",
+                                 device_name_here="RTX 4090")
+    bundle = read_bundle(root)
+    with pytest.raises(tb.EngineMismatchError) as exc:
+        tb.TrtBackend.from_bundle(bundle)
+    text = str(exc.value)
+    assert "built for SM 8.7 (Orin (fake)) with TensorRT 10.3.0; this device is SM 8.9 (RTX 4090) with TensorRT " \
+           "10.3.0" in text and "edgevlm build-engine BUNDLE` on this device" in text
+    ok, why = tb.engines_usable_here(bundle.manifest)
+    assert not ok and "SM 8.7" in why and "SM 8.9" in why
+    assert sys.modules["tensorrt"].cudart.streams == 0               # refused before a stream was created
+
+    root = install_fake_tensorrt(monkeypatch, tiny_trt_bundle, runtime_version="10.7.0")
+    with pytest.raises(tb.EngineMismatchError, match="another TensorRT release") as exc:
+        tb.TrtBackend.from_bundle(read_bundle(root))
+    assert "with TensorRT 10.3.0; this device is SM 8.7 (Orin (fake)) with TensorRT 10.7.0" in str(exc.value)
+    assert tb.engines_usable_here(read_bundle(root).manifest)[0] is False
+
+
+def test_engines_usable_here_says_why_not_and_never_raises(tiny_trt_bundle, monkeypatch):
+    from edgevlm.bundle import read_bundle
+
+    m = read_bundle(install_fake_tensorrt(monkeypatch, tiny_trt_bundle)).manifest
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    assert tb.engines_usable_here(m) == (False, "cuda-python is not installed")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert tb.engines_usable_here(m) == (False, "tensorrt is not installed")
+    assert tb.engines_usable_here({"tensorrt": {"engines": {"decoder": {"file": "d"}}}}) == (
+        False, "the bundle records no TensorRT engine for vision")
+    ok, why = tb.engines_usable_here({"target": {"name": "cpu"}})
+    assert not ok and "not exported for a TensorRT target" in why
+    assert tb.engines_usable_here({"tensorrt": "garbage"})[0] is False
+    assert tb.engines_usable_here(None)[0] is False                   # never raises, whatever it is given
 
 
 # ---- on a machine with TensorRT and an NVIDIA GPU ------------------------------------------------------------------
