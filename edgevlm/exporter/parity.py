@@ -9,12 +9,14 @@ max of the two, not the sum):
 Checks (each records max |diff|, cosine, the applied limit and pass/fail):
 
 * vision: random pixel values, batch 2 -> ``image_embeds``.
-* decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings from an empty cache (zero-length
-  pasts, or a fresh shared buffer for GroupQueryAttention graphs; ``edgevlm.runtime.kv_cache.HostKV``)
-  (``prefill_b{B}``, logits + the valid rows of the presents), then ``decode_steps`` single-token steps
-  (``decode_b{B}_step{k}``) whose past is ONNX Runtime's *own* presents from the previous step (so the KV round
-  trip is exercised), the next token being PyTorch's greedy choice; the presents after the last step are
-  compared too (``present_b{B}_final``).
+* decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings from an empty cache
+  (``prefill_b{B}``, logits + the valid rows of the KV cache), then ``decode_steps`` single-token steps
+  (``decode_b{B}_step{k}``) on ONNX Runtime's *own* KV cache from the previous step (so the KV round trip is
+  exercised), the next token being PyTorch's greedy choice; the KV cache after the last step is compared too
+  (``present_b{B}_final``). The graph runs through the decoder interface (``edgevlm.runtime.decoders``, the code
+  the runtime serves with: IOBinding, the manifest's KV mode), which is batch 1: each row of a batch-B reference is
+  its own sequence, the rows stacked back for the comparison. (The graph's batch dimension itself is exercised by
+  ``tests/test_export.py``; the runtime decodes at batch 1.)
 
 Tolerances come from ``spec.ParityTolerances`` (fp32 defaults in ``spec.FP32_TOLERANCES``; quantized recipes pass
 looser ones). A failure raises ``ExportMismatch`` naming the worst check and its numbers.
@@ -286,36 +288,49 @@ def _worst_kv(component: str, check: str, got: list[np.ndarray], want: list[np.n
 
 
 def check_decoder(path: str | os.PathLike, refs: Sequence[DecoderReference], tolerances: S.ParityTolerances,
-                  session=None) -> ComponentParity:
+                  decoder: Any = None) -> ComponentParity:
+    """The graph at ``path`` through the decoder interface (``edgevlm.quant.calibration.graph_decoder`` ->
+    ``edgevlm.runtime.decoders.OrtDecoder``; or ``decoder``, any ``Decoder``) against the PyTorch references. The
+    interface runs batch 1: each row of a batch-B reference is one sequence (prefill, then the steps on the
+    decoder's own KV cache); the rows' logits and KV (``kv_arrays``) are stacked back to ``[B, ...]`` and compared
+    as one check per reference, named as before (``prefill_b{B}``, ``present_b{B}_prefill``,
+    ``decode_b{B}_step{k}``, ``present_b{B}_final``)."""
     import time
 
-    from edgevlm.runtime.kv_cache import HostKV, KVSpec
-
     t0 = time.perf_counter()
-    sess = session or ort_session(path)
-    out_names = [o.name for o in sess.get_outputs()]
-    kv_dtype = next((i.type for i in sess.get_inputs() if i.name.startswith("past_key_values.")), "tensor(float)")
-    spec = KVSpec.from_graph_inputs({i.name: i.shape for i in sess.get_inputs()},
-                                    dtype=np.float16 if kv_dtype == "tensor(float16)" else np.float32)
-    present = spec.present_names()                       # in past order (the graph may list them differently)
+    owned = decoder is None
+    if owned:
+        from edgevlm.quant.calibration import graph_decoder
+
+        capacity = max((r.prefill_embeds.shape[1] + len(r.step_embeds) for r in refs), default=1)
+        decoder = graph_decoder(path, max_context=capacity)
     res = ComponentParity("decoder", tolerances=tolerances.to_dict())
-    for ref in refs:
-        b, t, _ = ref.prefill_embeds.shape
-        kv = HostKV(spec, capacity=t + len(ref.step_embeds), batch=b)
-        outs = dict(zip(out_names, sess.run(out_names, kv.feeds(ref.prefill_embeds.astype(np.float32)))))
-        kv.update([outs[p] for p in present], t)
-        res.checks.append(compare("decoder", f"prefill_b{b}", "logits", outs["logits"], ref.prefill_logits,
-                                  tolerances.logits))
-        res.checks.append(_worst_kv("decoder", f"present_b{b}_prefill", kv.valid(), ref.prefill_presents, present,
-                                    tolerances.kv))
-        for k, (emb, want) in enumerate(zip(ref.step_embeds, ref.step_logits), start=1):
-            outs = dict(zip(out_names, sess.run(out_names, kv.feeds(emb.astype(np.float32)))))  # ORT's own KV
-            kv.update([outs[p] for p in present], 1)
-            res.checks.append(compare("decoder", f"decode_b{b}_step{k}", "logits", outs["logits"], want,
-                                      tolerances.logits))
-        if ref.step_embeds:
-            res.checks.append(_worst_kv("decoder", f"present_b{b}_final", kv.valid(), ref.final_presents, present,
-                                        tolerances.kv))
+    try:
+        for ref in refs:
+            b = ref.prefill_embeds.shape[0]
+            prefill, steps = [], [[] for _ in ref.step_embeds]          # per row: [vocab]; per step, per row
+            kv_prefill, kv_final = [], []                              # per row: 2L x [1, H, n, hd]
+            for r in range(b):
+                prefill.append(np.array(decoder.prefill(ref.prefill_embeds[r:r + 1].astype(np.float32)), np.float32))
+                kv_prefill.append(decoder.kv_arrays())
+                for k, emb in enumerate(ref.step_embeds):
+                    steps[k].append(np.array(decoder.step(emb[r, 0].astype(np.float32)), np.float32))  # own KV
+                kv_final.append(decoder.kv_arrays())
+            names = [f"present.{i}.{kv}" for i in range(len(kv_prefill[0]) // 2) for kv in ("key", "value")]
+            stack = lambda rows: [np.concatenate(t, axis=0) for t in zip(*rows)]  # noqa: E731 - rows -> [B, ...]
+            res.checks.append(compare("decoder", f"prefill_b{b}", "logits", np.stack(prefill)[:, None],
+                                      ref.prefill_logits, tolerances.logits))
+            res.checks.append(_worst_kv("decoder", f"present_b{b}_prefill", stack(kv_prefill), ref.prefill_presents,
+                                        names, tolerances.kv))
+            for k, (rows, want) in enumerate(zip(steps, ref.step_logits), start=1):
+                res.checks.append(compare("decoder", f"decode_b{b}_step{k}", "logits", np.stack(rows)[:, None], want,
+                                          tolerances.logits))
+            if ref.step_embeds:
+                res.checks.append(_worst_kv("decoder", f"present_b{b}_final", stack(kv_final), ref.final_presents,
+                                            names, tolerances.kv))
+    finally:
+        if owned:
+            decoder.close()
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -18,8 +18,9 @@ Readers (``onnxruntime.quantization.CalibrationDataReader``):
 * ``DecoderCalibrationReader``: per image one prefill sample (``inputs_embeds`` = the spliced embeddings of
   ``build_prompt(question)`` with the fp32 vision graph's image embeddings, ``attention_mask`` ones, ``position_ids``
   0..T-1, every ``past_key_values.*`` of length 0) and up to ``decode_steps`` decode samples (one token, past length
-  T, T+1, ...; the past KV is produced by running the fp32 decoder, the token is the reference answer's next token).
-  Samples are built lazily (a full-size decoder's KV is tens of MB per sample).
+  T, T+1, ...; the past KV is produced by running the fp32 decoder through the decoder interface, ``graph_decoder``
+  -> ``edgevlm.runtime.decoders.OrtDecoder``: ``prefill`` / ``step``, pasts from ``kv_arrays``; the token is the
+  reference answer's next token). Samples are built lazily (a full-size decoder's KV is tens of MB per sample).
 
 Names, dtypes and static dims are read from the graph itself, so what the readers feed is what the graph declares.
 
@@ -373,6 +374,89 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, *, emulate_
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+@dataclass
+class _GraphAsBundle:
+    """The part of a ``Bundle`` that ``OrtDecoder`` reads (one component's manifest entry, its path, no hashes), for
+    a bare decoder graph: the fp32 / quantized graphs of an export in progress have no manifest yet."""
+
+    path: Path
+    entry: dict[str, Any]
+    files: dict[str, Any] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, Any]:
+        return self.entry
+
+    def component_path(self, name: str) -> Path:
+        return self.path
+
+
+def graph_decoder(path: str | os.PathLike, threads: int | None = None, *, emulate_qdq: bool = False,
+                  max_context: int = 2048):
+    """The decoder interface (``edgevlm.runtime.decoders.OrtDecoder``: ``prefill`` / ``step`` / ``kv_arrays``, its
+    own KV cache, batch 1) on a bare decoder graph file, its I/O contract read from the graph itself (Optimum names,
+    ``KVSpec.from_graph_inputs``: concat or shared-buffer graphs). ONNX Runtime on the CPU; ``emulate_qdq`` as in
+    ``ort_session``; ``max_context``: KV capacity in tokens (shared-buffer graphs allocate it)."""
+    from edgevlm.exporter.onnx_export import graph_io
+    from edgevlm.runtime.backends import BackendOptions
+    from edgevlm.runtime.decoders import DecoderIO, OrtDecoder
+    from edgevlm.runtime.kv_cache import KVSpec
+
+    path = Path(path)
+    ins, outs = graph_io(path)
+    shapes = {e["name"]: list(e["shape"]) for e in ins}
+    dtypes = {e["name"]: e["dtype"] for e in ins + outs}
+    for name in ("inputs_embeds", "attention_mask", "past_key_values.0.key"):
+        if name not in shapes:
+            raise BundleError(f"decoder graph {path} has no '{name}' input; it is not an edgevlm decoder")
+    spec = KVSpec.from_graph_inputs(shapes, dtype=np.dtype(_NP[dtypes["past_key_values.0.key"]]))
+    present = set(spec.present_names())
+    logits = [e for e in outs if e["name"] not in present]
+    if len(logits) != 1:
+        raise BundleError(f"decoder graph {path}: expected one logits output besides the presents, got "
+                          f"{[e['name'] for e in logits]}")
+    lshape, eshape = list(logits[0]["shape"]), shapes["inputs_embeds"]
+    if not isinstance(lshape[-1], int) or not isinstance(eshape[-1], int):
+        raise BundleError(f"decoder graph {path}: vocab and hidden size must be static dims "
+                          f"(logits {lshape}, inputs_embeds {eshape})")
+    np_of = lambda name: np.dtype(_NP.get(dtypes.get(name, "int64"), np.int64))  # noqa: E731
+    io = DecoderIO(kv_spec=spec, has_positions="position_ids" in shapes, logits_name=logits[0]["name"],
+                   logits_last_only=len(lshape) == 3 and lshape[1] == 1, embeds_dtype=np_of("inputs_embeds"),
+                   mask_dtype=np_of("attention_mask"), pos_dtype=np_of("position_ids"),
+                   logits_dtype=np_of(logits[0]["name"]), hidden_size=int(eshape[-1]), vocab_size=int(lshape[-1]),
+                   max_context=int(max_context))
+    entry = {"file": path.name, "inputs": ins, "outputs": outs}
+    opts = BackendOptions(threads=threads, optimized_cache=None,
+                          extra_config={"session.disable_quant_qdq": "1"} if emulate_qdq else {})
+    return OrtDecoder(_GraphAsBundle(path, entry), opts, max_context=int(max_context), io=io)  # type: ignore[arg-type]
+
+
+def decoder_feed(spec: Any, inputs: Mapping[str, GraphInput], embeds: np.ndarray, pasts: Sequence[np.ndarray],
+                 past_length: int, capacity: int) -> dict[str, np.ndarray]:
+    """The feed of one plain run of a decoder graph over ``embeds [1, seq, D]`` after ``past_length`` cached tokens
+    (``pasts``: ``Decoder.kv_arrays()``, ``[1, H, past_length, d]`` each; empty for a prefill), cast to the graph's
+    declared dtypes: what ORT's calibrators feed the graph being quantized. ``concat`` graphs get the pasts as they
+    are, ``shared_buffer`` graphs a zero ``[1, H, capacity, d]`` buffer holding them in rows ``0..past_length-1``."""
+    seq = embeds.shape[1]
+    total = past_length + seq
+    cast = lambda name, x: np.ascontiguousarray(x, dtype=inputs[name].dtype)  # noqa: E731
+    feed = {"inputs_embeds": cast("inputs_embeds", embeds),
+            "attention_mask": np.ones((1, total), inputs["attention_mask"].dtype)}
+    if "position_ids" in inputs:
+        feed["position_ids"] = cast("position_ids", np.arange(past_length, total)[None])
+    for j, name in enumerate(spec.past_names()):
+        if spec.mode == "shared_buffer":
+            buf = np.zeros(spec.shape(capacity), inputs[name].dtype)
+            if past_length:
+                rows = tuple(slice(0, past_length) if a == "seq" else slice(None) for a in spec.layout)
+                buf[rows] = pasts[j]
+        elif past_length:
+            buf = cast(name, pasts[j])
+        else:
+            buf = np.zeros(spec.shape(0), inputs[name].dtype)
+        feed[name] = buf
+    return feed
+
+
 # ---- readers ----------------------------------------------------------------------------------------------------
 class VisionCalibrationReader(CalibrationDataReader):
     """``{pixel_values: [B, 3, S, S]}`` batches of real preprocessed images, in the graph's declared dtype."""
@@ -466,12 +550,14 @@ class DecoderCalibrationReader(CalibrationDataReader):
 
     # -- fp32 runs
     def _sessions(self):
+        """The fp32 vision session and the fp32 decoder (``graph_decoder``: the decoder interface), made once."""
         if self._vision is None:
+            spec = self._kv_spec()
             self._vision = ort_session(self.vision_graph, self.threads)
-            self._decoder = ort_session(self.decoder_graph, self.threads)
-            self._present_names = self._kv_spec().present_names()              # in HostKV.update order
-            self._logits_name = next(o.name for o in self._decoder.get_outputs()
-                                     if not o.name.startswith("present."))
+            longest = max(len(self.ctx.prompt_ids(it.question)) - 1 for it in self.items) + self.ctx.visual_tokens
+            self._decoder = graph_decoder(self.decoder_graph, self.threads,
+                                          max_context=max(1, longest + self.decode_steps + 1))
+            self._spec = spec
         return self._vision, self._decoder
 
     def image_embeds(self, i: int) -> np.ndarray:
@@ -482,9 +568,6 @@ class DecoderCalibrationReader(CalibrationDataReader):
             px = self.ctx.pixel_values(self.items[i].image).astype(np.float16 if "float16" in vin.type else np.float32)
             self._embeds_cache[i] = np.asarray(vision.run(None, {vin.name: px})[0], np.float32)
         return self._embeds_cache[i]
-
-    def _cast(self, name: str, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=self.inputs[name].dtype)
 
     def _kv_dims(self, name: str) -> tuple[int, int]:
         shape = self.inputs[name].shape
@@ -502,30 +585,23 @@ class DecoderCalibrationReader(CalibrationDataReader):
         return KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
                                         dtype=self.inputs[self.past_names[0]].dtype)
 
-    def _host_kv(self, prompt_len: int):
-        """Plain-run KV state for one item (concat or shared-buffer, ``edgevlm.runtime.kv_cache.HostKV``)."""
-        from edgevlm.runtime.kv_cache import HostKV
-
-        return HostKV(self._kv_spec(), capacity=prompt_len + self.decode_steps + 1)
-
     def samples(self) -> Iterator[DecoderSample]:
-        """Every sample, lazily: per item a prefill then its decode steps."""
+        """Every sample, lazily: per item a prefill then its decode steps. The fp32 decoder runs through the decoder
+        interface (``prefill`` / ``step``); each decode sample's pasts are its cache (``kv_arrays``) after the
+        previous token, laid out as the graph being calibrated declares them (``decoder_feed``)."""
         _, decoder = self._sessions()
-        out_names = [self._logits_name, *self._present_names]
-        dtypes = {n: g.dtype for n, g in self.inputs.items()}
+        spec = self._spec
         for i, item in enumerate(self.items):
             ids = self.ctx.prompt_ids(item.question)
             embeds = self.ctx.splice(ids, self.image_embeds(i))                           # [1, T, D]
             t = embeds.shape[1]
-            kv = self._host_kv(t)
-            feed = kv.feeds(embeds, dtypes)
-            yield DecoderSample("prefill", item.id, 0, 0, feed)
+            capacity = t + self.decode_steps + 1                                          # shared-buffer pasts
+            yield DecoderSample("prefill", item.id, 0, 0, decoder_feed(spec, self.inputs, embeds, [], 0, capacity))
             if not self.decode_steps:
                 continue
             teacher = (self.ctx.continuation_ids(item.question, item.answer)
                        if self.teacher_forcing and item.answer is not None else None)
-            outs = decoder.run(out_names, feed)
-            kv.update(outs[1:], t)
+            logits = decoder.prefill(embeds)                                              # [vocab]
             n = t
             for step in range(1, self.decode_steps + 1):
                 if n + 1 > self.ctx.context_length:
@@ -535,12 +611,12 @@ class DecoderCalibrationReader(CalibrationDataReader):
                         break
                     tok = int(teacher[step - 1])
                 else:
-                    tok = int(np.asarray(outs[0])[0, -1].argmax())
-                feed = kv.feeds(self.ctx.embed([tok])[None], dtypes)
+                    tok = int(np.argmax(logits))
+                row = self.ctx.embed([tok])                                               # [1, D]
+                feed = decoder_feed(spec, self.inputs, row[None], decoder.kv_arrays(), n, capacity)
                 yield DecoderSample("decode", item.id, step, n, feed, tok)
                 if step < self.decode_steps:
-                    outs = decoder.run(out_names, feed)
-                    kv.update(outs[1:], 1)
+                    logits = decoder.step(row[0])
                 n += 1
 
     def _decode_count(self, item: CalibrationItem) -> int:
@@ -585,5 +661,6 @@ class DecoderCalibrationReader(CalibrationDataReader):
 
 __all__ = ["CalibrationSpec", "CalibrationItem", "CalibrationSet", "BundleContext", "GraphInput", "DecoderSample",
            "VisionCalibrationReader", "DecoderCalibrationReader", "calibration_items", "calibration_set",
-           "embedded_items", "folder_items", "llava_items", "graph_inputs", "ort_session", "EMBEDDED_SPEC",
+           "embedded_items", "folder_items", "llava_items", "graph_inputs", "ort_session", "graph_decoder",
+           "decoder_feed", "EMBEDDED_SPEC",
            "IMAGE_SUFFIXES"]

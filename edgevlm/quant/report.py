@@ -19,6 +19,10 @@ Task-level checks on finished bundles (the demo and ``benchmarks/quant_accuracy.
   position of the split (teacher forcing with the reference answers), each bundle with its own vision graph and
   embedding table.
 
+Every decoder here runs through the decoder interface (``edgevlm.runtime.decoders``: ``prefill`` / ``step``, its own
+KV cache): the graphs of an export in progress via ``edgevlm.quant.calibration.graph_decoder``, finished bundles via
+``open_decoder(bundle, "ort")``.
+
 Torch-free (numpy + onnxruntime + tokenizers).
 """
 
@@ -84,60 +88,33 @@ class ErrorStats:
         return out
 
 
-# ---- a decoder driven step by step --------------------------------------------------------------------------------
-class DecoderRunner:
-    """A decoder graph run one request at a time: ``prefill(embeds)`` then ``step(embed_row)``, KV kept here
-    (``edgevlm.runtime.kv_cache.HostKV``: concat graphs and shared-buffer GroupQueryAttention graphs alike)."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, session: Any = None, *,
-                 emulate_qdq: bool = False) -> None:
-        from edgevlm.quant.calibration import graph_inputs, ort_session
-        from edgevlm.runtime.kv_cache import HostKV, KVSpec
-
-        self.sess = session or ort_session(path, threads, emulate_qdq=emulate_qdq)
-        self.inputs = graph_inputs(path)
-        outs = [o.name for o in self.sess.get_outputs()]
-        self.logits_name = next(n for n in outs if not n.startswith("present."))
-        spec = KVSpec.from_graph_inputs({n: g.shape for n, g in self.inputs.items()},
-                                        dtype=self.inputs["past_key_values.0.key"].dtype)
-        self.present = spec.present_names()
-        self.out_names = [self.logits_name, *self.present]
-        self.dtypes = {n: g.dtype for n, g in self.inputs.items()}
-        self.kv = HostKV(spec)
-
-    @property
-    def n(self) -> int:
-        return self.kv.length
-
-    def _run(self, embeds: np.ndarray) -> np.ndarray:
-        outs = self.sess.run(self.out_names, self.kv.feeds(embeds, self.dtypes))
-        self.kv.update(outs[1:], embeds.shape[1])
-        return np.asarray(outs[0], np.float32)[0, -1]                              # [vocab]
-
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        self.kv.capacity = embeds.shape[1] + 32          # a shared buffer sized to the request (grows if needed)
-        self.kv.reset()
-        return self._run(embeds)
-
-    def step(self, embed_row: np.ndarray) -> np.ndarray:
-        return self._run(np.asarray(embed_row, np.float32).reshape(1, 1, -1))
-
-
-def _lockstep(ref: DecoderRunner, cand: DecoderRunner, ref_embeds: np.ndarray, cand_embeds: np.ndarray,
-              ref_ctx: Any, cand_ctx: Any, teacher: list[int] | None, steps: int,
-              stats: ErrorStats, eos_id: int | None) -> list[int]:
-    """Prefill both, then feed the same tokens (``teacher``, or the reference's greedy ones) for up to ``steps``
-    decode steps; every position's logits go into ``stats``. Returns the tokens fed."""
-    a, b = ref.prefill(ref_embeds), cand.prefill(cand_embeds)
-    stats.add(a, b, top1=True)
+# ---- decoders driven through the decoder interface ---------------------------------------------------------------
+def _sequence(dec: Any, embeds: np.ndarray, ctx: Any, tokens: Sequence[int] | None, steps: int,
+              eos_id: int | None) -> tuple[list[np.ndarray], list[int]]:
+    """One request on a ``Decoder`` (``edgevlm.runtime.decoders``): prefill ``embeds``, then up to ``steps`` decode
+    steps fed ``tokens`` (or, when None, the decoder's own greedy tokens until ``eos_id``). Returns the logits of
+    every position (copies, ``[vocab]`` each) and the tokens fed."""
+    logits = [np.array(dec.prefill(embeds), np.float32)]
     fed: list[int] = []
-    n_steps = steps if teacher is None else min(steps, len(teacher) - 1)
-    for k in range(n_steps):
-        tok = int(teacher[k]) if teacher is not None else int(np.argmax(a))
-        if teacher is None and tok == eos_id:
+    for k in range(steps):
+        tok = int(tokens[k]) if tokens is not None else int(np.argmax(logits[-1]))
+        if tokens is None and tok == eos_id:
             break
         fed.append(tok)
-        a, b = ref.step(ref_ctx.embed([tok])), cand.step(cand_ctx.embed([tok]))
+        logits.append(np.array(dec.step(ctx.embed([tok])[0]), np.float32))
+    return logits, fed
+
+
+def _lockstep(ref: Any, cand: Any, ref_embeds: np.ndarray, cand_embeds: np.ndarray,
+              ref_ctx: Any, cand_ctx: Any, teacher: list[int] | None, steps: int,
+              stats: ErrorStats, eos_id: int | None) -> list[int]:
+    """Both decoders (they may be one object: each request is run to its end before the next) over the same tokens
+    (``teacher``, or the reference's greedy ones) for up to ``steps`` decode steps; every position's logits go into
+    ``stats``. Returns the tokens fed."""
+    n_steps = steps if teacher is None else min(steps, len(teacher) - 1)
+    ref_logits, fed = _sequence(ref, ref_embeds, ref_ctx, teacher, n_steps, eos_id)
+    cand_logits, _ = _sequence(cand, cand_embeds, cand_ctx, fed, len(fed), eos_id)
+    for a, b in zip(ref_logits, cand_logits):
         stats.add(a, b, top1=True)
     return fed
 
@@ -152,7 +129,7 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
     (TensorRT bundles): run the quantized graphs' Q/DQ as float ops, i.e. the exact int8 arithmetic TensorRT runs,
     not this CPU's fused ONNX Runtime kernels (``edgevlm.quant.calibration.ort_session``).
     """
-    from edgevlm.quant.calibration import ort_session
+    from edgevlm.quant.calibration import graph_decoder, ort_session
     from edgevlm.runtime.cpuinfo import has_int8_dot
 
     if not items:
@@ -163,8 +140,13 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
     same_decoder = Path(fp32_decoder) == Path(decoder)
     v_ref = ort_session(fp32_vision, threads)
     v_q = v_ref if same_vision else ort_session(vision, threads, emulate_qdq=emulate_qdq)
-    d_ref = DecoderRunner(fp32_decoder, threads)
-    d_q = DecoderRunner(decoder, threads, session=d_ref.sess if same_decoder else None, emulate_qdq=emulate_qdq)
+    # decoders through the decoder interface (an unquantized decoder is one decoder, run for both sides in turn)
+    longest = max(len(ctx.prompt_ids(it.question)) for it in items) + ctx.visual_tokens
+    answer = max((len(ctx.continuation_ids(it.question, it.answer)) for it in items if it.answer is not None),
+                 default=0)
+    capacity = longest + max(int(decode_steps), answer) + 1
+    d_ref = graph_decoder(fp32_decoder, threads, max_context=capacity)
+    d_q = d_ref if same_decoder else graph_decoder(decoder, threads, emulate_qdq=emulate_qdq, max_context=capacity)
     vin = v_ref.get_inputs()[0].name
     vstats, dstats, estats = ErrorStats(), ErrorStats(), ErrorStats()
     # decode steps in the report: the whole teacher-forced answer (short) or ``decode_steps`` greedy tokens
@@ -310,10 +292,13 @@ def task_accuracy(bundle_path: str | os.PathLike, data_dir: str | os.PathLike, s
 def _pipeline(bundle_path: str | os.PathLike, threads: int | None):
     from edgevlm.bundle import read_bundle
     from edgevlm.quant.calibration import BundleContext, ort_session
+    from edgevlm.runtime.backends import BackendOptions
+    from edgevlm.runtime.decoders import open_decoder
 
     b = read_bundle(bundle_path)
     ctx = BundleContext.from_manifest(b.root, b.manifest)
-    return ctx, ort_session(b.component_path("vision"), threads), DecoderRunner(b.component_path("decoder"), threads)
+    decoder = open_decoder(b, "ort", BackendOptions(threads=threads))            # the decoder interface
+    return ctx, ort_session(b.component_path("vision"), threads), decoder
 
 
 def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.PathLike, data_dir: str | os.PathLike,
@@ -354,7 +339,9 @@ def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.Pat
             hits += int(int(np.argmax(b)) == tok)
             total += 1
             if k + 1 < len(teacher):
-                a, b = ref_d.step(ref_ctx.embed([tok])), d.step(ctx.embed([tok]))
+                a, b = ref_d.step(ref_ctx.embed([tok])[0]), d.step(ctx.embed([tok])[0])
+    ref_d.close()
+    d.close()
     out = stats.to_dict()
     decisive = total - near_ties
     out.update({"near_tie_margin": near_tie_margin, "near_tie_positions": near_ties,
@@ -366,5 +353,5 @@ def teacher_forced_agreement(ref_bundle: str | os.PathLike, bundle: str | os.Pat
     return out
 
 
-__all__ = ["ErrorStats", "DecoderRunner", "heldout_errors", "report_table", "print_report", "task_accuracy",
+__all__ = ["ErrorStats", "heldout_errors", "report_table", "print_report", "task_accuracy",
            "teacher_forced_agreement", "normalize_answer"]
