@@ -42,7 +42,7 @@ MAGIC = b"EDGEVLM-FAKE-TRT-ENGINE\n"
 __all__ = ["MAGIC", "FakeCudart", "FakeEngine", "make_fake_tensorrt", "write_fake_engines", "install_fake_tensorrt"]
 
 
-# ---- the fake CUDA runtime --------------------------------------------------------------------------------------------
+# ---- the fake CUDA runtime ------------------------------------------------------------------------------------------
 class FakeCudart:
     """cuda-python's runtime API shape; "device" allocations are host ctypes buffers, copies are memmove.
 
@@ -306,6 +306,10 @@ def write_fake_engines(bundle_dir: str | Path, *, version: str = "10.3.0") -> di
     import onnx
 
     root = Path(bundle_dir)
+    if not (root / "build_plan.json").is_file():
+        raise FileNotFoundError(f"{root} has no build_plan.json: fake engines need a bundle exported for a TensorRT "
+                                f"target, e.g. export_bundle('tiny-ldpnetv2', out, random_init=True, "
+                                f"target='jetson-orin-nano-8gb', precision='fp32', parity=False)")
     plan = json.loads((root / "build_plan.json").read_text())
     out = {}
     for e in plan["engines"]:

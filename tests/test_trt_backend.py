@@ -662,7 +662,7 @@ def test_engines_record_the_full_tensorrt_release_and_dla_needs_11_4_1():
 # ---- a real tiny bundle through fake engines that run its ONNX graphs (tests/fake_tensorrt.py) ----------------------
 @pytest.fixture(scope="module")
 def tiny_trt_bundle(tmp_path_factory):
-    """The tiny random-init bundle for a TensorRT target (portable Optimum decoder: past/present KV, mask, positions)."""
+    """The tiny random-init bundle for a TensorRT target: Optimum decoder with past/present KV, mask, positions."""
     from edgevlm.exporter.bundle_export import export_bundle
 
     out = tmp_path_factory.mktemp("trt_backend") / "tiny-orin"
