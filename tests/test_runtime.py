@@ -232,7 +232,7 @@ def test_shared_buffer_decode_reuses_one_preallocated_buffer(tmp_path_factory):
     present; nothing is allocated or re-bound per token, across requests too."""
     pytest.importorskip("onnxruntime_genai")
     s = session_for(tmp_path_factory, "tiny-ldpnetv2", "gqa")
-    assert s.kv_spec.mode == "shared_buffer" and not s._has_positions
+    assert s.kv_spec.mode == "shared_buffer" and not s.io.has_positions
     before = [id(v) for v in s.kv._buffers]
     ptrs = [v.data_ptr() for v in s.kv._buffers]
     r1 = s.generate(make_image(7), QUESTION, max_new_tokens=4)
@@ -265,7 +265,7 @@ def _gqa_bundle(tmp_path_factory, precision: str):
 def test_shared_buffer_kv_mode_matches_reference(tmp_path_factory):
     path, model = _gqa_bundle(tmp_path_factory, "fp32")
     s = Session.from_bundle(path, threads=1, hash_stamps=None)
-    assert s.kv_spec.mode == "shared_buffer" and not s._has_positions
+    assert s.kv_spec.mode == "shared_buffer" and not s.io.has_positions
     img = make_image(9)
     r = s.generate(img, QUESTION, max_new_tokens=MAX_NEW)
     assert r.tokens == reference_tokens(model, s, r.prompt_ids, img, MAX_NEW)

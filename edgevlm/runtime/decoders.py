@@ -44,7 +44,7 @@ from edgevlm.runtime.kv_cache import KVCache, KVSpec, make_kv_cache
 log = logging.getLogger(__name__)
 
 __all__ = ["Decoder", "VisionEncoder", "DecoderIO", "OrtDecoder", "NativeStepDecoder", "open_decoder",
-           "BACKENDS", "NATIVE_MODES", "native_mode", "tensorrt_usable"]
+           "BACKENDS", "NATIVE_MODES", "resolve_backend", "tensorrt_usable", "open_tensorrt"]
 
 #: ``backend=`` values of ``open_decoder`` / ``Session.from_bundle`` / ``edgevlm run --backend``.
 BACKENDS = ("auto", "ort", "native", "tensorrt")
@@ -348,18 +348,24 @@ class OrtDecoder(_Closing):
 
 
 # ---- ORT prefill + native kernel steps --------------------------------------------------------------------------
-def native_mode(backend: str, options: BackendOptions) -> tuple[str, str]:
-    """(native mode ``"auto"|"on"|"off"``, the option that asked for it) for ``backend`` + ``options``."""
+def resolve_backend(backend: str | None, options: BackendOptions) -> tuple[str, str, str]:
+    """``(backend, native mode, why)`` for ``backend`` (default ``options.backend``) and ``options.native_decode``.
+
+    ``native_decode`` is the older switch and still works with ``backend="auto"``: ``"on"`` means
+    ``backend="native"`` (an error when the kernel cannot run), ``"off"`` means ``backend="ort"``."""
+    backend = backend or getattr(options, "backend", None) or "auto"
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     mode = str(options.native_decode)
     if mode not in NATIVE_MODES:
         raise ConfigError(f"native_decode must be one of {', '.join(NATIVE_MODES)}, got {mode!r}")
+    if backend == "auto" and mode != "auto":
+        return ("native" if mode == "on" else "ort"), mode, f"native_decode='{mode}'"
     if backend == "native":
-        return "on", "backend='native'"
+        return backend, "on", "backend='native'"
     if backend in ("ort", "tensorrt"):
-        return "off", f"backend='{backend}'"
-    return mode, f"native_decode='{mode}'"
+        return backend, "off", f"backend='{backend}'"
+    return backend, "auto", "native_decode='auto'"
 
 
 class _NativeSetup:
@@ -552,8 +558,7 @@ def open_decoder(bundle: Bundle, backend: str | None = None, options: BackendOpt
       ONNX Runtime. The result's ``native_info`` (native / ORT decoders) says why native did or did not run.
     """
     opts = options or BackendOptions()
-    backend = backend or getattr(opts, "backend", None) or "auto"
-    mode, asked = native_mode(backend, opts)
+    backend, mode, asked = resolve_backend(backend, opts)
     if backend == "tensorrt" or (backend == "auto" and tensorrt_usable(bundle.manifest)[0]):
         return open_tensorrt(bundle, max_context=max_context)[1]
     return _open_ort_or_native(bundle, opts, mode, asked, providers, max_context)

@@ -1,27 +1,29 @@
-"""``Session``: run a bundle with numpy + ONNX Runtime (no torch), with the latency decomposition of every request.
+"""``Session``: read a bundle -> choose the vision encoder and the decoder -> run the generation loop; no torch.
 
     >>> from edgevlm.runtime import Session
-    >>> s = Session.from_bundle("out/tiny-bundle", threads=2)
+    >>> s = Session.from_bundle("out/tiny-bundle", threads=2)             # backend="auto"
     >>> r = s.generate("cat.jpg", "What is in the picture?", max_new_tokens=64)
-    >>> r.text, r.tokens, r.timings.decode_tok_s
+    >>> r.text, r.tokens, r.timings.decode_tok_s, s.vision_backend, s.decoder_backend
     >>> for delta in s.stream("cat.jpg", "Describe it.", temperature=0.7, seed=0):
     ...     print(delta, end="", flush=True)
 
-One request: tokenize (template from the manifest) -> preprocess (PIL + numpy) -> vision graph -> embedding gather
-+ image splice (numpy) -> decoder prefill -> decode loop. Everything the runtime needs comes from the manifest:
-I/O names and dtypes, the KV-cache block, prompt template, special ids, stop strings, preprocessing.
+One request: tokenize (template from the manifest) -> preprocess (PIL + numpy) -> ``VisionEncoder.encode`` ->
+embedding gather + image splice (numpy) -> ``generation.generate_stream`` over the ``Decoder`` (prefill, then one
+step per token). The backends (``edgevlm.runtime.decoders``):
 
-Decoder I/O is bound once per step with ORT ``IOBinding``:
-
-* ``inputs_embeds`` / ``position_ids``: preallocated numpy buffers (``[1, 1, D]`` / ``[1, 1]`` for decode steps),
-  bound by pointer (no copy); the prompt's spliced embeddings for prefill.
-* ``attention_mask``: a ``[1, context]`` int64 buffer of ones allocated once; each step binds the contiguous
-  view ``mask[:, :past + seq]``.
-* ``logits`` (last position only): bound to a preallocated ``[1, 1, vocab]`` buffer, read in place by the sampler.
-* KV cache: ``edgevlm.runtime.kv_cache`` (presents stay ORT ``OrtValue``s and are re-bound as the next pasts).
+=============  =====================================  ======================================================
+``backend``    vision                                 decoder
+=============  =====================================  ======================================================
+``"ort"``      ONNX Runtime (``providers``)           ``OrtDecoder`` (IOBinding; KV on the EP's device)
+``"native"``   ONNX Runtime                           ``NativeStepDecoder`` (ORT prefill + native C steps)
+``"tensorrt"`` the vision engine                      the decoder engine (``trt_backend.TrtDecoderRunner``)
+``"auto"``     TensorRT when the bundle's engines were built for this GPU and TensorRT, else native where it
+               runs, else ONNX Runtime (``native_decode="on"`` / ``"off"`` still select native / ORT)
+=============  =====================================  ======================================================
 
 A Session runs one request at a time (a lock serializes concurrent calls). Greedy output equals
-``edgevlm.model.MobileVLM.generate`` token for token on fp32 bundles (``tests/test_runtime.py``).
+``edgevlm.model.MobileVLM.generate`` token for token on fp32 bundles (``tests/test_runtime.py``), and is the same
+on every backend (``tests/test_decoders.py``).
 """
 
 from __future__ import annotations
@@ -30,166 +32,30 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgevlm.bundle import Bundle, load_embedding_table, read_bundle, sha256_file
-from edgevlm.errors import BundleError, ConfigError, PromptError
+from edgevlm.bundle import Bundle, load_embedding_table
+from edgevlm.errors import BundleError, ConfigError
 from edgevlm.preprocess import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 from edgevlm.prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, build_prompt, check_prompt_ids, tokenize_prompt
-from edgevlm.runtime.backends import (BackendOptions, SessionInfo, cache_home, create_session, device_type_for,
-                                      resolve_providers)
-from edgevlm.runtime.kv_cache import KVCache, KVSpec, make_kv_cache
-from edgevlm.runtime.sampling import Sampler, SamplingParams
+from edgevlm.runtime.backends import BackendOptions, SessionInfo, cache_home, device_type_for, resolve_providers
+from edgevlm.runtime.bundle_io import open_verified
+from edgevlm.runtime.decoders import (NATIVE_MODES, DecoderIO, open_decoder, open_tensorrt, resolve_backend,
+                                      tensorrt_usable)
+from edgevlm.runtime.generation import Result, Stream, generate_stream, longest_stop_prefix
+from edgevlm.runtime.kv_cache import KVSpec
+from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.timings import Clock, RequestTimings
+from edgevlm.runtime.vision import OrtVisionEncoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Session", "Result", "Stream", "open_verified"]
+__all__ = ["Session", "Result", "Stream", "open_verified", "NATIVE_MODES"]
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-_REQUIRED_DECODER_INPUTS = ("inputs_embeds", "attention_mask")
-_OPTIONAL_DECODER_INPUTS = ("position_ids",)          # absent when the graph derives positions (GQA decoders)
-
-
-@dataclass
-class Result:
-    """One request's answer. ``tokens`` are the generated ids (the terminating EOS included, like the PyTorch
-    reference); ``text`` is their decoded text without special tokens, cut before a stop string."""
-
-    text: str
-    tokens: list[int]
-    timings: RequestTimings
-    finish_reason: str                   # "eos" | "stop_string" | "max_new_tokens" | "context_full"
-    prompt: str = ""
-    prompt_ids: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "tokens": list(self.tokens), "finish_reason": self.finish_reason,
-                "prompt": self.prompt, "prompt_ids": list(self.prompt_ids), "timings": self.timings.to_dict()}
-
-
-class Stream:
-    """Iterator of text deltas; ``.result`` holds the ``Result`` once the iterator is exhausted."""
-
-    def __init__(self, gen: Iterator[str]) -> None:
-        self._gen = gen
-        self.result: Result | None = None
-
-    def __iter__(self) -> "Stream":
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise StopIteration from None
-
-    def text(self) -> str:
-        """Consume the rest of the stream; the full text."""
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result.text
-
-
-def _dtype(entry: dict[str, Any], where: str) -> np.dtype:
-    name = str(entry.get("dtype", "float32"))
-    if name not in _NP:
-        raise BundleError(f"{where}: dtype '{name}' is not supported by the runtime (supported: {', '.join(_NP)})")
-    return np.dtype(_NP[name])
-
-
-def _io(entry: dict[str, Any], direction: str, component: str) -> dict[str, dict[str, Any]]:
-    items = entry.get(direction)
-    if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
-        raise BundleError(f"manifest components.{component}.{direction} is missing or malformed (a list of "
-                          f"{{name, dtype, shape}}); re-export the bundle")
-    return {i["name"]: i for i in items}
-
-
-def _check_session_io(sess: Any, entry: dict[str, Any], component: str) -> None:
-    """The graph's real I/O names must be the manifest's."""
-    for direction, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
-        declared = set(_io(entry, direction, component))
-        got = {a.name for a in actual}
-        if declared != got:
-            raise BundleError(f"component '{component}': the graph's {direction} {sorted(got - declared)} are not "
-                              f"in the manifest and {sorted(declared - got)} of the manifest are not in the graph; "
-                              f"the manifest does not describe this graph: re-export the bundle")
-
-
-def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back when
-    streaming, so a stop string is never half-emitted)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
-def open_verified(path: str | os.PathLike, *, verify_hashes: bool, stamp_dir: Path | None) -> tuple[Bundle, str]:
-    """``read_bundle`` with the sha256 check remembered across loads.
-
-    With ``stamp_dir``, a file whose hash was verified before and whose size, mtime,
-    ctime, inode and device are unchanged since is not hashed again (ctime cannot be set back from user space, so any
-    write to the file invalidates its stamp); every other file is hashed and compared with the manifest. Returns the
-    bundle and how it was verified: ``"off"``, ``"full"`` or ``"stamps (N hashed)"``.
-    """
-    if not verify_hashes:
-        return read_bundle(path, verify_hashes=False), "off"
-    if stamp_dir is None:
-        return read_bundle(path, verify_hashes=True), "full"
-    import hashlib
-    import json
-
-    bundle = read_bundle(path, verify_hashes=False)                    # structure, paths, sizes
-    root = bundle.root
-    ident = hashlib.sha256(f"{root.resolve()}\0{bundle.manifest_sha256}".encode()).hexdigest()[:24]
-    stamp_file = stamp_dir / f"{ident}.json"
-    try:
-        stamps = json.loads(stamp_file.read_text())
-        if not isinstance(stamps, dict):
-            stamps = {}
-    except (OSError, ValueError):
-        stamps = {}
-    hashed = 0
-    fresh: dict[str, Any] = {}
-    for rel, entry in bundle.files.items():
-        p = root / rel
-        key = _stat_key(p)
-        old = stamps.get(rel)
-        if isinstance(old, dict) and old.get("sha256") == entry["sha256"] and old.get("stat") == key:
-            fresh[rel] = old
-            continue
-        digest = sha256_file(p)
-        hashed += 1
-        if digest != entry["sha256"]:
-            raise BundleError(f"file '{rel}' in bundle '{root}' does not match its sha256 in the manifest (got "
-                              f"{digest[:12]}..., expected {entry['sha256'][:12]}...): it was modified or corrupted "
-                              f"after export; re-export or re-copy the bundle")
-        fresh[rel] = {"sha256": digest, "stat": _stat_key(p)}
-    if hashed or fresh != stamps:
-        try:
-            stamp_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stamp_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(fresh))
-            os.replace(tmp, stamp_file)
-        except OSError as exc:
-            log.warning("cannot write hash stamps to %s (%s); the next load hashes the bundle again", stamp_file, exc)
-    return bundle, f"stamps ({hashed} of {len(bundle.files)} files hashed)"
+_longest_stop_prefix = longest_stop_prefix           # the old private name (tests, callers)
 
 
 def _preload_request_modules() -> None:
@@ -201,7 +67,6 @@ def _preload_request_modules() -> None:
     from edgevlm.runtime.backends import import_ort
 
     import_ort()
-
     Image.preinit()
     try:
         import psutil  # noqa: F401
@@ -209,96 +74,9 @@ def _preload_request_modules() -> None:
         pass
 
 
-NATIVE_MODES = ("auto", "on", "off")
-
-
-def _int8_saturation_warning(entry: dict[str, Any], device_type: str) -> str | None:
-    """A warning when ``entry``'s int8 Q/DQ graph will lose accuracy on this CPU: quantized with full 8-bit weights
-    (for a VNNI CPU or a GPU) and run here by ONNX Runtime's x86 u8s8 kernels, whose ``vpmaddubsw`` saturates
-    without VNNI (``edgevlm.quant.recipes.int8_reduce_range``). Logged once per load; None when all is well."""
-    from edgevlm.runtime.cpuinfo import int8_saturates
-
-    recipe = entry.get("recipe") or {}
-    if device_type != "cpu" or recipe.get("method") != "static-qdq" or recipe.get("reduce_range") \
-            or not int8_saturates():
-        return None
-    msg = ("the int8 vision graph was quantized with 8-bit weights (for a VNNI CPU or a GPU), and this CPU has no "
-           "VNNI: ONNX Runtime's int8 kernels can saturate here and lose accuracy. Export for this CPU with "
-           "--target cpu-x86-avx2 (7-bit weights), or use --precision int4,vision=fp32")
-    log.warning(msg)
-    return msg
-
-
-class _NativeSetup:
-    """Builds the native decoder (``edgevlm.runtime.native``) on a helper thread while ONNX Runtime creates the
-    decoder session, so copying the weights into huge-page memory overlaps ORT's own weight prepacking. ``finish()``
-    joins and returns the ``NativeDecoder`` or None; ``info`` says which and why."""
-
-    def __init__(self, session: "Session", dentry: dict[str, Any], opts: BackendOptions) -> None:
-        mode = str(opts.native_decode)
-        if mode not in NATIVE_MODES:
-            raise ConfigError(f"native_decode must be one of {', '.join(NATIVE_MODES)}, got {mode!r}")
-        from edgevlm.runtime.native import KV_DTYPES
-
-        if opts.native_kv not in KV_DTYPES:
-            raise ConfigError(f"native_kv must be one of {', '.join(KV_DTYPES)}, got {opts.native_kv!r}")
-        self.mode, self.kv_dtype = mode, str(opts.native_kv)
-        self.info: dict[str, Any] = {"backend": "onnxruntime", "mode": mode, "reason": None}
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._t = time.perf_counter()
-        reason = self._reason(session, dentry)
-        if reason:
-            self.info["reason"] = reason
-            if mode == "on":
-                from edgevlm.runtime.native import NativeUnavailable
-
-                raise NativeUnavailable(f"native_decode='on' but {reason}")
-            return
-        plan, root, spec, threads = dentry["native_decode"], session.bundle.root, session.kv_spec, session.threads
-        self._thread = threading.Thread(target=self._build, args=(root, plan, spec, threads), daemon=True,
-                                        name="edgevlm-native-setup")
-        self._thread.start()
-
-    @staticmethod
-    def _reason(session: "Session", dentry: dict[str, Any]) -> str | None:
-        if session.options.native_decode == "off":
-            return "native_decode='off'"
-        if session.device_type != "cpu" or any((p if isinstance(p, str) else p[0]) != "CPUExecutionProvider"
-                                               for p in session.providers):
-            return "the providers are not CPU only"
-        if not session._logits_last_only or session._logits_dtype != np.float32:
-            return "the decoder's logits are not a float32 last-position output"
-        from edgevlm.runtime.native import availability, plan_reason
-
-        # the bundle's facts first (the same on every CPU), then this machine's
-        return plan_reason(dentry.get("native_decode"), session.kv_spec) or availability()
-
-    def _build(self, root: Path, plan: dict[str, Any], spec: KVSpec, threads: int) -> None:
-        try:
-            from edgevlm.runtime.native import NativeDecoder
-
-            self._result = NativeDecoder(root, plan, spec, threads=threads, kv_dtype=self.kv_dtype)
-        except BaseException as exc:  # re-raised or reported by finish() on the caller's thread
-            self._error = exc
-
-    def finish(self) -> Any:
-        if self._thread is None:
-            return None
-        self._thread.join()
-        self.info["setup_s"] = round(time.perf_counter() - self._t, 4)
-        if self._error is not None:
-            from edgevlm.runtime.native import NativeUnavailable
-
-            if self.mode == "on" or not isinstance(self._error, NativeUnavailable):
-                raise self._error                           # a corrupt plan is a bundle error, not a fallback
-            self.info["reason"] = str(self._error)
-            log.warning("native decode unavailable, decoding with ONNX Runtime: %s", self._error)
-            return None
-        self.info.update(backend="native", kv_dtype=self.kv_dtype, weight_bytes=self._result.weight_bytes,
-                         huge_page_bytes=self._result.huge_page_bytes)
-        return self._result
+def _coarse(decoder_backend: str) -> str:
+    """``Decoder.backend`` -> the older ``decode_backend`` names (``"onnxruntime"``, ``"native"``, ``"tensorrt"``)."""
+    return "onnxruntime" if decoder_backend.startswith("onnxruntime") else decoder_backend
 
 
 class Session:
@@ -308,15 +86,66 @@ class Session:
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         t_load = time.perf_counter()
         opts = options or BackendOptions()
-        self.bundle = bundle
-        self.options = opts
-        self.max_pixels = max_pixels
+        self.bundle, self.options, self.max_pixels = bundle, opts, max_pixels
         self.config = bundle.model_config
         self.visual_tokens = bundle.visual_tokens
-        self.context_length = int(self.config.context_length)   # bounded below by the KV buffer's max_length
         breakdown: dict[str, float] = {}
-        m = bundle.manifest
-        prompt = m["prompt"]
+        self._read_prompt_facts(bundle)
+        self.preprocess_config = bundle.preprocess_config
+
+        t = time.perf_counter()
+        _preload_request_modules()
+        breakdown["imports_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.tokenizer = self._load_tokenizer(bundle)
+        breakdown["tokenizer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.embed_table = load_embedding_table(bundle)                   # [vocab, D] memory-mapped
+        if self.tokenizer.get_vocab_size() > self.embed_table.shape[0]:
+            raise BundleError(f"the tokenizer has {self.tokenizer.get_vocab_size()} tokens but the embedding table "
+                              f"only {self.embed_table.shape[0]} rows; re-export the bundle")
+        breakdown["embed_s"] = time.perf_counter() - t
+
+        # ---- choose the backends -----------------------------------------------------------------------------
+        backend, _, _ = resolve_backend(None, opts)
+        self.io = DecoderIO.from_bundle(bundle)
+        self.kv_spec: KVSpec = self.io.kv_spec
+        context = min(int(self.config.context_length), self.io.max_context)
+        self.int8_warning: str | None = None
+        if backend == "tensorrt" or (backend == "auto" and tensorrt_usable(bundle.manifest)[0]):
+            self.providers: list[Any] = []
+            self.device_type = "cuda"
+            t = time.perf_counter()
+            self.vision, self.decoder = open_tensorrt(bundle, max_context=context)
+            breakdown["engines_s"] = time.perf_counter() - t
+            self.native_info: dict[str, Any] = {"backend": "tensorrt", "mode": "off", "reason": "TensorRT engines"}
+        else:
+            self.providers = resolve_providers(opts.providers)
+            self.device_type = device_type_for(self.providers)
+            t = time.perf_counter()
+            self.decoder = open_decoder(bundle, None, opts, providers=self.providers, max_context=context)
+            breakdown["decoder_session_s"] = time.perf_counter() - t
+            self.native_info = dict(getattr(self.decoder, "native_info", {}))
+            breakdown["native_decode_wait_s"] = float(self.native_info.get("wait_s", 0.0))
+            t = time.perf_counter()
+            self.vision = OrtVisionEncoder(bundle, opts, providers=self.providers)
+            breakdown["vision_session_s"] = time.perf_counter() - t
+            self.int8_warning = self.vision.int8_warning
+        self.context_length = min(context, int(self.decoder.max_context))
+        self.hidden_size, self.vocab_size = int(self.embed_table.shape[1]), int(self.embed_table.shape[0])
+        if self.decoder.hidden_size != self.hidden_size:
+            raise BundleError(f"the decoder takes {self.decoder.hidden_size}-wide embeddings but the embedding table "
+                              f"has {self.hidden_size} columns; re-export the bundle")
+        self._embeds_dtype = self.io.embeds_dtype
+        self._last: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self.verification = "full" if bundle.hashes_verified else "off"
+        self.load_s = time.perf_counter() - t_load          # from_bundle adds the bundle read to this
+        breakdown["other_s"] = max(0.0, self.load_s - sum(breakdown.values()))   # onnxruntime import, buffers
+        self.load_breakdown = breakdown
+
+    def _read_prompt_facts(self, bundle: Bundle) -> None:
+        prompt = bundle.manifest["prompt"]
         self.template = str(prompt["template"])
         self.system = prompt.get("system")
         self.bos_id = prompt.get("bos_token_id")
@@ -327,111 +156,20 @@ class Session:
             raise BundleError(f"bundle '{bundle.root}' uses image placeholder {prompt.get('image_placeholder')!r} / "
                               f"index {prompt.get('image_token_index')!r}; this runtime supports "
                               f"'{IMAGE_PLACEHOLDER}' / {IMAGE_TOKEN_INDEX}")
-        self.preprocess_config = bundle.preprocess_config
 
-        t = time.perf_counter()
-        _preload_request_modules()
-        breakdown["imports_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+    @staticmethod
+    def _load_tokenizer(bundle: Bundle) -> Any:
         from tokenizers import Tokenizer
 
         try:
-            self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+            return Tokenizer.from_file(str(bundle.tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise BundleError(f"tokenizer '{m['tokenizer']['file']}' of bundle '{bundle.root}' cannot be read "
-                              f"({exc}); re-export the bundle") from exc
-        breakdown["tokenizer_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        self.embed_table = load_embedding_table(bundle)                   # [vocab, D] memory-mapped
-        if self.tokenizer.get_vocab_size() > self.embed_table.shape[0]:
-            raise BundleError(f"the tokenizer has {self.tokenizer.get_vocab_size()} tokens but the embedding table "
-                              f"only {self.embed_table.shape[0]} rows; re-export the bundle")
-        breakdown["embed_s"] = time.perf_counter() - t
-
-        self.providers = resolve_providers(opts.providers)
-        self.device_type = device_type_for(self.providers)
-        self.session_info: dict[str, SessionInfo] = {}
-
-        # ---- decoder --------------------------------------------------------------------------------------------
-        dentry = bundle.component("decoder")
-        self.kv_spec = KVSpec.from_manifest(dentry.get("kv_cache"))
-        max_length = (dentry.get("kv_cache") or {}).get("max_length")
-        if max_length:
-            self.context_length = min(self.context_length, int(max_length))
-        din, dout = _io(dentry, "inputs", "decoder"), _io(dentry, "outputs", "decoder")
-        past = set(self.kv_spec.past_names())
-        unknown = sorted(set(din) - past - set(_REQUIRED_DECODER_INPUTS) - set(_OPTIONAL_DECODER_INPUTS))
-        missing = sorted((set(_REQUIRED_DECODER_INPUTS) | past) - set(din))
-        if unknown or missing:
-            raise BundleError(f"decoder inputs do not follow the runtime's contract (inputs_embeds, attention_mask, "
-                              f"optional position_ids, past KV per kv_cache): unknown {unknown}, missing {missing}; "
-                              f"re-export the bundle or upgrade edgevlm")
-        self._has_positions = "position_ids" in din
-        present = set(self.kv_spec.present_names())
-        logit_names = [n for n in dout if n not in present]
-        if len(logit_names) != 1 or not present <= set(dout):
-            raise BundleError(f"decoder outputs must be one logits tensor plus the presents named by kv_cache; got "
-                              f"{sorted(dout)}; re-export the bundle")
-        self._logits_name = logit_names[0]
-        lshape = dout[self._logits_name].get("shape") or []
-        self._logits_last_only = dentry.get("logits") == "last_position" or (len(lshape) == 3 and lshape[1] == 1)
-        self._embeds_dtype = _dtype(din["inputs_embeds"], "decoder inputs_embeds")
-        self._mask_dtype = _dtype(din["attention_mask"], "decoder attention_mask")
-        self._pos_dtype = _dtype(din["position_ids"], "decoder position_ids") if self._has_positions else np.int64
-        self._logits_dtype = _dtype(dout[self._logits_name], "decoder logits")
-        native = _NativeSetup(self, dentry, opts)         # copies the decoder weights while ORT creates the sessions
-
-        # ---- vision ---------------------------------------------------------------------------------------------
-        ventry = bundle.component("vision")
-        vin, vout = _io(ventry, "inputs", "vision"), _io(ventry, "outputs", "vision")
-        if len(vin) != 1 or len(vout) != 1:
-            raise BundleError("component 'vision' must have one input (pixel values) and one output (image "
-                              "embeddings); re-export the bundle")
-        (self._vision_in, vin_e), = vin.items()
-        (self._vision_out, _), = vout.items()
-        self._pixel_dtype = _dtype(vin_e, "vision input")
-        self.vision_session, info = self._create("vision", "vision", ventry)
-        self.session_info["vision"] = info
-        self.int8_warning = _int8_saturation_warning(ventry, self.device_type)
-        breakdown["vision_session_s"] = info.seconds
-        _check_session_io(self.vision_session, ventry, "vision")
-
-        # ---- decoder session ------------------------------------------------------------------------------------
-        self.decoder_session, info = self._create("decoder", "decoder", dentry)
-        self.session_info["decoder"] = info
-        breakdown["decoder_session_s"] = info.seconds
-        _check_session_io(self.decoder_session, dentry, "decoder")
-
-        # ---- preallocated buffers + binding ---------------------------------------------------------------------
-        d = int(self.embed_table.shape[1])
-        vocab = int(self.embed_table.shape[0])
-        self.hidden_size, self.vocab_size = d, vocab
-        self._mask = np.ones((1, self.context_length), dtype=self._mask_dtype)            # [1, ctx] ones
-        self._positions = np.arange(self.context_length, dtype=self._pos_dtype)[None, :]  # [1, ctx]
-        self._step_embeds = np.zeros((1, 1, d), dtype=self._embeds_dtype)                  # [1, 1, D]
-        self._step_pos = np.zeros((1, 1), dtype=self._pos_dtype)                           # [1, 1]
-        self._logits = np.zeros((1, 1, vocab), dtype=self._logits_dtype)                   # [1, 1, vocab]
-        self._binding = self.decoder_session.io_binding()
-        self.kv: KVCache = make_kv_cache(self.kv_spec, self._binding, device_type=self.device_type,
-                                         max_len=self.context_length)
-        self._logits_row = self._logits.reshape(-1)                                        # [vocab] view
-        t = time.perf_counter()
-        self.native = native.finish()
-        breakdown["native_decode_wait_s"] = time.perf_counter() - t
-        self.native_info = native.info
-        if self.native is not None:
-            self.native.bind(self.kv.pointers(), self.context_length)
-        self._lock = threading.Lock()
-        self.verification = "full" if bundle.hashes_verified else "off"
-        self.load_s = time.perf_counter() - t_load          # from_bundle adds the bundle read to this
-        breakdown["other_s"] = max(0.0, self.load_s - sum(breakdown.values()))   # onnxruntime import, buffers
-        self.load_breakdown = breakdown
+            raise BundleError(f"tokenizer '{bundle.manifest['tokenizer']['file']}' of bundle '{bundle.root}' cannot "
+                              f"be read ({exc}); re-export the bundle") from exc
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, *, threads: int | None = None,
+    def from_bundle(cls, path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None,
                     providers: Sequence[Any] | None = None, verify_hashes: bool = True,
                     optimized_cache: str | os.PathLike | bool | None = None,
                     hash_stamps: str | os.PathLike | None = "auto", spinning: bool = False,
@@ -439,13 +177,18 @@ class Session:
                     decoder_arena: bool = False, save_prepacked: bool = False, native_decode: str = "auto",
                     native_kv: str = "float16", max_pixels: int = DEFAULT_MAX_PIXELS,
                     warmup: bool = False, options: BackendOptions | None = None) -> "Session":
-        """Open a bundle (validated; sha256 of every file checked unless ``verify_hashes=False``) and create the
-        ONNX Runtime sessions.
+        """Open a bundle (validated; sha256 of every file checked unless ``verify_hashes=False``) and load its
+        vision encoder and decoder on ``backend``.
 
         Args:
             path: the bundle directory.
+            backend: ``"auto"`` (default): TensorRT engines when the bundle records engines built for this GPU and
+                the installed TensorRT, else the native kernel where it runs, else ONNX Runtime; ``"ort"``;
+                ``"native"`` (``NativeUnavailable`` when it cannot run); ``"tensorrt"`` (``MissingDependency``
+                naming ``tensorrt`` when it is not installed). ``Session.vision_backend`` / ``decoder_backend``
+                say which ran.
             threads: intra-op threads (default: physical cores).
-            providers: e.g. ``["cpu"]`` (default), ``["cuda"]``, ``["tensorrt", "cuda"]``.
+            providers: ONNX Runtime providers, e.g. ``["cpu"]`` (default), ``["cuda"]``.
             verify_hashes: check every bundle file's sha256 against the manifest. A file verified before and
                 unchanged since (size, mtime, ctime, inode; remembered in ``hash_stamps``) is not hashed again (see
                 ``open_verified``); multi-GB bundles take seconds to hash.
@@ -461,16 +204,17 @@ class Session:
             decoder_arena: use ORT's memory arena for the decoder (off by default).
             save_prepacked: store prepacked weights in the optimized-graph cache too (faster cached loads on
                 some graphs; a second copy of the weights on disk).
-            native_decode: ``"auto"`` (default) runs decode steps on the native kernel when the bundle has a
-                ``native_decode`` plan (int4/int8 CPU exports) and this CPU can build it (x86-64, AVX-512 VNNI, a C
-                compiler), else on ONNX Runtime; ``"on"`` raises ``NativeUnavailable`` instead of falling back;
-                ``"off"`` always uses ONNX Runtime. ``Session.native_info`` says which ran and why.
+            native_decode: the older switch, with ``backend="auto"``: ``"auto"`` (default) runs decode steps on the
+                native kernel when the bundle has a ``native_decode`` plan (int4/int8 CPU exports) and this CPU
+                can build it (x86-64, AVX-512 VNNI, a C compiler); ``"on"`` = ``backend="native"``; ``"off"`` =
+                ``backend="ort"``. ``Session.native_info`` says which ran and why.
             native_kv: ``"float16"`` (default): the native kernel's attention reads an fp16 copy of the KV cache
                 (half the KV bytes per step); ``"float32"``: it reads ONNX Runtime's fp32 buffers.
             max_pixels: images above this many pixels are refused before decoding (decompression bombs).
             warmup: run one tiny request after loading (its time is ``load_breakdown['warmup_s']``, not
                 ``load_s``) so the first real request does not pay first-run allocations.
-            options: a full ``BackendOptions`` (overrides the keyword options above).
+            options: a full ``BackendOptions`` (overrides the keyword options above; ``backend`` still applies
+                when given).
         """
         t0 = time.perf_counter()
         opts = options or BackendOptions(threads=threads, providers=providers, optimized_cache=optimized_cache,
@@ -478,6 +222,11 @@ class Session:
                                          graph_optimization_level=graph_optimization_level,
                                          decoder_arena=decoder_arena, save_prepacked=save_prepacked,
                                          native_decode=native_decode, native_kv=native_kv)
+        if backend is not None:
+            from dataclasses import replace
+
+            opts = replace(opts, backend=backend)
+        resolve_backend(None, opts)                        # a bad backend / native_decode fails before any read
         stamps = None if hash_stamps is None else (cache_home() / "verified" if hash_stamps == "auto"
                                                     else Path(hash_stamps))
         bundle, verified = open_verified(path, verify_hashes=verify_hashes, stamp_dir=stamps)
@@ -490,22 +239,57 @@ class Session:
             session.warmup()
         return session
 
-    def _create(self, kind: str, component: str, entry: dict[str, Any]) -> tuple[Any, SessionInfo]:
-        files = [entry["file"], *(entry.get("external_data") or []), *(entry.get("files") or [])]
-        hashes = [self.bundle.files[f]["sha256"] for f in dict.fromkeys(files) if f in self.bundle.files]
-        free_dims: dict[str, int] = {}
-        for io in entry.get("inputs") or []:
-            shape = io.get("shape") or []
-            if shape and isinstance(shape[0], str):
-                free_dims[shape[0]] = 1                        # batch-1 runtime
-        return create_session(self.bundle.component_path(component), kind=kind, component=component,
-                              file_hashes=hashes, providers=self.providers, opts=self.options, free_dims=free_dims)
+    # ---- what runs ----------------------------------------------------------------------------------------------
+    @property
+    def vision_backend(self) -> str:
+        """``VisionEncoder.backend``: ``"onnxruntime-cpu"``, ``"onnxruntime-cuda"`` or ``"tensorrt"``."""
+        return str(self.vision.backend)
 
-    # ---- public helpers -----------------------------------------------------------------------------------------
+    @property
+    def decoder_backend(self) -> str:
+        """``Decoder.backend``: ``"onnxruntime-cpu"``, ``"onnxruntime-cuda"``, ``"native"`` or ``"tensorrt"``."""
+        return str(self.decoder.backend)
+
+    @property
+    def decode_backend(self) -> str:
+        """The older coarse name of ``decoder_backend``: ``"onnxruntime"``, ``"native"`` or ``"tensorrt"``."""
+        return _coarse(self.decoder_backend)
+
+    @property
+    def session_info(self) -> dict[str, SessionInfo]:
+        """ONNX Runtime session facts per component (empty for TensorRT engines)."""
+        return {k: c.session_info for k, c in (("vision", self.vision), ("decoder", self.decoder))
+                if isinstance(getattr(c, "session_info", None), SessionInfo)}
+
+    @property
+    def vision_session(self) -> Any:
+        return getattr(self.vision, "session", None)
+
+    @property
+    def decoder_session(self) -> Any:
+        return getattr(self.decoder, "session", None)
+
+    @property
+    def kv(self) -> Any:
+        """The ONNX Runtime KV cache (``kv_cache.KVCache``) of ORT / native decoders; None for TensorRT."""
+        ort = getattr(self.decoder, "ort", self.decoder)
+        return getattr(ort, "kv", None)
+
+    @property
+    def native(self) -> Any:
+        """The native kernel (``native.NativeDecoder``) when decode steps run on it, else None."""
+        return getattr(self.decoder, "native", None)
+
+    @property
+    def _logits_row(self) -> np.ndarray:
+        ort = getattr(self.decoder, "ort", self.decoder)
+        return ort._logits_row
+
     @property
     def threads(self) -> int:
         return self.options.resolved_threads
 
+    # ---- public helpers -----------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, raw_prompt: bool = False) -> str:
         """The text that is tokenized: ``prompt`` as is when ``raw_prompt`` or when it already holds ``<image>``
         (a full prompt), else the manifest's template around the question (``<image>`` prepended)."""
@@ -522,9 +306,8 @@ class Session:
         return text, ids, length
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        """``[1, 3, S, S]`` -> image embeddings ``[1, V, D]`` (the vision graph)."""
-        x = np.ascontiguousarray(pixel_values, dtype=self._pixel_dtype)
-        return self.vision_session.run([self._vision_out], {self._vision_in: x})[0]
+        """``[1, 3, S, S]`` -> image embeddings ``[1, V, D]`` (the vision encoder)."""
+        return self.vision.encode(pixel_values)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         """Rows of the embedding table, ``[len(ids), D]`` in the decoder's input dtype."""
@@ -554,11 +337,13 @@ class Session:
     @property
     def last_logits(self) -> np.ndarray:
         """A copy of the logits row ``[vocab]`` the last generated token was selected from (for checks/debugging)."""
-        return np.array(self._last_logits(), dtype=np.float32)
+        if self._last is None:
+            raise ConfigError("no request has run on this Session yet")
+        return np.array(self._last, dtype=np.float32)
 
     def end_profiling(self) -> list[str]:
         """Close the ORT profiles (``profile_dir``); returns their paths."""
-        return [s.end_profiling() for s in (self.vision_session, self.decoder_session)]
+        return [c.end_profiling() for c in (self.vision, self.decoder) if hasattr(c, "end_profiling")]
 
     # ---- generation ---------------------------------------------------------------------------------------------
     def generate(self, image: ImageInput | None, prompt: str, *, max_new_tokens: int = 256,
@@ -602,31 +387,17 @@ class Session:
                                   kwargs.pop("seed", None))
         return Stream(self._request(image, prompt, max_new_tokens=max_new_tokens, sampling=sampling, **kwargs))
 
-    def _bind_step(self, embeds: np.ndarray, positions: np.ndarray, total: int) -> None:
-        b = self._binding
-        b.bind_input("inputs_embeds", "cpu", 0, embeds.dtype, list(embeds.shape), embeds.ctypes.data)
-        mask = self._mask[:, :total]                                            # contiguous view [1, total]
-        b.bind_input("attention_mask", "cpu", 0, mask.dtype, [1, total], mask.ctypes.data)
-        if self._has_positions:
-            b.bind_input("position_ids", "cpu", 0, positions.dtype, list(positions.shape), positions.ctypes.data)
-        self.kv.bind_inputs()
-
-    def _bind_outputs(self) -> None:
-        b = self._binding
-        if self._logits_last_only:
-            b.bind_output(self._logits_name, "cpu", 0, self._logits.dtype, list(self._logits.shape),
-                          self._logits.ctypes.data)
-        else:
-            b.bind_output(self._logits_name, "cpu")
-        self.kv.bind_outputs(offset=1)
-
-    def _last_logits(self) -> np.ndarray:
-        if self._logits_last_only:
-            return self._logits[0, -1]
-        return self._binding.get_outputs()[0].numpy()[0, -1]
-
-    def _run_decoder(self) -> None:
-        self.decoder_session.run_with_iobinding(self._binding)
+    def _pixels(self, image: ImageInput | None, pixel_values: np.ndarray | None) -> np.ndarray:
+        s = self.preprocess_config.image_size
+        if pixel_values is not None:
+            pv = np.asarray(pixel_values, dtype=np.float32)
+            pv = pv[None] if pv.ndim == 3 else pv
+            if pv.shape != (1, 3, s, s):
+                raise ConfigError(f"pixel_values must be [3, {s}, {s}] or [1, 3, {s}, {s}], got {pv.shape}")
+            return pv
+        if image is None:
+            raise ConfigError("generate needs an image (or pixel_values)")
+        return preprocess(image, self.preprocess_config, self.max_pixels)[None]       # [1, 3, S, S]
 
     def _request(self, image: ImageInput | None, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
                  stop: Sequence[str] | None = None, raw_prompt: bool = False,
@@ -636,139 +407,62 @@ class Session:
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         with self._lock:
-            t_start = time.perf_counter()
-            cpu_start = time.process_time()
-            decode_cpu = 0.0
-            paused = 0.0
+            t_start, cpu_start = time.perf_counter(), time.process_time()
             clock = Clock()
             timings = RequestTimings(load_s=self.load_s, threads=self.threads, load_breakdown=dict(self.load_breakdown),
-                                     decode_backend=self.decode_backend)
-
-            # ---- prompt + image ----------------------------------------------------------------------------------
+                                     decode_backend=self.decode_backend, vision_backend=self.vision_backend,
+                                     decoder_backend=self.decoder_backend)
             with clock("tokenize"):
                 text, ids, length = self.tokenize(prompt, raw_prompt, max_new_tokens)
             with clock("preprocess"):
-                if pixel_values is not None:
-                    pv = np.asarray(pixel_values, dtype=np.float32)
-                    pv = pv[None] if pv.ndim == 3 else pv
-                    s = self.preprocess_config.image_size
-                    if pv.shape != (1, 3, s, s):
-                        raise ConfigError(f"pixel_values must be [3, {s}, {s}] or [1, 3, {s}, {s}], got {pv.shape}")
-                else:
-                    if image is None:
-                        raise ConfigError("generate needs an image (or pixel_values)")
-                    pv = preprocess(image, self.preprocess_config, self.max_pixels)[None]   # [1, 3, S, S]
+                pv = self._pixels(image, pixel_values)
             with clock("vision"):
                 image_embeds = self.encode_image(pv)                                       # [1, V, D]
             if image_embeds.shape[1] != self.visual_tokens:
                 raise BundleError(f"the vision graph produced {image_embeds.shape[1]} tokens but the manifest "
                                   f"says {self.visual_tokens}; re-export the bundle")
-
-            # ---- prefill -------------------------------------------------------------------------------------------
             with clock("prefill"):
-                embeds = self.splice(ids, image_embeds)                                     # [1, T, D]
-                self.kv.reset()
-                self._bind_step(embeds, self._positions[:, :length], length)
-                self._bind_outputs()
-                self._run_decoder()
-                self.kv.commit(length)
-                if self.native is not None:
-                    self.native.sync(0, length)                # the prefill's rows into the fp16 cache, if any
+                embeds = self.splice(ids, image_embeds)                                    # [1, T, D]
             timings.prompt_tokens, timings.visual_tokens = length, self.visual_tokens
             timings.text_tokens = length - self.visual_tokens
 
-            # ---- decode loop ---------------------------------------------------------------------------------------
-            sampler = Sampler(sampling)
-            stops = [] if ignore_eos else list(dict.fromkeys([*self.stop_strings, *(stop or [])]))
-            eos_id = None if ignore_eos else self.eos_id
-            produced: list[int] = []
-            step_ms: list[float] = []
-            emitted = ""
-            finish = "max_new_tokens"
-            n_ctx = length
-            final_text = ""
-            while True:
-                with clock("sampling"):
-                    tok = sampler(self._last_logits())
-                produced.append(tok)
-                if len(produced) == 1:
-                    timings.ttft_ms = (time.perf_counter() - t_start - paused) * 1e3
-                with clock("detokenize"):
-                    full = self.tokenizer.decode(produced, skip_special_tokens=True)
-                    cut = -1
-                    for s in stops:
-                        i = full.find(s, max(0, len(emitted) - len(s)))
-                        if i >= 0 and (cut < 0 or i < cut):
-                            cut = i
-                    done = False
-                    if tok == eos_id:
-                        finish, done = "eos", True
-                    if cut >= 0:
-                        full, finish, done = full[:cut], "stop_string", True
-                    if not done and len(produced) >= max_new_tokens:
-                        finish, done = "max_new_tokens", True
-                    if not done and n_ctx >= self.context_length:
-                        finish, done = "context_full", True
-                    if done:
-                        safe = len(full)
-                    else:
-                        safe = len(full) - _longest_stop_prefix(full, stops)
-                        while safe > len(emitted) and full[safe - 1] == "\ufffd":    # incomplete UTF-8 sequence
-                            safe -= 1
-                    delta = full[len(emitted):safe] if safe > len(emitted) and full.startswith(emitted) else ""
-                if delta:
-                    emitted += delta
-                    t_pause = time.perf_counter()
-                    yield delta
-                    paused += time.perf_counter() - t_pause
-                if done:
-                    final_text = full
-                    break
-                t_step = time.perf_counter()
-                c_step = time.process_time()
-                if self.native is not None:                    # same KV buffers, same weights, no ORT call
-                    self.native.step(self.embed_table[tok], n_ctx, self._logits_row)
-                else:
-                    np.copyto(self._step_embeds[0, 0], self.embed_table[tok], casting="unsafe")
-                    self._step_pos[0, 0] = n_ctx
-                    self._bind_step(self._step_embeds, self._step_pos, n_ctx + 1)
-                    self._bind_outputs()
-                    self._run_decoder()
-                self.kv.commit(n_ctx + 1)
-                n_ctx += 1
-                dt = time.perf_counter() - t_step
-                decode_cpu += time.process_time() - c_step
-                clock.add("decode", dt)
-                step_ms.append(dt * 1e3)
+            g = yield from generate_stream(
+                self.decoder, embeds, embed_table=self.embed_table, tokenizer=self.tokenizer, sampling=sampling,
+                max_new_tokens=int(max_new_tokens), eos_id=self.eos_id, stop_strings=[*self.stop_strings, *(stop or [])],
+                ignore_eos=ignore_eos, max_context=self.context_length, clock=clock, t_start=t_start)
+            self._last = g.last_logits
 
-            if not final_text.startswith(emitted):
-                log.warning("streamed text is not a prefix of the final text (tokenizer decode is not "
-                            "prefix-stable here); the final text is authoritative")
-            total = time.perf_counter() - t_start - paused
+            total = time.perf_counter() - t_start - g.paused_s
+            timings.ttft_ms = g.ttft_s * 1e3
             timings.preprocess_ms, timings.tokenize_ms = clock.ms("preprocess"), clock.ms("tokenize")
             timings.vision_ms, timings.prefill_ms = clock.ms("vision"), clock.ms("prefill")
             timings.decode_ms, timings.sampling_ms = clock.ms("decode"), clock.ms("sampling")
             timings.detokenize_ms = clock.ms("detokenize")
-            timings.generated_tokens = len(produced)
+            timings.generated_tokens = len(g.tokens)
             timings.cpu_ms = (time.process_time() - cpu_start) * 1e3
-            timings.decode_cpu_ms_per_token = decode_cpu * 1e3 / len(step_ms) if step_ms else 0.0
-            timings.finalize(total, step_ms)
-            return Result(text=final_text, tokens=produced, timings=timings, finish_reason=finish, prompt=text,
+            timings.decode_cpu_ms_per_token = g.decode_cpu_s * 1e3 / len(g.step_ms) if g.step_ms else 0.0
+            timings.finalize(total, g.step_ms)
+            return Result(text=g.text, tokens=g.tokens, timings=timings, finish_reason=g.finish_reason, prompt=text,
                           prompt_ids=list(ids))
 
-    @property
-    def decode_backend(self) -> str:
-        """``"native"`` when decode steps run on the native kernel, else ``"onnxruntime"``."""
-        return "native" if self.native is not None else "onnxruntime"
+    def info(self) -> dict[str, Any]:
+        """What runs: ``{"vision": VisionEncoder.info(), "decoder": Decoder.info()}``."""
+        return {"vision": self.vision.info(), "decoder": self.decoder.info()}
 
     def close(self) -> None:
-        """Drop the ORT sessions and the native decoder (frees their memory)."""
-        self.native = None
-        for name in ("_binding", "decoder_session", "vision_session"):
-            if hasattr(self, name):
-                delattr(self, name)
+        """Free the vision encoder and the decoder (ORT sessions, native kernel, TensorRT engines); idempotent."""
+        for name in ("decoder", "vision"):
+            part = self.__dict__.pop(name, None)
+            if part is not None:
+                part.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"Session(bundle='{self.bundle.root}', model='{self.config.name}', threads={self.threads}, "
-                f"providers={[p if isinstance(p, str) else p[0] for p in self.providers]}, "
-                f"kv_mode='{self.kv_spec.mode}', decode='{self.decode_backend}', load_s={self.load_s:.3f})")
+                f"vision='{self.vision_backend}', decoder='{self.decoder_backend}', kv_mode='{self.kv_spec.mode}', "
+                f"load_s={self.load_s:.3f})")

@@ -21,6 +21,8 @@ Definitions (all wall-clock, ``time.perf_counter``):
 * ``cpu_ms``: process CPU time (all threads) during the request; ``decode_cpu_ms_per_token`` the same over the
   decode steps. With spinning off this is the work done, robust to other processes competing for the cores (wall
   time is not), so it is the number to compare across runs on a shared machine.
+* ``vision_backend`` / ``decoder_backend``: which ``VisionEncoder`` / ``Decoder`` ran (``edgevlm.runtime.decoders``);
+  ``decode_backend`` is the older coarse name (``"onnxruntime"``, ``"native"`` or ``"tensorrt"``).
 * ``peak_rss_mb``: the process's resident-set high-water mark (Linux ``VmHWM``; ``getrusage`` elsewhere) after the
   request: it includes the model load, so it is the number to compare against a device's RAM.
 """
@@ -144,7 +146,9 @@ class RequestTimings:
     peak_rss_mb: float = 0.0
     rss_mb: float = 0.0
     threads: int = 0
-    decode_backend: str = "onnxruntime"
+    decode_backend: str = "onnxruntime"       # coarse, kept for old readers: "onnxruntime" | "native" | "tensorrt"
+    vision_backend: str = ""                  # VisionEncoder.backend: "onnxruntime-cpu" | "onnxruntime-cuda" | ...
+    decoder_backend: str = ""                 # Decoder.backend: "onnxruntime-cpu" | ... | "native" | "tensorrt"
     load_breakdown: dict[str, float] = field(default_factory=dict)
 
     def parts_ms(self) -> dict[str, float]:
