@@ -217,3 +217,23 @@ def test_verify_runs_without_torch(trt_bundle, tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out == {"passed": True, "failures": [], "bundle_export": False, "heavy": []}
+
+
+def test_verify_compares_engines_through_the_decoder_loop(trt_bundle, tmp_path, monkeypatch):
+    """With (fake) TensorRT here, ``engine:decoder`` runs the engine's ``TrtDecoderRunner`` through the same
+    decoder loop as ``run:decoder`` runs ONNX Runtime (prefill, one step, KV checks): the fake engines execute the
+    bundle's own graphs, so both agree to float rounding; every fake device buffer is freed afterwards."""
+    import sys
+
+    from tests.fake_tensorrt import install_fake_tensorrt
+
+    b = install_fake_tensorrt(monkeypatch, _copy(trt_bundle, tmp_path))
+    report = verify_bundle(b, samples=1, engines="require")
+    st = _statuses(report)
+    assert report.passed, [(c.name, c.detail) for c in report.failures]
+    assert st["engine:vision"] == st["engine:decoder"] == st["engine:decoder:file"] == "pass"
+    data = report.check("engine:decoder").data
+    assert set(data) == {"prefill logits", "decode logits"}
+    assert all(d["max_abs_diff"] <= 1e-4 and d["cosine"] > 0.99999 for d in data.values()), data
+    assert "TensorRT vs ONNX Runtime" in report.check("engine:decoder").detail
+    assert sys.modules["tensorrt"].cudart.mem == {}                    # runner, engine and stream all released

@@ -13,11 +13,12 @@ Checks (each a row: name, status pass / warn / skip / fail, detail):
 * ``manifest``, ``sha256``: ``read_bundle`` (schema, paths, sizes) and every file's hash;
 * ``onnx:<component>``: each ONNX graph loads in ONNX Runtime (CPU EP) and its I/O names, dtypes and dims match
   the manifest (a static dim must be equal, a symbolic one symbolic); ``embed``: the table's shape and dtype;
-* ``run:vision``: random pixel values -> ``[1, V, D]``, finite; ``run:decoder``: a prefill of the image embeddings
-  plus random text rows from an empty cache (zero-length pasts or a fresh shared buffer, per the manifest's
-  ``kv_cache`` block), then one decode step fed
-  the presents -> logits / presents of the right shapes, finite; ``run:kv-consistency``: the decode step's logits
-  equal a prefill of all T + 1 tokens (the KV cache carries the context); ``--samples`` random inputs each;
+* ``run:vision``: random pixel values -> ``[1, V, D]``, finite; ``run:decoder``: the decoder through the decoder
+  interface (``edgevlm.runtime.decoders``, ONNX Runtime: the code the runtime serves with, KV cache per the
+  manifest's ``kv_cache`` block): a prefill of the image embeddings plus random text rows from an empty cache, then
+  one decode step on the cache it wrote -> logits ``[vocab]`` and KV tensors (``kv_arrays``) of the right shapes,
+  finite; ``run:kv-consistency``: the decode step's logits equal a prefill of all T + 1 tokens (the KV cache carries
+  the context); ``--samples`` random inputs each;
 * TensorRT targets: ``trt:compat:<component>`` (``trt_compat.check_tensorrt_compat`` for the target's TensorRT and
   the plan's builder mode: every graph rule of the rule book, docs/tensorrt.md; an error-level rule fails, warnings
   are listed), ``trt:build-plan`` (``build_plan.json`` loads, matches the manifest's copy, the target's TensorRT
@@ -27,8 +28,9 @@ Checks (each a row: name, status pass / warn / skip / fail, detail):
   (``build_engines.sh`` builds every planned engine with the plan's trtexec arguments and version check);
 * ``engine:<component>``: for engines recorded in ``manifest["tensorrt"]["engines"]`` (by ``edgevlm
   build-engine``): the file is hash-listed; with TensorRT + a GPU here each engine runs on the same inputs as ONNX
-  Runtime and is compared (max |diff|, cosine) against the component's parity tolerance, loosened for TF32 / fp16 /
-  int8 engines. Without them: "skipped: no TensorRT/GPU here; run `edgevlm verify` on the device".
+  Runtime (the decoder engine's ``TrtDecoderRunner`` through the same decoder loop as ``run:decoder``, KV checks
+  included) and is compared (max |diff|, cosine) against the component's parity tolerance, loosened for TF32 /
+  fp16 / int8 engines. Without them: "skipped: no TensorRT/GPU here; run `edgevlm verify` on the device".
 
 `edgevlm verify` exits 1 when a check fails (an unreadable bundle is a failed `manifest` check).
 """
@@ -161,6 +163,58 @@ def engine_tolerance(component: Mapping[str, Any], engine: Mapping[str, Any], ki
     return Tolerance(max(base.max_abs * 10, 1e-3), True, min(base.min_cosine or 1.0, 0.9999))
 
 
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    type: str
+    shape: list[Any]
+
+
+class _GraphIO:
+    """A graph's I/O (``get_inputs`` / ``get_outputs`` like an ``InferenceSession``) once its session is dropped."""
+
+    def __init__(self, sess: Any) -> None:
+        self._io = [[_Arg(a.name, a.type, list(a.shape or [])) for a in args]
+                    for args in (sess.get_inputs(), sess.get_outputs())]
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._io[0]
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._io[1]
+
+
+def _check_kv(logits: np.ndarray, pasts: list[np.ndarray], kv: Any, length: int, vocab: int, what: str) -> None:
+    """After a run: logits ``[vocab]``, the cache's past tensors ``kv.shape(length)`` each, all finite."""
+    if list(logits.shape) != [vocab]:
+        raise BundleError(f"{what}: logits {list(logits.shape)}, expected [{vocab}]")
+    names = kv.past_names()
+    if len(pasts) != len(names):
+        raise BundleError(f"{what}: the KV cache holds {len(pasts)} tensors, expected {len(names)}")
+    for name, p in zip(names, pasts):
+        if list(p.shape) != kv.shape(length):
+            raise BundleError(f"{what}: {name} {list(p.shape)}, expected {kv.shape(length)}")
+    bad = [n for n, a in zip(["logits", *names], [logits, *pasts]) if not np.all(np.isfinite(a))]
+    if bad:
+        raise BundleError(f"{what}: non-finite values in {', '.join(bad)} (fp16 overflow or -inf masks?)")
+
+
+def _prefill_and_step(decoder: Any, embeds: np.ndarray, next_embed: Any, kv: Any, vocab: int,
+                      what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one decoder loop verify runs on every backend (a ``Decoder`` of ``edgevlm.runtime.decoders``: ONNX
+    Runtime for ``run:decoder``, the TensorRT runner for ``engine:decoder``): a prefill of ``embeds [1, T, D]``
+    from an empty cache, then one step fed ``next_embed`` (``[1, 1, D]``, or a function of the prefill's logits
+    giving it); logits and KV cache checked after each (``_check_kv``). Returns copies of both logits rows and the
+    embedding fed."""
+    t = embeds.shape[1]
+    prefill = np.array(decoder.prefill(embeds), np.float32)                           # [vocab]
+    _check_kv(prefill, decoder.kv_arrays(), kv, t, vocab, f"prefill ({what})")
+    nxt = next_embed(prefill) if callable(next_embed) else next_embed
+    step = np.array(decoder.step(np.asarray(nxt).reshape(-1)), np.float32)            # [vocab]
+    _check_kv(step, decoder.kv_arrays(), kv, t + 1, vocab, f"decode step ({what})")
+    return prefill, step, nxt
+
+
 class _Verifier:
     def __init__(self, path: Path, samples: int, seed: int, engines: str, threads: int | None) -> None:
         self.path, self.samples, self.seed, self.engines = path, samples, seed, engines
@@ -279,7 +333,8 @@ class _Verifier:
                         problems.append(f"'{n}' dim {k}: graph {g}, manifest {m}")
                     elif isinstance(m, str) and isinstance(g, int):
                         problems.append(f"'{n}' dim {k}: graph has the static size {g}, manifest says '{m}'")
-        self.sessions[name] = sess
+        # the decoder runs through the decoder interface (its own session): keep only this one's I/O facts
+        self.sessions[name] = _GraphIO(sess) if name == "decoder" else sess
         n_in, n_out = len(sess.get_inputs()), len(sess.get_outputs())
         if problems:
             self.add(f"onnx:{name}", FAIL, "I/O differs from the manifest: " + _short(problems)
@@ -327,29 +382,6 @@ class _Verifier:
                 self.sample.update(pixel_values=pv, image_embeds=out)
         self.add("run:vision", PASS, f"{self.samples} random image(s) -> {want}, finite")
 
-    def _decoder_names(self):
-        from edgevlm.runtime.kv_cache import KVSpec
-
-        entry = self.bundle.component("decoder")
-        kv = KVSpec.from_manifest(entry.get("kv_cache"))
-        ins, outs = self._io("decoder")
-        present = set(kv.present_names())
-        logits = [n for n in outs if n not in present]
-        if len(logits) != 1:
-            raise BundleError(f"the decoder must have one logits output besides the presents, got {sorted(outs)}")
-        return kv, ins, outs, logits[0]
-
-    def _host_kv(self, kv, ins, capacity: int):
-        """Plain-run driver state for this graph (``HostKV``) and the input dtypes it casts feeds to."""
-        from edgevlm.runtime.kv_cache import HostKV
-
-        unknown = set(ins) - {"inputs_embeds", "attention_mask", "position_ids", *kv.past_names()}
-        if unknown:
-            raise BundleError(f"decoder inputs {sorted(unknown)} are not part of the runtime contract "
-                              f"(inputs_embeds, attention_mask, position_ids, past KV per kv_cache)")
-        dtypes = {n: _np_dtype(_ORT_TYPES.get(i.type, "float32")) for n, i in ins.items()}
-        return HostKV(kv, capacity=capacity, dtype=dtypes[kv.past_names()[0]]), dtypes
-
     def _embed_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
         cfg = self.bundle.model_config
         if self.table is not None:
@@ -358,56 +390,52 @@ class _Verifier:
         return (rng.standard_normal((n, cfg.llm.hidden_size)) * 0.02).astype(np.float32)
 
     def _run_decoder(self) -> None:
-        sess = self.sessions["decoder"]
-        kv, ins, outs, logits_name = self._decoder_names()
+        from edgevlm.runtime.backends import BackendOptions
+        from edgevlm.runtime.decoders import open_decoder
+        from edgevlm.runtime.kv_cache import KVSpec
+
         cfg = self.bundle.model_config
         entry = self.bundle.component("decoder")
+        kv = KVSpec.from_manifest(entry.get("kv_cache"))
         ctx = int(cfg.context_length)
         vocab = int(cfg.llm.vocab_size)
-        out_names = [logits_name, *kv.present_names()]
+        v = self.bundle.visual_tokens
+        t = v + max(1, min(_TEXT_TOKENS, ctx - 2 - v))                # image rows + random text rows
+        if t + 1 > ctx:
+            raise BundleError(f"the model context ({ctx}) is too short for a prefill of {t} + 1 tokens")
         last_only = entry.get("logits") == "last_position"
         worst_diff, worst_cos, worst_rel = 0.0, 1.0, 0.0
-        t = 0
-        for i in range(self.samples):
-            rng = np.random.default_rng(self.seed + 1000 + i)
-            vision_ok = "image_embeds" in self.sample           # else: random rows stand in for the image
-            if i == 0 or not vision_ok:
-                img = (self.sample["image_embeds"] if vision_ok
-                       else self._embed_rows(rng, self.bundle.visual_tokens)[None])
-            else:
-                img = self.sessions["vision"].run(None, {next(iter(self._io("vision")[0])): self._pixels(rng)})[0]
-            parts = [img[0].astype(np.float32)]
-            text = max(1, min(_TEXT_TOKENS, ctx - 2 - sum(p.shape[0] for p in parts)))
-            parts.append(self._embed_rows(rng, text))
-            embeds = np.concatenate(parts)[None]                                  # [1, T, D]
-            t = embeds.shape[1]
-            if t + 1 > ctx:
-                raise BundleError(f"the model context ({ctx}) is too short for a prefill of {t} + 1 tokens")
-            # prefill from an empty cache
-            host, dtypes = self._host_kv(kv, ins, t + 1)
-            res = sess.run(out_names, host.feeds(embeds, dtypes))
-            self._check_step(res, kv, host, t, vocab, last_only, f"prefill (sample {i})")
-            host.update(res[1:], t)
-            logits = res[0]
-            tok = int(np.argmax(logits[0, -1]))
-            nxt = (np.asarray(self.table[min(tok, self.table.shape[0] - 1)], np.float32)[None, None]
-                   if self.table is not None else self._embed_rows(rng, 1)[None])
-            # one decode step fed the presents
-            res2 = sess.run(out_names, host.feeds(nxt, dtypes))
-            self._check_step(res2, kv, host, 1, vocab, last_only, f"decode step (sample {i})")
-            # the same context in one prefill
-            fresh, _ = self._host_kv(kv, ins, t + 1)
-            full = sess.run([logits_name], fresh.feeds(np.concatenate([embeds, nxt], axis=1), dtypes))[0]
-            diff, cos, absmax = _stats(full[0, -1], res2[0][0, -1])
-            rel = diff / max(1.0, absmax)
-            worst_diff, worst_cos, worst_rel = max(worst_diff, diff), min(worst_cos, cos), max(worst_rel, rel)
-            if i == 0:
-                self.sample.update(embeds=embeds, next_embed=nxt, prefill_logits=logits[0, -1].copy(),
-                                   decode_logits=res2[0][0, -1].copy())
-        self.add("run:decoder", PASS, f"{self.samples} sample(s): prefill of {t} tokens (empty cache) + one "
-                 f"decode step fed the presents; logits [1, {'1' if last_only else 'T'}, {vocab}], presents "
+        # the bundle's decoder through the decoder interface (ONNX Runtime, CPU), capacity T + 1
+        with open_decoder(self.bundle, "ort", BackendOptions(threads=self.threads), max_context=t + 1) as dec:
+            for i in range(self.samples):
+                rng = np.random.default_rng(self.seed + 1000 + i)
+                vision_ok = "image_embeds" in self.sample           # else: random rows stand in for the image
+                if i == 0 or not vision_ok:
+                    img = (self.sample["image_embeds"] if vision_ok else self._embed_rows(rng, v)[None])
+                else:
+                    img = self.sessions["vision"].run(None, {next(iter(self._io("vision")[0])): self._pixels(rng)})[0]
+                parts = [img[0].astype(np.float32), self._embed_rows(rng, t - img.shape[1])]
+                embeds = np.concatenate(parts)[None]                              # [1, T, D]
+
+                def next_embed(logits: np.ndarray) -> np.ndarray:                 # [1, 1, D] of the greedy token
+                    tok = int(np.argmax(logits))
+                    return (np.asarray(self.table[min(tok, self.table.shape[0] - 1)], np.float32)[None, None]
+                            if self.table is not None else self._embed_rows(rng, 1)[None])
+
+                # prefill from an empty cache, then one decode step on the cache it wrote
+                prefill, step, nxt = _prefill_and_step(dec, embeds, next_embed, kv, vocab, f"sample {i}")
+                # the same context in one prefill
+                full = np.array(dec.prefill(np.concatenate([embeds, nxt], axis=1)), np.float32)
+                diff, cos, absmax = _stats(full, step)
+                rel = diff / max(1.0, absmax)
+                worst_diff, worst_cos, worst_rel = max(worst_diff, diff), min(worst_cos, cos), max(worst_rel, rel)
+                if i == 0:
+                    self.sample.update(embeds=embeds, next_embed=nxt, prefill_logits=prefill, decode_logits=step)
+        self.add("run:decoder", PASS, f"{self.samples} sample(s) through the decoder interface (ONNX Runtime): "
+                 f"prefill of {t} tokens (empty cache) + one decode step on its KV cache; logits [{vocab}] per run "
+                 f"(graph: {'last position only' if last_only else 'every position'}), KV cache "
                  + (f"{kv.shape(t)} -> {kv.shape(t + 1)}" if kv.mode == "concat" else
-                  f"in one shared {kv.shape(t + 1)} buffer") + ", finite")
+                    f"in one shared {kv.shape(t + 1)} buffer") + ", finite")
         precision = entry.get("precision", "fp32")
         fp32 = precision == "fp32" or (isinstance(precision, Mapping) and set(precision.values()) == {"fp32"})
         ok = worst_cos >= (0.9999 if fp32 else 0.99) and (worst_rel <= 1e-3 or not fp32)
@@ -416,22 +444,6 @@ class _Verifier:
                  f"{worst_cos:.6f}" + ("" if ok else " - the KV cache does not carry the context (check the "
                                        "present/past wiring of the graph)"),
                  max_abs_diff=worst_diff, cosine=worst_cos)
-
-    def _check_step(self, res: list[np.ndarray], kv, host, seq: int, vocab: int, last_only: bool,
-                    what: str) -> None:
-        """Shapes after a run of ``seq`` tokens on ``host`` (not yet updated): concat graphs return presents of
-        ``past + seq`` rows, shared-buffer graphs their whole buffer."""
-        logits, presents = res[0], res[1:]
-        want = [1, 1 if last_only else seq, vocab]
-        if list(logits.shape) != want:
-            raise BundleError(f"{what}: logits {list(logits.shape)}, expected {want}")
-        rows = host.capacity if kv.mode == "shared_buffer" else host.length + seq
-        for name, p in zip(kv.present_names(), presents):
-            if list(p.shape) != kv.shape(rows):
-                raise BundleError(f"{what}: {name} {list(p.shape)}, expected {kv.shape(rows)}")
-        bad = [n for n, a in zip(["logits", *kv.present_names()], res) if not np.all(np.isfinite(a))]
-        if bad:
-            raise BundleError(f"{what}: non-finite values in {', '.join(bad)} (fp16 overflow or -inf masks?)")
 
     # -- (d) TensorRT graph + plan checks ---------------------------------------------------------------------------
     def is_tensorrt(self) -> bool:
@@ -519,7 +531,7 @@ class _Verifier:
             if have_onnx and path.is_file():
                 graphs[e.component] = path
             elif e.component in self.sessions:
-                graphs[e.component] = self.sessions[e.component].get_inputs()
+                graphs[e.component] = {i.name: list(i.shape or []) for i in self.sessions[e.component].get_inputs()}
             elif e.component in comps:
                 graphs[e.component] = {i.name: list(i.shape) for i in comps[e.component].inputs}
         issues = check_build_plan(plan, graphs, m)
@@ -629,7 +641,7 @@ class _Verifier:
                 runner = TrtVisionRunner(engine, input_name=component["inputs"][0]["name"],
                                          output_name=component["outputs"][0]["name"], stream=stream, cudart=cudart)
                 try:
-                    got = runner(self.sample["pixel_values"])
+                    got = runner.encode(self.sample["pixel_values"])
                 finally:
                     runner.close()
                 results.append(("image_embeds", self.sample["image_embeds"], got, "vision"))
@@ -639,10 +651,10 @@ class _Verifier:
                 from edgevlm.runtime.kv_cache import KVSpec
 
                 kv = KVSpec.from_manifest(component.get("kv_cache"))
-                runner = TrtDecoderRunner(engine, kv, stream=stream, cudart=cudart)
-                try:
-                    got_p = np.array(runner.prefill(self.sample["embeds"]), np.float32)
-                    got_d = np.array(runner.decode(self.sample["next_embed"]), np.float32)
+                runner = TrtDecoderRunner(engine, kv, stream=stream, cudart=cudart)      # a Decoder
+                try:                    # the loop run:decoder ran on ONNX Runtime, on the same inputs
+                    got_p, got_d, _ = _prefill_and_step(runner, self.sample["embeds"], self.sample["next_embed"], kv,
+                                                        int(self.bundle.model_config.llm.vocab_size), "TensorRT")
                 finally:
                     runner.close()
                 results.append(("prefill logits", self.sample["prefill_logits"], got_p, "logits"))
