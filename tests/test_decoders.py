@@ -94,3 +94,138 @@ def test_open_decoder_backends(tmp_path_factory):
         open_decoder(b, "native", BackendOptions(threads=1))
     with pytest.raises(ConfigError, match="backend must be one of"):
         open_decoder(b, "fast")
+
+
+# ---- every backend gives the same greedy tokens: Session and `edgevlm run` -------------------------------------
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tmp_path_factory):
+    """The tiny random-init bundle for a TensorRT target (fp32, Optimum decoder)."""
+    pytest.importorskip("torch")
+    from edgevlm.exporter.bundle_export import export_bundle
+
+    out = tmp_path_factory.mktemp("decoders_trt") / "tiny-orin"
+    return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin-nano-8gb", precision="fp32",
+                         parity=False)
+
+
+def _run_cli(capsys, *args: str) -> tuple[int, dict | str]:
+    import json
+
+    from edgevlm.cli import main
+
+    rc = main(["run", *args, "--no-cache", "--threads", "1", "--max-new-tokens", str(N_NEW)])
+    out, err = capsys.readouterr()
+    if rc != 0:
+        return rc, err
+    return rc, json.loads(out.strip().splitlines()[-1]) if "--json-output" in args else out
+
+
+def test_greedy_tokens_are_the_same_on_ort_and_tensorrt_engines(trt_bundle, monkeypatch, tmp_path, capsys):
+    """ORT and the TensorRT runners (fake engines that run the bundle's ONNX graphs) through ``Session`` and
+    ``edgevlm run``: same tokens; auto picks the engines when they belong to this device; everything is freed."""
+    import sys
+
+    from tests.fake_tensorrt import install_fake_tensorrt
+    from fixtures_bundles import QUESTION, make_image, write_png
+
+    from edgevlm.runtime import Session
+
+    img = make_image(3)
+    ort = Session.from_bundle(trt_bundle, backend="ort", threads=1, hash_stamps=None)
+    want = ort.generate(img, QUESTION, max_new_tokens=N_NEW, ignore_eos=True)
+    assert (ort.vision_backend, ort.decoder_backend, ort.decode_backend) == ("onnxruntime-cpu",) * 2 + ("onnxruntime",)
+    assert want.timings.decoder_backend == "onnxruntime-cpu" and want.timings.to_dict()["vision_backend"]
+
+    root = install_fake_tensorrt(monkeypatch, trt_bundle)
+    cudart = sys.modules["tensorrt"].cudart
+    for backend in ("tensorrt", "auto"):
+        with Session.from_bundle(root, backend=backend, threads=1, hash_stamps=None) as s:
+            assert (s.vision_backend, s.decoder_backend, s.decode_backend) == ("tensorrt",) * 3
+            got = s.generate(img, QUESTION, max_new_tokens=N_NEW, ignore_eos=True)
+            assert got.tokens == want.tokens, backend
+            assert (got.timings.vision_backend, got.timings.decoder_backend) == ("tensorrt", "tensorrt")
+            np.testing.assert_allclose(s.last_logits, ort.last_logits, rtol=1e-4, atol=1e-4)
+            # streaming and a second request on the same device buffers
+            assert "".join(s.stream(img, QUESTION, max_new_tokens=N_NEW, ignore_eos=True)) == want.text
+        assert cudart.mem == {} and cudart.streams == 0, backend             # Session.close freed everything
+    # the older switch still forces ONNX Runtime even where engines are usable
+    s = Session.from_bundle(root, native_decode="off", threads=1, hash_stamps=None)
+    assert s.decoder_backend == "onnxruntime-cpu" and s.vision_backend == "onnxruntime-cpu"
+    s.close()
+
+    png = str(write_png(tmp_path / "img.png", 3))
+    outs = {}
+    for backend in ("ort", "tensorrt", "auto"):
+        rc, out = _run_cli(capsys, str(root), "--image", png, "--prompt", QUESTION, "--json-output",
+                           "--backend", backend)
+        assert rc == 0, out
+        outs[backend] = out
+    assert outs["ort"]["backends"] == {"vision": "onnxruntime-cpu", "decoder": "onnxruntime-cpu"}
+    assert outs["tensorrt"]["backends"] == outs["auto"]["backends"] == {"vision": "tensorrt", "decoder": "tensorrt"}
+    assert outs["tensorrt"]["timings"]["decoder_backend"] == "tensorrt"
+    assert outs["ort"]["tokens"] == outs["tensorrt"]["tokens"] == outs["auto"]["tokens"]
+    rc, text = _run_cli(capsys, str(root), "--image", png, "--prompt", QUESTION, "--backend", "tensorrt")
+    assert rc == 0 and "tokens] vision: tensorrt, decoder: tensorrt" in text
+
+
+def test_engines_of_another_gpu_auto_falls_back_tensorrt_refuses(trt_bundle, monkeypatch):
+    from tests.fake_tensorrt import install_fake_tensorrt
+    from fixtures_bundles import QUESTION, make_image
+
+    from edgevlm.errors import RuntimeBackendError
+    from edgevlm.runtime import Session
+
+    root = install_fake_tensorrt(monkeypatch, trt_bundle, device_compute_capability="8.9",
+                                 device_name_here="RTX 4090")
+    s = Session.from_bundle(root, threads=1, hash_stamps=None)                 # auto: not these engines
+    assert s.decoder_backend == "onnxruntime-cpu"
+    assert s.generate(make_image(1), QUESTION, max_new_tokens=2).tokens
+    with pytest.raises(RuntimeBackendError, match="build-engine"):
+        Session.from_bundle(root, backend="tensorrt", threads=1, hash_stamps=None)
+
+
+def test_backend_tensorrt_without_tensorrt_is_exit_2_naming_it(tmp_path_factory, monkeypatch, tmp_path, capsys):
+    import sys
+
+    from fixtures_bundles import QUESTION, write_png
+
+    from edgevlm.errors import MissingDependency
+    from edgevlm.runtime import Session
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)                         # `import tensorrt` fails
+    path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2", decoder_graph="portable")
+    with pytest.raises(MissingDependency, match="'tensorrt'"):
+        Session.from_bundle(path, backend="tensorrt", threads=1, hash_stamps=None)
+    png = str(write_png(tmp_path / "img.png"))
+    rc, err = _run_cli(capsys, str(path), "--image", png, "--prompt", QUESTION, "--backend", "tensorrt")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "tensorrt" in err and err.startswith("error:")
+    # auto on the same machine: ONNX Runtime, no error
+    s = Session.from_bundle(path, threads=1, hash_stamps=None)
+    assert s.decoder_backend == "onnxruntime-cpu"
+
+
+def test_native_and_ort_give_the_same_tokens_through_the_cli(tmp_path_factory, tmp_path, capsys):
+    """The int4 CPU bundle: ``--backend native`` (where this CPU runs the kernel) and ``--backend ort`` agree."""
+    from fixtures_bundles import QUESTION, write_png
+
+    from edgevlm.runtime.native import availability
+
+    if availability() is not None:
+        pytest.skip(f"native kernel unavailable here ({availability()})")
+    from test_native import _quantized
+
+    path = _quantized(tmp_path_factory, "int4")
+    png = str(write_png(tmp_path / "img.png", 4))
+    outs = {}
+    for backend in ("ort", "native", "auto"):
+        rc, out = _run_cli(capsys, str(path), "--image", png, "--prompt", QUESTION, "--json-output",
+                           "--backend", backend)
+        assert rc == 0, out
+        outs[backend] = out
+    assert outs["native"]["backends"]["decoder"] == outs["auto"]["backends"]["decoder"] == "native"
+    assert outs["ort"]["backends"]["decoder"] == "onnxruntime-cpu"
+    assert outs["native"]["timings"]["decode_backend"] == "native"
+    assert outs["ort"]["tokens"] == outs["native"]["tokens"] == outs["auto"]["tokens"]

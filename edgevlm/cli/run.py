@@ -4,6 +4,11 @@ latency decomposition (MobileVLM's Eq. 4).
     edgevlm run out/tiny-bundle --image cat.png --prompt "What is in the picture?"
     edgevlm run out/tiny-bundle --image cat.png --prompt "Describe it." --stream --temperature 0.7 --seed 0
     edgevlm run out/tiny-bundle --image cat.png --prompt "..." --json-output     # one JSON object
+    edgevlm run out/orin-bundle --image cat.png --prompt "..." --backend tensorrt  # the engines of build-engine
+
+``--backend auto|ort|native|tensorrt`` picks the decoder (and, for tensorrt, the vision engine): auto runs the
+bundle's TensorRT engines when they were built for this GPU and TensorRT, else the native kernel where it runs, else
+ONNX Runtime. The output names the backend that ran vision and the one that ran the decoder.
 
 Imports only numpy / onnxruntime / PIL / tokenizers / rich (no torch): this verb runs on a device install.
 """
@@ -31,13 +36,13 @@ def _table(result: Any, session: Any) -> None:
         parts.add_column(col, justify="left" if col != "ms" else "right")
     parts.add_row("preprocess", f"{t.preprocess_ms:.1f}", "image decode + pad/resize/normalize")
     parts.add_row("tokenize", f"{t.tokenize_ms:.1f}", f"{t.text_tokens} text tokens")
-    parts.add_row("vision", f"{t.vision_ms:.1f}", f"{t.visual_tokens} visual tokens")
+    parts.add_row("vision", f"{t.vision_ms:.1f}", f"{t.visual_tokens} visual tokens, {t.vision_backend}")
     parts.add_row("prefill", f"{t.prefill_ms:.1f}", f"{t.prompt_tokens} tokens, {t.prefill_tok_s:.1f} tok/s")
     parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
     parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
                   f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token, "
-                  f"{t.decode_backend}" + (f" ({session.native_info['kv_dtype']} KV)"
-                                           if session.native_info.get("kv_dtype") else ""))
+                  f"{t.decoder_backend}" + (f" ({session.native_info['kv_dtype']} KV)"
+                                            if session.native_info.get("kv_dtype") else ""))
     parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
     parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
     parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
@@ -70,6 +75,7 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         provider: list[str] | None = None, stream: bool = False, json_output: bool = False, raw_prompt: bool = False,
         verify: bool = True, cache: bool = False, cache_dir: str | None = None, warmup: bool = False,
         spinning: bool = False, profile_dir: str | None = None,
+        backend: Literal["auto", "ort", "native", "tensorrt"] = "auto",
         native_decode: Literal["auto", "on", "off"] = "auto",
         native_kv: Literal["float16", "float32"] = "float16") -> int:
     """Answer one image question with a bundle (numpy + ONNX Runtime, no torch) and print the latency decomposition.
@@ -104,9 +110,15 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
             on a quiet machine it gave +7 % decode, 23.2 vs 21.7 tok/s, but with other processes on the cores it
             halved it, 2.7 vs 4.9 tok/s, docs/runtime.md; --spinning on a dedicated device).
         profile_dir: write ONNX Runtime profiles (JSON traces) into this directory.
-        native_decode: auto (default): decode steps on edgevlm's native int4/int8 kernel when the bundle has a
-            native_decode plan and this CPU can build it (x86-64 with AVX-512 VNNI and a C compiler), else on
-            ONNX Runtime; on: fail instead of falling back; off: always ONNX Runtime.
+        backend: auto (default): the bundle's TensorRT engines when they were built for this GPU and the installed
+            TensorRT, else the native kernel where it runs, else ONNX Runtime; ort: ONNX Runtime (--provider
+            picks cpu / cuda); native: ONNX Runtime prefill + the native kernel's decode steps (an error where it
+            cannot run); tensorrt: the engines built by `edgevlm build-engine` (an error naming the package where
+            tensorrt is not installed, or the fix where the engines belong to another GPU / TensorRT).
+        native_decode: the older switch, used with --backend auto: auto (default): decode steps on edgevlm's
+            native int4/int8 kernel when the bundle has a native_decode plan and this CPU can build it (x86-64
+            with AVX-512 VNNI and a C compiler), else on ONNX Runtime; on: as --backend native; off: as
+            --backend ort.
         native_kv: what the native kernel's attention reads: float16 (default; an fp16 copy of the KV cache, half
             the bytes per step) or float32 (ONNX Runtime's own buffers).
     """
@@ -117,7 +129,7 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
     cache_opt: Any = (cache_dir or "auto") if (cache or cache_dir) else None
     session = Session.from_bundle(bundle, threads=threads, providers=provider, verify_hashes=verify,
                                   optimized_cache=cache_opt, spinning=spinning, profile_dir=profile_dir, warmup=warmup,
-                                  native_decode=native_decode, native_kv=native_kv)
+                                  native_decode=native_decode, native_kv=native_kv, backend=backend)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop=stop, raw_prompt=raw_prompt)
     if stream and not json_output:
@@ -133,16 +145,19 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
         out = result.to_dict()
         out["bundle"] = str(bundle)
         out["model"] = session.config.name
+        out["backends"] = {"vision": session.vision_backend, "decoder": session.decoder_backend}
         out["load_info"] = {k: v.to_dict() for k, v in session.session_info.items()}
         out["load_info"]["sha256"] = session.verification
         out["load_info"]["native_decode"] = session.native_info
+        out["backend_info"] = session.info()
         if profiles:
             out["profiles"] = profiles
-        print(json.dumps(out))
+        print(json.dumps(out, default=str))
         return 0
     if not stream:
         print(result.text)
-    print(f"[{result.finish_reason}: {len(result.tokens)} tokens]")
+    print(f"[{result.finish_reason}: {len(result.tokens)} tokens] vision: {session.vision_backend}, decoder: "
+          f"{session.decoder_backend}")
     _table(result, session)
     for p in profiles:
         print(f"ORT profile: {p}")
