@@ -365,3 +365,80 @@ def test_bench_environment_records_hidden_flags(monkeypatch):
         assert hidden["by"] == cpuinfo.MASK_ENV and "avx512f" in hidden["flags"]
     else:
         assert hidden is None                          # an AVX2-only CPU has nothing to hide
+
+
+# ---- the weights are read in place (issue 17, item 6) ------------------------------------------------------------
+def _maps() -> list[tuple[int, int, str, str]]:
+    """``/proc/self/maps`` as (start, end, permissions, path)."""
+    out = []
+    for line in open("/proc/self/maps", encoding="ascii", errors="replace"):
+        parts = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        out.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    return out
+
+
+def _weight_pointers(dec) -> tuple[list[int], int]:
+    """Every weight pointer the kernel reads from the bundle's data file (each matmul's blob, scales and zero points,
+    the LM head's included), and the bytes of the plan's inline tensors (tiny ones ONNX keeps in the graph)."""
+    m, plan, ptrs, inline = dec._model, dec.plan, [], 0
+    pairs = [(m.head, plan["lm_head"])] + [(getattr(m.layers[i], f), plan["layers"][i][f])
+                                           for i in range(m.num_layers) for f in ("qkv", "o", "gate_up", "down")]
+    for lin, lp in pairs:
+        for ptr, ref in ((lin.B, lp["weight"]), (lin.scales, lp["scales"]), (lin.zp, lp.get("zero_points"))):
+            if ref is None:
+                assert not ptr
+            elif "inline" in ref:
+                inline += 4 * len(ref["inline"]) if ref["dtype"] == "float32" else len(ref["inline"])
+            else:
+                ptrs.append(ptr)
+    return ptrs, inline
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_native_weights_are_a_read_only_shared_mapping_of_the_bundle(tmp_path_factory, precision):
+    _fallback_checked(tmp_path_factory)
+    from edgevlm.runtime import Session
+    from edgevlm.runtime.native import NativeDecoder
+
+    path = _quantized(tmp_path_factory, precision)
+    s = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on")
+    o = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="off")
+    dec = s.native
+    assert isinstance(dec, NativeDecoder)
+    data = str((path / "decoder.onnx.data").resolve())
+    maps = _maps()
+    ptrs, inline = _weight_pointers(dec)
+    assert len(ptrs) >= 1 + 2 * 4                          # at least every blob
+    for p in ptrs:
+        where = [(perm, name) for lo, hi, perm, name in maps if lo <= p < hi]
+        # inside the bundle's file, mapped read-only and shared: the page cache's pages, no private or anonymous copy
+        assert where == [("r--s", data)], (hex(p), where)
+    (info,) = dec.mappings()
+    assert info["file"] == "decoder.onnx.data" and info["bytes"] == (path / "decoder.onnx.data").stat().st_size
+    # private bytes: the inline tensors and the norms / rotary tables, nothing of the matmuls' file data
+    assert dec.copied_weight_bytes < 64 * 1024 and inline <= dec.copied_weight_bytes
+    # and it decodes ONNX Runtime's tokens from those pages (the request of the token test above: greedy argmax on a
+    # random tiny model has near-ties, so another image can part at a tie on some exports)
+    img = make_image(3)
+    a = s.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
+    b = o.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
+    assert a.timings.decode_backend == "native" and a.tokens == b.tokens
+
+
+def test_closed_native_decoder_unmaps_its_weights_and_refuses_to_step(tmp_path_factory):
+    _fallback_checked(tmp_path_factory)
+    from edgevlm.runtime import Session
+
+    path = _quantized(tmp_path_factory, "int4")
+    s = Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
+    dec = s.native
+    (info,) = dec.mappings()
+    lo = info["address"]
+    dec.close()
+    dec.close()                                            # idempotent
+    assert not any(a <= lo < b for a, b, _, _ in _maps())
+    with pytest.raises(RuntimeError, match="close"):
+        dec.step(s.embed_table[5], 0, s._logits_row)
+    with pytest.raises(RuntimeError, match="close"):
+        dec.bind([0] * (2 * dec._model.num_layers), 8)

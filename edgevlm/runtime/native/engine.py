@@ -1,8 +1,9 @@
 """``NativeDecoder``: decode steps with the native kernel on a bundle's quantized decoder weights, in place.
 
 Inputs: the manifest's ``components.decoder.native_decode`` plan (written by the exporter,
-``edgevlm.exporter.native_plan``), the bundle directory (the weights are copied once from the decoder's external data
-file into one anonymous, huge-page-advised mapping), and the KV buffers of the ONNX Runtime session
+``edgevlm.exporter.native_plan``), the bundle directory (the weights are read in place: the decoder's external data
+file is mapped read-only and shared, advised huge pages, and the kernel points at the plan's offsets in it, so the
+process holds no second copy of them), and the KV buffers of the ONNX Runtime session
 (``SharedBufferKVCache.pointers()``), which the prefill filled. One ``step(embedding, pos)`` runs every layer for one
 token and writes the logits row.
 
@@ -84,54 +85,91 @@ def _linears(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
                                 if lp[f] is not None]
 
 
-def _file_refs(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Every tensor reference of the plan that points into a file."""
-    refs = [plan["cos_cache"], plan["sin_cache"], plan["final_norm"]]
-    refs += [lp[k] for lp in plan["layers"] for k in ("input_norm", "post_attention_norm")]
-    refs += [r for lin in _linears(plan) for r in (lin["weight"], lin["scales"], lin.get("zero_points")) if r]
-    return [r for r in refs if "inline" not in r]
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # Linux >= 5.14: fault every page in, read-only
+
+
+def _mapping_stats(addr: int) -> dict[str, int] | None:
+    """``/proc/self/smaps`` counters (bytes) of the mapping that contains ``addr`` (None where unknown)."""
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            inside, out = False, {}
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    if inside:
+                        return out
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= addr < hi
+                elif inside and line.rstrip().endswith(" kB"):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) * 1024
+            return out if inside else None
+    except (OSError, ValueError):
+        return None
 
 
 class _Tensors:
-    """Memory-mapped views of the plan's tensor references (kept alive as long as the decoder)."""
+    """Views of the plan's tensor references, in place: each referenced file is mapped once, read-only and shared
+    (``MAP_SHARED``, ``PROT_READ``), so the kernel streams the page cache's own pages and the process holds no
+    second copy of the weights. The mappings stay as long as the decoder (``close`` drops them).
 
-    def __init__(self, root: Path, arena_bytes: int) -> None:
+    The mapping is advised ``MADV_HUGEPAGE`` before its first touch and then populated (``MADV_POPULATE_READ``, else
+    ``MADV_WILLNEED``): on a kernel whose file system caches large folios (ext4 / xfs on Linux >= 6.x) the weight
+    stream then crosses a TLB entry every 2 MiB, as the anonymous huge-page copy of earlier versions did. Whether it
+    got them is ``huge_page_bytes`` (``FilePmdMapped``). Tensors whose file offset is not a multiple of their
+    element size (never the weight blobs: the kernel loads those unaligned) are copied, as are inline values."""
+
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.maps: dict[str, np.memmap] = {}
+        self.maps: dict[str, mmap.mmap] = {}
         self.keep: list[np.ndarray] = []
-        self.used = 0
-        self.arena: mmap.mmap | None = None
-        if arena_bytes:
-            # Anonymous memory with transparent huge pages: the weight stream then crosses a TLB entry every 2 MiB
-            # instead of every 4 KiB (measured 36 -> 29 ms per 1.7B int4 step against the page-cache mapping).
-            self.arena = mmap.mmap(-1, arena_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                try:
-                    self.arena.madvise(mmap.MADV_HUGEPAGE)
-                except OSError:
-                    pass
+        self.copied_bytes = 0                              # bytes that could not be used in place (inline, misaligned)
 
     def close(self) -> None:
-        self.maps.clear()                                  # unmapped once no view is left
+        """Drop every view, then unmap (the kernel's pointers are dangling afterwards)."""
+        self.keep.clear()
+        for mm in self.maps.values():
+            try:
+                mm.close()
+            except BufferError:                            # a view escaped (held by a caller): unmapped when freed
+                pass
+        self.maps.clear()
+
+    def _map(self, rel: str, path: Path) -> mmap.mmap:
+        mm = self.maps.get(rel)
+        if mm is None:
+            with open(path, "rb") as f:
+                if not f.seek(0, 2):
+                    raise BundleError(f"native_decode file '{rel}' is empty; re-export the bundle")
+                mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            for advice in ("MADV_HUGEPAGE", "MADV_POPULATE_READ"):
+                code = getattr(mmap, advice, _MADV_POPULATE_READ if advice == "MADV_POPULATE_READ" else None)
+                if code is None:
+                    continue
+                try:
+                    mm.madvise(code)
+                except (OSError, ValueError):
+                    if advice == "MADV_POPULATE_READ" and hasattr(mmap, "MADV_WILLNEED"):
+                        mm.madvise(mmap.MADV_WILLNEED)     # older kernels: read ahead, fault on first use
+            self.maps[rel] = mm
+        return mm
+
+    def mappings(self) -> list[dict[str, Any]]:
+        """Each mapped file: its bundle path, address range and ``/proc/self/smaps`` residency (bytes)."""
+        out = []
+        for rel, mm in self.maps.items():
+            view = np.frombuffer(mm, dtype=np.uint8, count=1)
+            addr = int(view.ctypes.data)
+            del view
+            stats = _mapping_stats(addr) or {}
+            out.append({"file": rel, "address": addr, "bytes": len(mm), "rss": stats.get("Rss"),
+                        "huge_page_bytes": stats.get("FilePmdMapped")})
+        return out
 
     def huge_page_bytes(self) -> int | None:
-        """Bytes of the arena backed by transparent huge pages (Linux ``/proc/self/smaps``; None if unknown)."""
-        if self.arena is None:
-            return None
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(self.arena))
-        try:
-            with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-                inside = False
-                for line in f:
-                    head = line.split(" ", 1)[0]
-                    if "-" in head and not head.endswith(":"):
-                        lo, hi = (int(x, 16) for x in head.split("-"))
-                        inside = lo <= addr < hi
-                    elif inside and line.startswith("AnonHugePages:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            return None
-        return None
+        """Bytes of the weight mappings backed by huge pages (``FilePmdMapped``; None if unknown)."""
+        vals = [m["huge_page_bytes"] for m in self.mappings()]
+        return None if not vals or any(v is None for v in vals) else sum(vals)
 
     def get(self, ref: Mapping[str, Any], dtype: str, shape: Sequence[int] | None = None) -> np.ndarray:
         name = ref.get("name", "?")
@@ -144,35 +182,25 @@ class _Tensors:
             arr = np.ascontiguousarray(np.asarray(ref["inline"], dtype=dtype))
             if arr.size != count:
                 raise BundleError(f"native_decode tensor '{name}' has {arr.size} inline values for {ref['shape']}")
+            self.copied_bytes += arr.nbytes
         else:
             rel = str(ref["file"])
             path = (self.root / rel).resolve()
             if self.root.resolve() not in path.parents:
                 raise BundleError(f"native_decode tensor '{name}' points outside the bundle ({rel})")
-            mm = self.maps.get(rel)
-            if mm is None:
-                mm = self.maps[rel] = np.memmap(path, dtype=np.uint8, mode="r")
+            size = path.stat().st_size if path.is_file() else -1
             off, length = int(ref["offset"]), int(ref["length"])
-            if length != count * np.dtype(dtype).itemsize or off < 0 or off + length > mm.size:
+            if length != count * np.dtype(dtype).itemsize or off < 0 or off + length > size:
                 raise BundleError(f"native_decode tensor '{name}' ({off}+{length} bytes) does not fit '{rel}' "
-                                  f"({mm.size} bytes) or its shape; re-export the bundle")
-            if off % np.dtype(dtype).itemsize:
+                                  f"({size} bytes) or its shape; re-export the bundle")
+            mm = self._map(rel, path)
+            if off % np.dtype(dtype).itemsize:             # a misaligned fp32 table: a small private copy
                 arr = np.frombuffer(mm, dtype=np.uint8, count=length, offset=off).copy().view(dtype)
+                self.copied_bytes += arr.nbytes
             else:
                 arr = np.frombuffer(mm, dtype=dtype, count=count, offset=off)
-        if "inline" not in ref:
-            arr = self._to_arena(arr)
         self.keep.append(arr)
         return arr
-
-    def _to_arena(self, src: np.ndarray) -> np.ndarray:
-        start = -(-self.used // 64) * 64
-        if self.arena is None or start + src.nbytes > len(self.arena):
-            raise BundleError("internal: the native weight arena is smaller than the plan's tensors")
-        dst = np.frombuffer(self.arena, dtype=src.dtype, count=src.size, offset=start)
-        np.copyto(dst, src)
-        self.used = start + src.nbytes
-        return dst
 
 
 class NativeDecoder:
@@ -196,9 +224,9 @@ class NativeDecoder:
         self.lib.evlm_kv_sync.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
         self.lib.evlm_kv_sync.restype = None
         self.plan = plan
+        self.closed = False
         self.threads = int(threads)
-        arena = sum(-(-int(r["length"]) // 64) * 64 for r in _file_refs(plan))
-        t = self._tensors = _Tensors(Path(root), arena)
+        t = self._tensors = _Tensors(Path(root))
         d, inter = int(plan["hidden"]), int(plan["intermediate"])
         self.hidden, self.vocab = d, int(plan["vocab"])
         self._layers = (_Layer * len(plan["layers"]))()
@@ -238,12 +266,25 @@ class NativeDecoder:
         for name, arr in self._scratch.items():
             setattr(m, name, arr.ctypes.data)
         m.xq_stride, m.xs_stride = max_k, max_nb
-        t.close()                                          # the weights live in the arena now
         self.max_len = 0
         self._kv16: np.ndarray | None = None
         self._x = np.zeros(d, np.float32)
         self.weight_bytes = sum(a.nbytes for a in t.keep)
+        self.copied_weight_bytes = t.copied_bytes          # private copies (inline / misaligned tables): KiB
         self.huge_page_bytes = t.huge_page_bytes()
+
+    def close(self) -> None:
+        """Unmap the weights and drop the fp16 KV copy (idempotent); ``step`` raises afterwards."""
+        self.closed = True
+        self.max_len = 0
+        self._model.max_len = 0
+        self._kv16 = None
+        self._kv16_map = None
+        self._tensors.close()
+
+    def mappings(self) -> list[dict[str, Any]]:
+        """The weight files this decoder maps (bundle path, address, bytes, resident and huge-page bytes)."""
+        return self._tensors.mappings()
 
     def _linear(self, lp: Mapping[str, Any]) -> _Linear:
         n, k, blk, bits = int(lp["N"]), int(lp["K"]), int(lp["block_size"]), int(lp["bits"])
@@ -261,6 +302,8 @@ class NativeDecoder:
     def bind(self, kv_pointers: Sequence[int], max_len: int) -> None:
         """Point the layers at the KV buffers (``[past key 0, past value 0, ...]`` data pointers, each
         ``[1, kv_heads, max_len, head_dim]`` float32)."""
+        if self.closed:
+            raise RuntimeError("NativeDecoder.bind after close()")
         if len(kv_pointers) != 2 * len(self.plan["layers"]):
             raise ValueError(f"expected {2 * len(self.plan['layers'])} KV pointers, got {len(kv_pointers)}")
         m, nl = self._model, len(self.plan["layers"])
@@ -291,7 +334,7 @@ class NativeDecoder:
         """Run one token (``embedding`` ``[hidden]``) at position ``pos`` (= tokens already cached); writes
         ``logits`` (float32, ``vocab`` contiguous values) and the token's K/V rows."""
         if not self.max_len:
-            raise RuntimeError("NativeDecoder.step before bind()")
+            raise RuntimeError("NativeDecoder.step before bind() (or after close())")
         if logits.dtype != np.float32 or logits.size != self.vocab or not logits.flags.c_contiguous:
             raise ValueError("logits must be a contiguous float32 buffer of vocab values")
         x = embedding if (embedding.dtype == np.float32 and embedding.flags.c_contiguous) else self._x
