@@ -374,6 +374,14 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, *, emulate_
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def image_embeddings(vision: Any, pixel_values: np.ndarray) -> np.ndarray:
+    """``[1, V, D]`` float32 image embeddings of ``pixel_values [1, 3, S, S]`` from a vision graph's session (the
+    pixels cast to its declared input dtype)."""
+    vin = vision.get_inputs()[0]
+    px = pixel_values.astype(np.float16 if "float16" in vin.type else np.float32)
+    return np.asarray(vision.run(None, {vin.name: px})[0], np.float32)
+
+
 @dataclass
 class _GraphAsBundle:
     """The part of a ``Bundle`` that ``OrtDecoder`` reads (one component's manifest entry, its path, no hashes), for
@@ -564,9 +572,7 @@ class DecoderCalibrationReader(CalibrationDataReader):
         """``[1, V, D]`` fp32 image embeddings of item ``i`` (cached)."""
         if i not in self._embeds_cache:
             vision, _ = self._sessions()
-            vin = vision.get_inputs()[0]
-            px = self.ctx.pixel_values(self.items[i].image).astype(np.float16 if "float16" in vin.type else np.float32)
-            self._embeds_cache[i] = np.asarray(vision.run(None, {vin.name: px})[0], np.float32)
+            self._embeds_cache[i] = image_embeddings(vision, self.ctx.pixel_values(self.items[i].image))
         return self._embeds_cache[i]
 
     def _kv_dims(self, name: str) -> tuple[int, int]:
@@ -662,5 +668,5 @@ class DecoderCalibrationReader(CalibrationDataReader):
 __all__ = ["CalibrationSpec", "CalibrationItem", "CalibrationSet", "BundleContext", "GraphInput", "DecoderSample",
            "VisionCalibrationReader", "DecoderCalibrationReader", "calibration_items", "calibration_set",
            "embedded_items", "folder_items", "llava_items", "graph_inputs", "ort_session", "graph_decoder",
-           "decoder_feed", "EMBEDDED_SPEC",
+           "decoder_feed", "image_embeddings", "EMBEDDED_SPEC",
            "IMAGE_SUFFIXES"]
