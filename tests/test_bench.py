@@ -325,15 +325,19 @@ def test_cli_runs_an_isolated_session(sweep, tmp_path, capsys):
 
     rc = main(["bench", str(sweep["base"]), "--prompt-tokens", "5", "--output-tokens", "2", "4", "--repeats", "1",
                "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "o"), "--no-charts", "--no-roofline",
-               "--cache-dir", str(tmp_path / "cache")])
+               "--cache-dir", str(tmp_path / "cache"), "--backend", "ort", "auto", "ort-cuda"])
     assert rc == 0
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
-    s = rep["sessions"][0]
-    assert "error" not in s and s["pid"] != os.getpid() and s["first_load_s"] > 0 and s["load_s"] > 0
-    assert len(rep["configurations"]) == 2 and rep["command"].startswith("edgevlm bench")
+    assert [s["backend"] for s in rep["sessions"]] == ["ort", "auto"]
+    for s in rep["sessions"]:
+        assert "error" not in s and s["pid"] != os.getpid() and s["first_load_s"] > 0 and s["load_s"] > 0
+        assert s["decoder_backend"] == "onnxruntime-cpu"              # fp32: no native plan, no engines
+    assert len(rep["configurations"]) == 4 and rep["command"].startswith("edgevlm bench")
+    assert rep["backend_agreement"][0]["identical"] and [k["backend"] for k in rep["skipped"]] == ["ort-cuda"]
     out = capsys.readouterr().out                      # a table, the Eq. 4 verdict and the report's paths; no JSON
     assert "Eq. 4 fit:" in out and "report: " in out and not any(ln.lstrip().startswith("{")
                                                                  for ln in out.splitlines())
+    assert "greedy tokens ort / auto" in out and "identical" in out and "note: backend ort-cuda skipped" in out
 
 
 def test_bench_modules_do_not_import_torch():
@@ -346,3 +350,105 @@ def test_bench_modules_do_not_import_torch():
             "assert 'torch' not in env['versions'] and 'torch' not in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---- backends: one sweep compares the backends of one bundle ----------------------------------------------------------
+def _native_bundle(sweep) -> Path:
+    """An int4 bundle of the sweep (it carries a native_decode plan)."""
+    for p in sweep["built"].bundles:
+        m = json.loads((Path(p) / "manifest.json").read_text())
+        if "native_decode" in m["components"]["decoder"]:
+            return Path(p)
+    pytest.skip("no bundle of the sweep carries a native_decode plan")
+
+
+def _backend_sweep(bundles, backends):
+    from edgevlm.bench.report import build_report
+    from edgevlm.bench.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(bundles=[str(b) for b in bundles], prompt_tokens=[6], output_tokens=[4], threads=[1], warmup=0,
+                     repeats=2, backends=backends, isolate=False, cache=None, prime=False)
+    raw = run_sweep(spec)
+    return raw, build_report(raw, spec, command="pytest")
+
+
+def test_sweep_compares_backends_with_identical_greedy_tokens(sweep, tmp_path):
+    """ORT and the native kernel (and auto) on one int4 bundle: one session per backend, rows labelled by backend
+    and by what ran vision / the decoder, same images, identical greedy tokens request by request."""
+    from edgevlm.bench.report import markdown
+    from edgevlm.runtime.native import availability
+
+    if availability() is not None:
+        pytest.skip(f"native kernel unavailable here: {availability()}")
+    bundle = _native_bundle(sweep)
+    raw, rep = _backend_sweep([bundle], ["ort", "native", "auto"])
+    assert [s["backend"] for s in rep["sessions"]] == ["ort", "native", "auto"]
+    assert all("error" not in s for s in rep["sessions"]), [s.get("error") for s in rep["sessions"]]
+    by = {s["backend"]: s for s in rep["sessions"]}
+    assert by["ort"]["decoder_backend"] == "onnxruntime-cpu" and by["native"]["decoder_backend"] == "native"
+    assert by["auto"]["decoder_backend"] == "native"                # no engines here: auto picks native
+    assert all(s["vision_backend"] == "onnxruntime-cpu" for s in rep["sessions"])
+    rows = {r["backend"]: r for r in rep["summary"]["rows"]}
+    assert set(rows) == {"ort", "native", "auto"} and rows["native"]["decoder_backend"] == "native"
+    tokens = {c["backend"]: [(r["image"], r["tokens"]) for r in c["requests"]] for c in rep["configurations"]}
+    assert tokens["ort"] == tokens["native"] == tokens["auto"] and len(tokens["ort"]) == 2
+    (agree,) = rep["backend_agreement"]
+    assert agree["identical"] and agree["requests_compared"] == 2 and agree["backends"] == ["ort", "native", "auto"]
+    md = markdown(rep)
+    assert "native (onnxruntime-cpu / native)" in md and "ort (onnxruntime-cpu / onnxruntime-cpu)" in md
+    assert "identical over 2 requests" in md
+
+
+def test_unavailable_backends_are_skipped_with_the_reason(sweep, tmp_path, monkeypatch):
+    """No CUDA provider, no tensorrt package, a bundle without a native plan: skipped with the reason, not failed."""
+    import importlib.abc
+
+    class NoTensorrt(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorrt":
+                raise ImportError("No module named 'tensorrt' (blocked by the test)")
+            return None
+
+    for mod in [m for m in sys.modules if m.split(".")[0] == "tensorrt"]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(sys, "meta_path", [NoTensorrt(), *sys.meta_path])
+    raw, rep = _backend_sweep([sweep["base"]], ["ort", "ort-cuda", "tensorrt", "native"])
+    assert [s["backend"] for s in rep["sessions"]] == ["ort"] and "error" not in rep["sessions"][0]
+    skipped = {k["backend"]: k for k in rep["skipped"]}
+    assert set(skipped) == {"ort-cuda", "tensorrt", "native"}
+    assert "CUDAExecutionProvider" in skipped["ort-cuda"]["reason"]
+    assert "tensorrt" in skipped["tensorrt"]["reason"]
+    assert "native" in skipped["native"]["reason"]                  # no plan in an fp32 bundle (or no kernel here)
+    assert sum("skipped" in n for n in rep["notes"]) == 3
+    with pytest.raises(ConfigError, match="none of the requested backends"):
+        _backend_sweep([sweep["base"]], ["ort-cuda"])
+    with pytest.raises(ConfigError, match="unknown"):
+        _backend_sweep([sweep["base"]], ["onnx"])
+    from edgevlm.bench.sweep import SweepSpec
+
+    spec = SweepSpec(bundles=["b"], backends=["ort-cpu", "auto"])   # the older name = auto on a CPU
+    spec.validate()
+    assert spec.backends == ["auto"]
+
+
+def test_sweep_runs_tensorrt_engines_and_auto_picks_them(tmp_path_factory, monkeypatch):
+    """A bundle for a TensorRT target with (fake) engines registered: ort, tensorrt and auto in one sweep; tensorrt
+    and auto run vision and decoder on the engines with ORT's greedy tokens; native (no plan: fp32) is skipped."""
+    pytest.importorskip("onnx")
+    from edgevlm.exporter.bundle_export import export_bundle
+    from tests.fake_tensorrt import install_fake_tensorrt
+
+    out = tmp_path_factory.mktemp("bench_trt") / "tiny-orin"
+    bundle = export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin-nano-8gb", precision="fp32",
+                           parity=False)
+    root = install_fake_tensorrt(monkeypatch, bundle)
+    raw, rep = _backend_sweep([root], ["ort", "tensorrt", "auto", "native"])
+    assert all("error" not in s for s in rep["sessions"]), [s.get("error") for s in rep["sessions"]]
+    by = {s["backend"]: s for s in rep["sessions"]}
+    assert set(by) == {"ort", "tensorrt", "auto"}
+    assert (by["ort"]["vision_backend"], by["ort"]["decoder_backend"]) == ("onnxruntime-cpu", "onnxruntime-cpu")
+    for name in ("tensorrt", "auto"):
+        assert (by[name]["vision_backend"], by[name]["decoder_backend"]) == ("tensorrt", "tensorrt"), name
+    (agree,) = rep["backend_agreement"]
+    assert agree["identical"] and agree["requests_compared"] == 2, agree
+    assert [k["backend"] for k in rep["skipped"]] == ["native"]

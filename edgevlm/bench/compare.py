@@ -35,7 +35,10 @@ COMPARED_METRICS: dict[str, bool] = {"total_ms": False, "vision_ms": False, "pre
 
 
 def _key(c: dict[str, Any]) -> tuple:
-    return (c.get("model"), c.get("visual_tokens"), c.get("precision"), c.get("threads"), c.get("backend"),
+    from edgevlm.bench.sweep import ALIASES          # reports before the backend interface said "ort-cpu" (= auto)
+
+    backend = ALIASES.get(c.get("backend"), c.get("backend"))
+    return (c.get("model"), c.get("visual_tokens"), c.get("precision"), c.get("threads"), backend,
             c.get("text_tokens"), c.get("output_tokens"))
 
 

@@ -8,7 +8,11 @@
 measured: hashes, budgets, precisions), ``sessions`` (one per bundle x threads x backend: load, cache state, warm-up
 requests, peak RSS), ``configurations`` (one per session x prompt tokens x output tokens: every request and the
 median / min / max / IQR / spread of each metric, plus the roofline bounds), ``fits`` (Eq. 4 per session with
-held-out predictions, ``edgevlm.bench.fit``), ``family_fits`` (across budgets sharing a decoder) and ``summary``.
+held-out predictions, ``edgevlm.bench.fit``), ``family_fits`` (across budgets sharing a decoder), ``summary``,
+``skipped`` (backends that could not run, with the reason) and ``backend_agreement`` (per bundle x threads measured
+on several backends: whether their greedy tokens were identical request by request; the backends of one bundle see
+the same images). Sessions, configurations and summary rows carry ``backend`` (the sweep's name) and
+``vision_backend`` / ``decoder_backend`` (what the Session actually ran).
 ``eq4_verdict(report)`` is the fit's two-line console summary (``edgevlm bench`` and ``edgevlm demo`` print it).
 
 Charts need matplotlib (``pip install 'edgevlm[bench]'``); it is imported only when charts are written, and a
@@ -33,7 +37,8 @@ from edgevlm.bench.sweep import METRICS, summarize
 log = logging.getLogger(__name__)
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "build_report", "write_report", "write_json", "write_markdown",
-           "write_charts", "throughput_figure", "bundle_record", "load_report", "eq4_verdict", "CHART_FILES"]
+           "write_charts", "throughput_figure", "bundle_record", "load_report", "eq4_verdict", "CHART_FILES",
+           "backend_agreement", "backend_label"]
 
 SCHEMA = "edgevlm.bench.report"
 SCHEMA_VERSION = 1
@@ -141,6 +146,7 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
     configurations: list[dict[str, Any]] = []
     fits: list[dict[str, Any]] = []
     tags: list[str] = []
+    per_session_distinct = True
     for i, s in enumerate(sessions_raw):
         sid = f"S{i + 1}"
         b = by_path[s["bundle"]]
@@ -150,7 +156,9 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
         if "error" in s:
             sessions.append(srec)
             continue
-        tags += s.get("image_tags", [])
+        mine_tags = s.get("image_tags", [])
+        per_session_distinct &= len(mine_tags) == len(set(mine_tags))
+        tags += mine_tags
         ids = []
         for c in s["configurations"]:
             cid = f"{sid}-p{c['text_tokens']}-o{c['output_tokens']}"
@@ -159,6 +167,7 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
             crec = {"id": cid, "session": sid, "bundle": b["path"], "bundle_label": b["label"], "model": b["model"],
                     "projector": b["projector"], "visual_tokens": b["visual_tokens"], "precision": b["precision"],
                     "manifest_sha256": b["manifest_sha256"], "threads": s["threads"], "backend": s["backend"],
+                    "vision_backend": s.get("vision_backend"), "decoder_backend": s.get("decoder_backend"),
                     "prompt_tokens_requested": c["prompt_tokens_requested"], "text_tokens": c["text_tokens"],
                     "prompt_tokens": b["visual_tokens"] + c["text_tokens"], "output_tokens": c["output_tokens"],
                     "prompt": c["prompt"], "load_s": s["load_s"], "requests": reqs, "stats": stats}
@@ -201,8 +210,13 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
 
     summary = _summary(sessions, configurations, fits)
     notes = list(raw.get("notes", []))
-    if len(tags) != len(set(tags)):
-        notes.append("WARNING: some requests shared an image (the workload's images were not distinct)")
+    if not per_session_distinct:
+        notes.append("WARNING: some requests of one session shared an image (the workload's images were not distinct)")
+    agreement = backend_agreement(configurations)
+    for a in agreement:
+        if not a["identical"]:
+            notes.append(f"WARNING: greedy tokens differ between backends {', '.join(a['backends'])} on "
+                         f"{a['bundle_label']} (threads {a['threads']}): {a['first_mismatch']}")
     env = dict(environment or {})
     env["loadavg_end"] = loadavg()
     report = {
@@ -211,13 +225,49 @@ def build_report(raw: dict[str, Any], spec: Any, *, environment: dict[str, Any] 
         "spec": spec.to_dict() if hasattr(spec, "to_dict") else dict(spec), "backends": raw.get("backends", []),
         "roofline": roofline or {}, "bundles": bundles, "sessions": sessions, "configurations": configurations,
         "fits": fits, "family_fits": family_fits, "summary": summary,
-        "workload": {"requests": len(tags), "distinct_images": len(set(tags)), "all_distinct": len(tags) == len(set(tags)),
+        "workload": {"requests": len(tags), "distinct_images": len(set(tags)), "all_distinct": per_session_distinct,
+                     "images_shared_across_backends": len({s["backend"] for s in sessions_raw}) > 1,
                      "prompt_mode": getattr(spec, "prompt_mode", None)},
+        "skipped": list(raw.get("skipped", [])), "backend_agreement": agreement,
         "notes": notes, "charts": [],
     }
     if extra:
         report.update(extra)
     return report
+
+
+def backend_agreement(configurations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (bundle, threads) measured on >= 2 backends: were the generated tokens identical for every request they
+    share (same image, prompt and output tokens)? ``[{"bundle", "bundle_label", "threads", "backends",
+    "requests_compared", "identical", "first_mismatch"}]``."""
+    groups: dict[tuple, dict[str, dict[tuple, list[int]]]] = {}
+    labels: dict[tuple, str] = {}
+    for c in configurations:
+        key = (c["bundle"], c["threads"])
+        labels[key] = c["bundle_label"]
+        runs = groups.setdefault(key, {}).setdefault(c["backend"], {})
+        for r in c["requests"]:
+            if "tokens" in r:
+                runs[(r["image"], c["text_tokens"], c["output_tokens"])] = r["tokens"]
+    out = []
+    for key, by_backend in groups.items():
+        if len(by_backend) < 2:
+            continue
+        names = list(by_backend)
+        shared = set.intersection(*(set(v) for v in by_backend.values()))
+        mismatch = None
+        for req in sorted(shared):
+            ref = by_backend[names[0]][req]
+            for other in names[1:]:
+                got = by_backend[other][req]
+                if got != ref and mismatch is None:
+                    at = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), min(len(ref), len(got)))
+                    mismatch = (f"image {req[0]}, p{req[1]} o{req[2]}: {names[0]} vs {other} differ at token {at} "
+                                f"({ref[at:at + 3]} vs {got[at:at + 3]})")
+        out.append({"bundle": key[0], "bundle_label": labels[key], "threads": key[1], "backends": names,
+                    "requests_compared": len(shared), "identical": mismatch is None and bool(shared),
+                    "first_mismatch": mismatch})
+    return out
 
 
 def _summary(sessions: list[dict[str, Any]], configurations: list[dict[str, Any]],
@@ -234,7 +284,8 @@ def _summary(sessions: list[dict[str, Any]], configurations: list[dict[str, Any]
         fit = next((f for f in fits if f.get("session") == s["id"]), {})
         rows.append({
             "session": s["id"], "bundle_label": s["bundle_label"], "visual_tokens": s["visual_tokens"],
-            "precision": s["precision"], "threads": s["threads"], "backend": s["backend"], "load_s": s["load_s"],
+            "precision": s["precision"], "threads": s["threads"], "backend": s["backend"],
+            "vision_backend": s.get("vision_backend"), "decoder_backend": s.get("decoder_backend"), "load_s": s["load_s"],
             "vision_ms": statistics.median(_med(c, "vision_ms") for c in cs),
             "prefill_tok_s": statistics.median(_med(c, "prefill_tok_s") for c in cs),
             "decode_tok_s": statistics.median(_med(c, "decode_tok_s") for c in cs),
@@ -361,6 +412,12 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def backend_label(row: dict[str, Any]) -> str:
+    """``native (onnxruntime-cpu / native)``: the sweep's backend name, then what ran vision / the decoder."""
+    v, d = row.get("vision_backend"), row.get("decoder_backend")
+    return f"{row.get('backend')} ({v or '?'} / {d or '?'})" if (v or d) else str(row.get("backend"))
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report.get("environment", {})
     cpu = env.get("cpu", {})
@@ -392,19 +449,31 @@ def markdown(report: dict[str, Any]) -> str:
               f"image per request ({report.get('workload', {}).get('distinct_images')} images), EOS ignored", ""]
 
     lines += ["## Summary (per session; medians over its configurations)", "",
-              "| bundle | V | threads | load s | vision ms | prefill tok/s | decode tok/s | p95 ms/tok | "
-              "total ms @ (Tks_in, Tks_out) | spread | peak RSS MiB | Eq.4 held-out err | load avg (1 min) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+              "| bundle | backend (vision / decoder) | V | threads | load s | vision ms | prefill tok/s | decode tok/s | "
+              "p95 ms/tok | total ms @ (Tks_in, Tks_out) | spread | peak RSS MiB | Eq.4 held-out err | "
+              "load avg (1 min) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in report["summary"]["rows"]:
         if "error" in r:
-            lines.append(f"| {r['bundle_label']} | | | failed: {r['error'][:80]} |")
+            lines.append(f"| {r['bundle_label']} | {r.get('backend', '')} | | | failed: {r['error'][:80]} |")
             continue
         ref = r["reference"]
-        lines.append(f"| {r['bundle_label']} | {r['visual_tokens']} | {r['threads']} | {_f(r['load_s'], 2)} | "
+        lines.append(f"| {r['bundle_label']} | {backend_label(r)} | {r['visual_tokens']} | {r['threads']} | {_f(r['load_s'], 2)} | "
                      f"{_f(r['vision_ms'])} | {_f(r['prefill_tok_s'])} | {_f(r['decode_tok_s'], 2)} | "
                      f"{_f(r['decode_token_ms_p95'])} | {_f(ref['total_ms'], 0)} @ ({ref['prompt_tokens']}, "
                      f"{ref['output_tokens']}) | {_pct(ref['total_spread'])} | {_f(r['peak_rss_mb'], 0)} | "
                      f"{_pct(r['eq4_heldout_rel_error'])} | {_f(r.get('loadavg_start'))} -> {_f(r.get('loadavg_end'))} |")
+    if report.get("backend_agreement"):
+        lines += ["", "Greedy tokens across backends (same images, prompts and output tokens):", ""]
+        for a in report["backend_agreement"]:
+            verdict = "identical" if a["identical"] else f"DIFFER ({a['first_mismatch']})"
+            lines.append(f"- {a['bundle_label']} t{a['threads']}: {' / '.join(a['backends'])}: {verdict} over "
+                         f"{a['requests_compared']} requests")
+    if report.get("skipped"):
+        lines += ["", "Skipped backends:", ""]
+        for k in report["skipped"]:
+            where = f" for {Path(k['bundle']).name}" if k.get("bundle") else ""
+            lines.append(f"- {k['backend']}{where}: {k['reason']}")
     eq = report["summary"]["eq4"]
     lines += ["", f"Eq. 4 held-out prediction (largest prompt x output combination predicted from the others): max "
                   f"relative error {_pct(eq['heldout_max_rel_error'])} (leave-one-out max "
@@ -412,13 +481,13 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{'PASS' if eq['passes'] else 'FAIL' if eq['passes'] is not None else 'n/a'}", ""]
 
     lines += ["## Configurations (medians; spread = (max - min) / median of total)", "",
-              "| config | bundle | Tks_in (V + text) | Tks_out | preprocess | vision | prefill ms | prefill tok/s | "
+              "| config | bundle | backend | Tks_in (V + text) | Tks_out | preprocess | vision | prefill ms | prefill tok/s | "
               "TTFT ms | decode ms | decode tok/s | p50 / p95 ms/tok | total ms | spread | decode bound tok/s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for c in report["configurations"]:
         m = lambda k: _med(c, k)  # noqa: E731
         rf = c.get("roofline") or {}
-        lines.append(f"| {c['id']} | {c['bundle_label']} | {c['prompt_tokens']} ({c['visual_tokens']} + "
+        lines.append(f"| {c['id']} | {c['bundle_label']} | {backend_label(c)} | {c['prompt_tokens']} ({c['visual_tokens']} + "
                      f"{c['text_tokens']}) | {c['output_tokens']} | {_f(m('preprocess_ms'))} | {_f(m('vision_ms'))} | "
                      f"{_f(m('prefill_ms'))} | {_f(m('prefill_tok_s'))} | {_f(m('ttft_ms'))} | {_f(m('decode_ms'))} | "
                      f"{_f(m('decode_tok_s'), 2)} | {_f(m('decode_token_ms_p50'))} / {_f(m('decode_token_ms_p95'))} | "

@@ -18,6 +18,16 @@ In the session:
    (``workload.ImageStream``) and ``ignore_eos=True`` so exactly ``output_tokens`` tokens are generated (EOS and stop
    strings are ignored; a request that ends otherwise is an error).
 
+**Backends** (``--backend``, a list): one sweep compares backends of one bundle. ``ort`` (ONNX Runtime, CPU
+provider), ``ort-cuda`` / ``ort-tensorrt`` (ONNX Runtime's CUDA / TensorRT execution providers), ``native`` (ORT
+prefill + the native kernel's decode steps), ``tensorrt`` (the engines of ``edgevlm build-engine``), ``auto`` (what
+``Session`` picks: TensorRT, else native, else ORT). A backend that cannot run here (no such execution provider, no
+``tensorrt``, engines of another GPU, a CPU or bundle the native kernel cannot run) is **skipped with its reason**
+(``result["skipped"]`` and a note), never a crash. Every backend of one bundle and thread count sees the same image
+stream, and every request records its tokens: the report checks that the backends' greedy tokens agree
+(``edgevlm.bench.report``: ``backend_agreement``). Each session records which backend ran vision and which ran the
+decoder (``vision_backend`` / ``decoder_backend``).
+
 Torch-free: imports numpy, onnxruntime (through the runtime), PIL, tokenizers. Worker entry point:
 ``python -m edgevlm.bench.sweep --worker JOB.json`` prints ``RESULT {json}`` as its last line.
 """
@@ -42,12 +52,18 @@ from edgevlm.errors import ConfigError, EdgeVLMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepSpec", "run_sweep", "worker_result", "run_session", "BACKENDS", "available_backends", "METRICS", "summarize",
+__all__ = ["SweepSpec", "run_sweep", "worker_result", "run_session", "BACKENDS", "ALIASES", "available_backends",
+           "unavailable_reason", "METRICS", "summarize",
            "expand_bundle_paths"]
 
-#: backend name -> ONNX Runtime providers (``Session.from_bundle(providers=...)``)
-BACKENDS: dict[str, list[str]] = {"ort-cpu": ["cpu"], "ort-cuda": ["cuda"], "ort-tensorrt": ["tensorrt", "cuda"]}
-_BACKEND_EP = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+#: bench backend name -> (``Session.from_bundle(backend=...)``, its ``providers=``; None = the Session's default)
+BACKENDS: dict[str, tuple[str, list[str] | None]] = {
+    "ort": ("ort", ["cpu"]), "ort-cuda": ("ort", ["cuda"]), "ort-tensorrt": ("ort", ["tensorrt", "cuda"]),
+    "native": ("native", ["cpu"]), "tensorrt": ("tensorrt", None), "auto": ("auto", None)}
+#: the name before the backend interface: ORT's CPU provider, decode steps native where the kernel runs = ``auto`` on
+#: a CPU machine (old reports and benchmarks/bench_baseline.py say it; ``--compare`` matches it to ``auto``)
+ALIASES = {"ort-cpu": "auto"}
+_BACKEND_EP = {"ort": "CPUExecutionProvider", "native": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                "ort-tensorrt": "TensorrtExecutionProvider"}
 
 #: per-request metrics aggregated per configuration (all from ``RequestTimings`` except ``overhead_ms``)
@@ -65,7 +81,7 @@ class SweepSpec:
     prompt_tokens: list[int] = field(default_factory=lambda: [16, 64])
     output_tokens: list[int] = field(default_factory=lambda: [16, 64])
     threads: list[int | None] = field(default_factory=lambda: [None])
-    backends: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    backends: list[str] = field(default_factory=lambda: ["auto"])
     warmup: int = 1
     repeats: int = 3
     prompt_mode: str = "raw"
@@ -89,9 +105,10 @@ class SweepSpec:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.repeats < 1 or self.warmup < 0:
             raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
+        self.backends = list(dict.fromkeys(ALIASES.get(b, b) for b in self.backends))
         unknown = [b for b in self.backends if b not in BACKENDS]
-        if unknown:
-            raise ConfigError(f"backend(s) {', '.join(unknown)} unknown; known: {', '.join(BACKENDS)}")
+        if unknown or not self.backends:
+            raise ConfigError(f"backend(s) {', '.join(unknown) or '(none)'} unknown; known: {', '.join(BACKENDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,12 +117,34 @@ class SweepSpec:
         return d
 
 
-def available_backends() -> list[str]:
-    """Backends whose execution provider this onnxruntime has."""
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine at all (None when it may: a bundle can still lack what it needs,
+    e.g. engines or a native plan, which the session reports as skipped)."""
     from edgevlm.runtime.backends import import_ort
 
-    have = set(import_ort().get_available_providers())
-    return [b for b, ep in _BACKEND_EP.items() if ep in have]
+    ep = _BACKEND_EP.get(backend)
+    if ep is not None:
+        have = import_ort().get_available_providers()
+        if ep not in have:
+            return f"this onnxruntime has no {ep} (available: {', '.join(have)})"
+    if backend == "native":
+        from edgevlm.runtime.native import availability
+
+        return availability()
+    if backend == "tensorrt":
+        from edgevlm.errors import MissingDependency
+        from edgevlm.runtime.trt_backend import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except MissingDependency as exc:
+            return str(exc)
+    return None
+
+
+def available_backends() -> list[str]:
+    """Backends that may run on this machine (``unavailable_reason`` is None)."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
 def expand_bundle_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -156,16 +195,25 @@ def _request_record(result: Any, image_tag: str, repeat: int, seq: int) -> dict[
         t.pop(k, None)
     t["overhead_ms"] = max(0.0, t["total_ms"] - t["preprocess_ms"] - t["vision_ms"] - t["prefill_ms"]
                            - t["decode_ms"])
-    t.update({"image": image_tag, "repeat": repeat, "seq": seq, "finish_reason": result.finish_reason})
+    t.update({"image": image_tag, "repeat": repeat, "seq": seq, "finish_reason": result.finish_reason,
+              "tokens": [int(x) for x in result.tokens]})
     return t
 
 
 def _open(job: dict[str, Any]):
     from edgevlm.runtime import Session
 
-    return Session.from_bundle(job["bundle"], threads=job.get("threads"), providers=BACKENDS[job["backend"]],
+    backend, providers = BACKENDS[ALIASES.get(job["backend"], job["backend"])]
+    return Session.from_bundle(job["bundle"], backend=backend, threads=job.get("threads"), providers=providers,
                                verify_hashes=job.get("verify_hashes", True), optimized_cache=job.get("cache"),
                                spinning=job.get("spinning", False))
+
+
+def _unavailable() -> tuple[type[Exception], ...]:
+    """Errors that, raised while opening a session, mean: this backend cannot run this bundle here (skipped)."""
+    from edgevlm.errors import MissingDependency, RuntimeBackendError
+
+    return (MissingDependency, RuntimeBackendError)
 
 
 def run_session(job: dict[str, Any], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -180,21 +228,29 @@ def run_session(job: dict[str, Any], progress: Callable[[str], None] | None = No
     say = progress or (lambda s: None)
     rec: dict[str, Any] = {"bundle": job["bundle"], "backend": job["backend"], "threads_requested": job.get("threads"),
                            "pid": os.getpid(), "loadavg_start": loadavg()}
-    if job.get("prime", True) and job.get("cache"):
+    try:
         s0 = _open(job)
+    except _unavailable() as exc:
+        rec["unavailable"] = f"{type(exc).__name__}: {exc}"
+        return rec
+    if job.get("prime", True) and job.get("cache"):
         rec["first_load_s"] = s0.load_s
         rec["first_load_cache"] = {k: v.cache for k, v in s0.session_info.items()}
         s0.close()
         del s0
         gc.collect()
-    s = _open(job)
+        s = _open(job)
+    else:
+        s = s0
     rec.update({"load_s": s.load_s, "load_breakdown": dict(s.load_breakdown), "threads": s.threads,
                 "providers": [p if isinstance(p, str) else p[0] for p in s.providers],
                 "cache": {k: v.cache for k, v in s.session_info.items()}, "verification": s.verification,
                 "visual_tokens": s.visual_tokens, "context_length": s.context_length,
                 "manifest_sha256": s.bundle.manifest_sha256, "rss_after_load_mb": _rss_mb(),
-                "decode_backend": s.decode_backend, "native_decode": s.native_info})
-    say(f"loaded {Path(job['bundle']).name} in {s.load_s:.2f} s ({s.threads} threads, {job['backend']})")
+                "vision_backend": s.vision_backend, "decoder_backend": s.decoder_backend,
+                "native_decode": s.native_info})
+    say(f"loaded {Path(job['bundle']).name} in {s.load_s:.2f} s ({s.threads} threads, {job['backend']}: vision "
+        f"{s.vision_backend}, decoder {s.decoder_backend})")
     raw = job.get("prompt_mode", "raw") == "raw"
     prompts: dict[int, tuple[str, int]] = {}
     for n in job["prompt_tokens"]:
@@ -287,28 +343,34 @@ def worker_result(stdout: str, wall_s: float) -> dict[str, Any] | None:
 
 def run_sweep(spec: SweepSpec, progress: Callable[[str], None] | None = None,
               verbose: bool = False) -> dict[str, Any]:
-    """Run every session of ``spec``; returns ``{"sessions": [...], "notes": [...], "backends": [...]}`` (raw
-    measurements; ``edgevlm.bench.report.build_report`` turns them into the report)."""
+    """Run every session of ``spec``; returns ``{"sessions": [...], "notes": [...], "backends": [...],
+    "skipped": [{"backend", "bundle", "threads", "reason"}]}`` (raw measurements; ``edgevlm.bench.report.build_report``
+    turns them into the report)."""
     spec.validate()
     say = progress or (lambda s: log.info("%s", s))
     notes: list[str] = []
-    have = available_backends()
-    backends = [b for b in spec.backends if b in have]
+    skipped: list[dict[str, Any]] = []
+    backends = []
     for b in spec.backends:
-        if b not in have:
-            notes.append(f"backend {b} skipped: this onnxruntime has no {_BACKEND_EP[b]} (available: "
-                         f"{', '.join(have)})")
+        why = unavailable_reason(b)
+        if why is None:
+            backends.append(b)
+        else:
+            notes.append(f"backend {b} skipped: {why}")
+            skipped.append({"backend": b, "bundle": None, "threads": None, "reason": why})
     if not backends:
-        raise ConfigError(f"none of the requested backends ({', '.join(spec.backends)}) is available here; "
-                          f"available: {', '.join(have)}")
+        raise ConfigError(f"none of the requested backends ({', '.join(spec.backends)}) can run here: "
+                          + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
     sessions: list[dict[str, Any]] = []
     jobs = [(b, t, be) for b in spec.bundles for t in spec.threads for be in backends]
+    stream = {bt: k for k, bt in enumerate(dict.fromkeys((b, t) for b, t, _ in jobs))}
     for i, (bundle, threads, backend) in enumerate(jobs):
         job = {"bundle": str(bundle), "threads": threads, "backend": backend,
                "prompt_tokens": [int(x) for x in spec.prompt_tokens],
                "output_tokens": [int(x) for x in spec.output_tokens], "warmup": spec.warmup, "repeats": spec.repeats,
                "prompt_mode": spec.prompt_mode, "image_size": list(spec.image_size) if spec.image_size else None,
-               "seed": spec.seed, "image_start": i * 1_000_000, "cache": spec.cache, "prime": spec.prime,
+               "seed": spec.seed, "image_start": stream[(bundle, threads)] * 1_000_000,  # same images per backend
+               "cache": spec.cache, "prime": spec.prime,
                "verify_hashes": spec.verify_hashes, "spinning": spec.spinning}
         say(f"[{i + 1}/{len(jobs)}] {Path(bundle).name}: threads {threads or 'default'}, {backend}")
         t = time.perf_counter()
@@ -326,6 +388,12 @@ def run_sweep(spec: SweepSpec, progress: Callable[[str], None] | None = None,
         rec.setdefault("threads_requested", threads)
         rec["cache_mode"] = "session" if tmp_cache else spec.cache
         rec["session_wall_s"] = time.perf_counter() - t
+        if "unavailable" in rec:
+            why = rec["unavailable"]
+            say(f"  skipped: {why}")
+            notes.append(f"backend {backend} skipped for {Path(bundle).name} (threads {threads}): {why}")
+            skipped.append({"backend": backend, "bundle": str(bundle), "threads": threads, "reason": why})
+            continue
         if "error" in rec:
             say(f"  failed: {rec['error'][-500:]}")
             notes.append(f"session {Path(bundle).name} threads {threads} {backend} failed: {rec['error'][-300:]}")
@@ -333,7 +401,7 @@ def run_sweep(spec: SweepSpec, progress: Callable[[str], None] | None = None,
             say(f"  load {rec['load_s']:.2f} s, {sum(len(c['requests']) for c in rec['configurations'])} requests "
                 f"in {rec['session_wall_s']:.1f} s")
         sessions.append(rec)
-    return {"sessions": sessions, "notes": notes, "backends": backends}
+    return {"sessions": sessions, "notes": notes, "backends": backends, "skipped": skipped}
 
 
 def _run_job(job: dict[str, Any], spec: SweepSpec, verbose: bool, say: Callable[[str], None]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ MobileVLM's Eq. 4 fitted and checked on held-out configurations; ``--compare`` f
     edgevlm bench bundles/sweep --build-budgets --model mobilevlm-v2-1.7b --budgets 576,144,64,36 \\
         --precision fp32,int4 --random-init          # export the budget bundles into bundles/sweep, then bench them
     edgevlm bench --compare base/report.json new/report.json      # exit 1 on a regression beyond the spread
+    edgevlm bench bundles/b144 --backend ort native tensorrt auto  # one sweep compares the backends of a bundle
 
 The sweep path imports numpy / onnxruntime / PIL / tokenizers only (no torch); ``--build-budgets`` exports with torch.
 """
@@ -27,25 +28,31 @@ log = logging.getLogger(__name__)
 
 def _print_summary(report: dict[str, Any]) -> None:
     from rich import box
+    from edgevlm.bench.report import backend_label
     from edgevlm.console import make_console
     from rich.table import Table
 
     t = Table(title="edgevlm bench (medians per session; total at the largest prompt x output)", box=box.SIMPLE,
               title_justify="left")
-    for col in ("bundle", "V", "thr", "load s", "vision ms", "prefill tok/s", "decode tok/s", "total ms", "spread",
-                "RSS MiB", "Eq.4 held-out"):
-        t.add_column(col, justify="left" if col == "bundle" else "right")
+    for col in ("bundle", "backend (vision / decoder)", "V", "thr", "load s", "vision ms", "prefill tok/s",
+                "decode tok/s", "total ms", "spread", "RSS MiB", "Eq.4 held-out"):
+        t.add_column(col, justify="left" if col.startswith(("bundle", "backend")) else "right")
     for r in report["summary"]["rows"]:
         if "error" in r:
-            t.add_row(r["bundle_label"], "", "", "failed")
+            t.add_row(r["bundle_label"], str(r.get("backend", "")), "", "", "failed")
             continue
         ref = r["reference"]
         err = r["eq4_heldout_rel_error"]
-        t.add_row(r["bundle_label"], str(r["visual_tokens"]), str(r["threads"]), f"{r['load_s']:.2f}",
+        t.add_row(r["bundle_label"], backend_label(r), str(r["visual_tokens"]), str(r["threads"]),
+                  f"{r['load_s']:.2f}",
                   f"{r['vision_ms']:.1f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
                   f"{ref['total_ms']:.0f}", f"{(ref['total_spread'] or 0) * 100:.1f}%", f"{r['peak_rss_mb'] or 0:.0f}",
                   "-" if err is None else f"{err * 100:.1f}%")
     make_console().print(t)
+    for a in report.get("backend_agreement") or []:
+        verdict = "identical" if a["identical"] else f"DIFFER: {a['first_mismatch']}"
+        print(f"greedy tokens {' / '.join(a['backends'])} on {a['bundle_label']} t{a['threads']}: {verdict} "
+              f"({a['requests_compared']} requests)")
 
 
 def _command_line(kwargs: dict[str, Any]) -> str:
@@ -101,7 +108,7 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 
 @positional("bundle")
 def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens: list[int] = [16, 64],  # noqa: B006
-          threads: list[int] | None = None, backend: list[str] = ["ort-cpu"], warmup: int = 1,  # noqa: B006
+          threads: list[int] | None = None, backend: list[str] = ["auto"], warmup: int = 1,  # noqa: B006
           repeats: int = 3, out: str = "bench-out", name: str = "report",
           prompt_mode: Literal["raw", "template"] = "raw", image_size: str | None = None, seed: int = 0,
           isolate: bool = True, cache: bool = True, cache_dir: str | None = None, prime: bool = True,
@@ -130,7 +137,11 @@ def bench(bundle: list[str], prompt_tokens: list[int] = [16, 64], output_tokens:
         prompt_tokens: text tokens per prompt (Tks_in = visual tokens + this).
         output_tokens: generated tokens per request (EOS ignored: exactly this many).
         threads: ONNX Runtime intra-op thread counts to sweep (default: physical cores).
-        backend: ort-cpu, ort-cuda, ort-tensorrt (unavailable ones are skipped with a note).
+        backend: backends to compare on every bundle (one session each, same images): ort (ONNX Runtime CPU),
+            ort-cuda, ort-tensorrt (ONNX Runtime execution providers), native (ORT prefill + the native kernel's
+            decode steps), tensorrt (the engines of `edgevlm build-engine`), auto (default: what `edgevlm run`
+            picks: TensorRT engines built for this GPU, else native, else ORT).
+            One that cannot run here is skipped with its reason; the report says whether their greedy tokens agree.
         warmup: warm-up requests per session (not measured).
         repeats: measured requests per configuration.
         out: output directory of the report.
