@@ -229,3 +229,72 @@ def test_native_and_ort_give_the_same_tokens_through_the_cli(tmp_path_factory, t
     assert outs["ort"]["backends"]["decoder"] == "onnxruntime-cpu"
     assert outs["native"]["timings"]["decode_backend"] == "native"
     assert outs["ort"]["tokens"] == outs["native"]["tokens"] == outs["auto"]["tokens"]
+
+
+# ---- the loop knows nothing of backends ---------------------------------------------------------------------------
+class _Scripted:
+    """A Decoder that plays back fixed logits (one-hot on a scripted token per call)."""
+
+    backend, hidden_size, vocab_size, max_context, max_prompt = "scripted", 4, 8, 12, 12
+
+    def __init__(self, tokens):
+        self.tokens, self.calls, self._n = list(tokens), 0, 0
+
+    @property
+    def length(self):
+        return self._n
+
+    def _logits(self):
+        out = np.zeros(self.vocab_size, np.float32)
+        out[self.tokens[min(self.calls, len(self.tokens) - 1)]] = 1.0
+        self.calls += 1
+        return out
+
+    def prefill(self, embeds, positions=None):
+        self._n = np.asarray(embeds).reshape(-1, self.hidden_size).shape[0]
+        return self._logits()
+
+    def step(self, embed, position=None):
+        assert np.asarray(embed).shape == (self.hidden_size,)
+        self._n += 1
+        return self._logits()
+
+
+class _Chars:
+    """Token i decodes to the i-th character of ALPHABET; 0 is the EOS (skipped)."""
+
+    ALPHABET = "\0ab<>/s!"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.ALPHABET[i] for i in ids if i)
+
+
+def _loop(tokens, **kw):
+    from edgevlm.runtime.generation import generate_stream
+    from edgevlm.runtime.sampling import SamplingParams
+
+    gen = generate_stream(_Scripted(tokens), np.zeros((1, 3, 4), np.float32), embed_table=np.eye(8, 4, dtype=np.float32),
+                          tokenizer=_Chars(), sampling=SamplingParams(), **{"max_new_tokens": 20, **kw})
+    deltas = []
+    while True:
+        try:
+            deltas.append(next(gen))
+        except StopIteration as done:
+            return deltas, done.value
+
+
+def test_generation_loop_stops_and_streams_the_same_on_any_decoder():
+    # a stop string split over tokens is held back, never half-emitted, and cut from the text
+    deltas, g = _loop([1, 2, 3, 5, 6, 4, 1, 1], stop_strings=["</s>"], eos_id=0)
+    assert g.finish_reason == "stop_string" and g.text == "ab" and "".join(deltas) == "ab"
+    assert all("<" not in d for d in deltas) and g.tokens == [1, 2, 3, 5, 6, 4]
+    # EOS ends (and is counted), max_new_tokens ends, ignore_eos runs to the limit
+    deltas, g = _loop([1, 2, 0, 1], eos_id=0)
+    assert (g.finish_reason, g.tokens, g.text, len(g.step_ms)) == ("eos", [1, 2, 0], "ab", 2)
+    _, g = _loop([1, 2, 0, 1], eos_id=0, max_new_tokens=2)
+    assert (g.finish_reason, g.tokens) == ("max_new_tokens", [1, 2])
+    _, g = _loop([1, 0, 0, 0], eos_id=0, ignore_eos=True, stop_strings=["b"], max_new_tokens=5)
+    assert (g.finish_reason, len(g.tokens)) == ("max_new_tokens", 5)
+    # the context fills up: prompt 3 + 9 steps = 12 = max_context
+    _, g = _loop([1], max_new_tokens=100)
+    assert g.finish_reason == "context_full" and len(g.tokens) == 10 and len(g.step_ms) == 9

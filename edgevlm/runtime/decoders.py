@@ -254,10 +254,11 @@ class OrtDecoder(_Closing):
     # -- state
     @property
     def length(self) -> int:
-        return self.kv.length
+        return 0 if self._closed else self.kv.length
 
     def reset(self) -> None:
-        self.kv.reset()
+        if not self._closed:
+            self.kv.reset()
 
     # -- runs
     def _bind(self, embeds: np.ndarray, positions: np.ndarray, total: int) -> None:
@@ -287,7 +288,12 @@ class OrtDecoder(_Closing):
         np.copyto(self._logits32, row, casting="unsafe")
         return self._logits32
 
+    def _open(self) -> None:
+        if self._closed:
+            raise RuntimeBackendError(f"this {self.backend} decoder was closed; open a new one")
+
     def prefill(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        self._open()
         e = _as_tokens(embeds, self.hidden_size, "prefill")
         t = int(e.shape[0])
         _check_prompt(t, self.max_prompt, self.max_context, self.backend)
@@ -301,6 +307,7 @@ class OrtDecoder(_Closing):
         return self._run(t)
 
     def step(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
+        self._open()
         n = self.kv.length
         _full(n, self.max_context, self.backend)
         np.copyto(self._step_embeds.reshape(-1), np.asarray(embed).reshape(-1), casting="unsafe")
@@ -310,6 +317,7 @@ class OrtDecoder(_Closing):
 
     # -- facts
     def kv_arrays(self) -> list[np.ndarray]:
+        self._open()
         n, axis = self.kv.length, self.spec.layout.index("seq")
         values = getattr(self.kv, "_buffers", None) if self.spec.mode == "shared_buffer" else \
             getattr(self.kv, "_values", None)
