@@ -52,6 +52,11 @@ def _pip(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """``(wheel, install_dir)``: the repository's wheel, installed into a bare folder."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    assert major >= 77, (f"setuptools {setuptools.__version__} cannot build this pyproject.toml without build isolation; "
+                         f"install the dev extra (pip install -e '.[dev]': setuptools>=77)")
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info", "build", "dist")
@@ -104,15 +109,24 @@ def test_wheel_carries_the_device_data(installed, tmp_path):
     assert "edgevlm/_data/calibration/embedded.toml" in names
     for c in sorted((REPO / "edgevlm" / "runtime" / "native").glob("*.c")):
         assert f"edgevlm/runtime/native/{c.name}" in names
-    # the installed package finds its own copies (not the source tree's)
-    code = ("from edgevlm.targets import TARGETS_DIR; from edgevlm.resources import data_dir; "
-            "from edgevlm.runtime.native.build import SOURCE; "
-            "print(TARGETS_DIR); print(data_dir('calibration')); print(SOURCE)")
+    # the installed package finds its own copies (not the source tree's); the native kernel builds from its source
+    code = textwrap.dedent("""
+        from edgevlm.targets import TARGETS_DIR
+        from edgevlm.resources import data_dir
+        from edgevlm.runtime.native import build
+        print(TARGETS_DIR); print(data_dir("calibration")); print(build.SOURCE)
+        if build.availability() is None:
+            build.load()
+            print("BUILT=" + str(build.library_path()))
+    """)
     p = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=_env(target, tmp_path / "cache"),
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    for line in p.stdout.split():
+    lines = p.stdout.split()
+    for line in lines[:3]:
         assert Path(line).is_relative_to(target) and Path(line).exists(), p.stdout
+    for line in lines[3:]:
+        assert Path(line.removeprefix("BUILT=")).is_relative_to(tmp_path / "cache"), p.stdout
 
 
 def test_targets_and_plan_from_the_wheel(installed, tmp_path):
