@@ -352,7 +352,7 @@ def test_bench_modules_do_not_import_torch():
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-# ---- backends: one sweep compares the backends of one bundle ----------------------------------------------------------
+# ---- backends: one sweep compares the backends of one bundle ---------------------------------------------------------
 def _native_bundle(sweep) -> Path:
     """An int4 bundle of the sweep (it carries a native_decode plan)."""
     for p in sweep["built"].bundles:

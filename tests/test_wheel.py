@@ -55,8 +55,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     import setuptools
 
     major = int(setuptools.__version__.split(".")[0])
-    assert major >= 77, (f"setuptools {setuptools.__version__} cannot build this pyproject.toml without build isolation; "
-                         f"install the dev extra (pip install -e '.[dev]': setuptools>=77)")
+    assert major >= 77, (f"setuptools {setuptools.__version__} cannot build this pyproject.toml without build "
+                         f"isolation; install the dev extra (pip install -e '.[dev]': setuptools>=77)")
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info", "build", "dist")

@@ -285,7 +285,8 @@ def _summary(sessions: list[dict[str, Any]], configurations: list[dict[str, Any]
         rows.append({
             "session": s["id"], "bundle_label": s["bundle_label"], "visual_tokens": s["visual_tokens"],
             "precision": s["precision"], "threads": s["threads"], "backend": s["backend"],
-            "vision_backend": s.get("vision_backend"), "decoder_backend": s.get("decoder_backend"), "load_s": s["load_s"],
+            "vision_backend": s.get("vision_backend"), "decoder_backend": s.get("decoder_backend"),
+            "load_s": s["load_s"],
             "vision_ms": statistics.median(_med(c, "vision_ms") for c in cs),
             "prefill_tok_s": statistics.median(_med(c, "prefill_tok_s") for c in cs),
             "decode_tok_s": statistics.median(_med(c, "decode_tok_s") for c in cs),
@@ -449,8 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"image per request ({report.get('workload', {}).get('distinct_images')} images), EOS ignored", ""]
 
     lines += ["## Summary (per session; medians over its configurations)", "",
-              "| bundle | backend (vision / decoder) | V | threads | load s | vision ms | prefill tok/s | decode tok/s | "
-              "p95 ms/tok | total ms @ (Tks_in, Tks_out) | spread | peak RSS MiB | Eq.4 held-out err | "
+              "| bundle | backend (vision / decoder) | V | threads | load s | vision ms | prefill tok/s | "
+              "decode tok/s | p95 ms/tok | total ms @ (Tks_in, Tks_out) | spread | peak RSS MiB | Eq.4 held-out err | "
               "load avg (1 min) |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in report["summary"]["rows"]:
@@ -458,8 +459,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['bundle_label']} | {r.get('backend', '')} | | | failed: {r['error'][:80]} |")
             continue
         ref = r["reference"]
-        lines.append(f"| {r['bundle_label']} | {backend_label(r)} | {r['visual_tokens']} | {r['threads']} | {_f(r['load_s'], 2)} | "
-                     f"{_f(r['vision_ms'])} | {_f(r['prefill_tok_s'])} | {_f(r['decode_tok_s'], 2)} | "
+        lines.append(f"| {r['bundle_label']} | {backend_label(r)} | {r['visual_tokens']} | {r['threads']} | "
+                     f"{_f(r['load_s'], 2)} | {_f(r['vision_ms'])} | {_f(r['prefill_tok_s'])} | "
+                     f"{_f(r['decode_tok_s'], 2)} | "
                      f"{_f(r['decode_token_ms_p95'])} | {_f(ref['total_ms'], 0)} @ ({ref['prompt_tokens']}, "
                      f"{ref['output_tokens']}) | {_pct(ref['total_spread'])} | {_f(r['peak_rss_mb'], 0)} | "
                      f"{_pct(r['eq4_heldout_rel_error'])} | {_f(r.get('loadavg_start'))} -> {_f(r.get('loadavg_end'))} |")
@@ -481,14 +483,16 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{'PASS' if eq['passes'] else 'FAIL' if eq['passes'] is not None else 'n/a'}", ""]
 
     lines += ["## Configurations (medians; spread = (max - min) / median of total)", "",
-              "| config | bundle | backend | Tks_in (V + text) | Tks_out | preprocess | vision | prefill ms | prefill tok/s | "
-              "TTFT ms | decode ms | decode tok/s | p50 / p95 ms/tok | total ms | spread | decode bound tok/s |",
+              "| config | bundle | backend | Tks_in (V + text) | Tks_out | preprocess | vision | prefill ms | "
+              "prefill tok/s | TTFT ms | decode ms | decode tok/s | p50 / p95 ms/tok | total ms | spread | "
+              "decode bound tok/s |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for c in report["configurations"]:
         m = lambda k: _med(c, k)  # noqa: E731
         rf = c.get("roofline") or {}
-        lines.append(f"| {c['id']} | {c['bundle_label']} | {backend_label(c)} | {c['prompt_tokens']} ({c['visual_tokens']} + "
-                     f"{c['text_tokens']}) | {c['output_tokens']} | {_f(m('preprocess_ms'))} | {_f(m('vision_ms'))} | "
+        lines.append(f"| {c['id']} | {c['bundle_label']} | {backend_label(c)} | {c['prompt_tokens']} "
+                     f"({c['visual_tokens']} + {c['text_tokens']}) | {c['output_tokens']} | {_f(m('preprocess_ms'))} | "
+                     f"{_f(m('vision_ms'))} | "
                      f"{_f(m('prefill_ms'))} | {_f(m('prefill_tok_s'))} | {_f(m('ttft_ms'))} | {_f(m('decode_ms'))} | "
                      f"{_f(m('decode_tok_s'), 2)} | {_f(m('decode_token_ms_p50'))} / {_f(m('decode_token_ms_p95'))} | "
                      f"{_f(m('total_ms'))} | {_pct(c['stats']['total_ms'].get('spread'))} | "
