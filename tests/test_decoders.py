@@ -273,8 +273,9 @@ def _loop(tokens, **kw):
     from edgevlm.runtime.generation import generate_stream
     from edgevlm.runtime.sampling import SamplingParams
 
-    gen = generate_stream(_Scripted(tokens), np.zeros((1, 3, 4), np.float32), embed_table=np.eye(8, 4, dtype=np.float32),
-                          tokenizer=_Chars(), sampling=SamplingParams(), **{"max_new_tokens": 20, **kw})
+    gen = generate_stream(_Scripted(tokens), np.zeros((1, 3, 4), np.float32),
+                          embed_table=np.eye(8, 4, dtype=np.float32), tokenizer=_Chars(),
+                          sampling=SamplingParams(), **{"max_new_tokens": 20, **kw})
     deltas = []
     while True:
         try:

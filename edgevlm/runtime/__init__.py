@@ -15,8 +15,9 @@ Command line: ``edgevlm run BUNDLE --image IMG --prompt TEXT [--backend B] [--js
 Modules: ``session`` (Session), ``decoders`` (the Decoder / VisionEncoder interface, OrtDecoder, NativeStepDecoder,
 open_decoder), ``vision`` (OrtVisionEncoder, open_vision), ``generation`` (the generation loop, Result, Stream),
 ``bundle_io`` (verified bundle reads, manifest I/O tables), ``backends`` (ORT providers + session options +
-optimized-graph cache), ``kv_cache`` (KV binding per manifest mode), ``sampling`` (numpy greedy / temperature / top-k / top-p),
-``timings`` (per-request record, Eq. 4 decomposition, peak RSS). Design notes and measurements: docs/runtime.md.
+optimized-graph cache), ``kv_cache`` (KV binding per manifest mode), ``sampling`` (numpy greedy / temperature /
+top-k / top-p), ``timings`` (per-request record, Eq. 4 decomposition, peak RSS). Design notes and measurements:
+docs/runtime.md.
 """
 
 from edgevlm.runtime.backends import BackendOptions, physical_cores

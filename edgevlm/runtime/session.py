@@ -428,8 +428,9 @@ class Session:
 
             g = yield from generate_stream(
                 self.decoder, embeds, embed_table=self.embed_table, tokenizer=self.tokenizer, sampling=sampling,
-                max_new_tokens=int(max_new_tokens), eos_id=self.eos_id, stop_strings=[*self.stop_strings, *(stop or [])],
-                ignore_eos=ignore_eos, max_context=self.context_length, clock=clock, t_start=t_start)
+                max_new_tokens=int(max_new_tokens), eos_id=self.eos_id,
+                stop_strings=[*self.stop_strings, *(stop or [])], ignore_eos=ignore_eos,
+                max_context=self.context_length, clock=clock, t_start=t_start)
             self._last = g.last_logits
 
             total = time.perf_counter() - t_start - g.paused_s
