@@ -299,3 +299,28 @@ def test_generation_loop_stops_and_streams_the_same_on_any_decoder():
     # the context fills up: prompt 3 + 9 steps = 12 = max_context
     _, g = _loop([1], max_new_tokens=100)
     assert g.finish_reason == "context_full" and len(g.tokens) == 10 and len(g.step_ms) == 9
+
+
+def test_native_step_decoder_is_a_decoder_and_closes_the_kernel(tmp_path_factory):
+    from edgevlm.runtime.decoders import NativeStepDecoder
+    from edgevlm.runtime.native import availability
+
+    if availability() is not None:
+        pytest.skip(f"native kernel unavailable here ({availability()})")
+    from test_native import _quantized
+
+    b = read_bundle(_quantized(tmp_path_factory, "int4"), verify_hashes=False)
+    table = load_embedding_table(b)
+    opts = BackendOptions(threads=1)
+    with open_decoder(b, "native", opts) as nat, open_decoder(b, "ort", opts) as o:
+        assert isinstance(nat, NativeStepDecoder) and isinstance(nat, Decoder) and nat.backend == "native"
+        assert nat.info()["native"]["backend"] == "native" and nat.info()["kv_mode"] == "shared_buffer"
+        x = np.asarray(table[[1, 5, 9, 17]])
+        a, c = [int(np.argmax(nat.prefill(x)))], [int(np.argmax(o.prefill(x)))]
+        for _ in range(6):
+            a.append(int(np.argmax(nat.step(table[a[-1]]))))
+            c.append(int(np.argmax(o.step(table[c[-1]]))))
+        assert a == c and nat.length == o.length == 10
+        assert nat.kv_arrays()[0].shape == o.kv_arrays()[0].shape
+        kernel = nat.native
+    assert nat.native is None and getattr(kernel, "closed", True)

@@ -505,7 +505,9 @@ class NativeStepDecoder(_Closing):
         return self.ort.end_profiling()
 
     def close(self) -> None:
-        self.native = None
+        native, self.native = self.native, None
+        if native is not None and hasattr(native, "close"):
+            native.close()                            # unmaps the weights, drops the fp16 KV copy
         self.ort.close()
 
     def __repr__(self) -> str:
