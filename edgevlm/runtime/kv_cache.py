@@ -20,8 +20,8 @@ Modes:
 Usage (by ``Session``): ``kv.reset()``, ``kv.bind_inputs()`` + ``kv.bind_outputs(offset)`` before a run,
 ``kv.commit(new_length)`` after it.
 
-``HostKV`` is the plain ``session.run`` counterpart for checkers that want numpy in and out (export parity, bundle
-verification, calibration, quantization reports): it builds the feeds for either mode and carries the presents over.
+Every caller that runs a decoder (``Session``, verify, export parity, calibration, the quantization report) does so
+through ``edgevlm.runtime.decoders`` (``OrtDecoder`` holds one of these caches; ``kv_arrays()`` gives host copies).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 
 from edgevlm.errors import BundleError
 
-__all__ = ["KVSpec", "KVCache", "ConcatKVCache", "SharedBufferKVCache", "KV_MODES", "make_kv_cache", "HostKV",
+__all__ = ["KVSpec", "KVCache", "ConcatKVCache", "SharedBufferKVCache", "KV_MODES", "make_kv_cache",
            "mode_from_inputs"]
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
@@ -232,67 +232,3 @@ def mode_from_inputs(inputs: Mapping[str, Any]) -> str:
     ``position_ids`` input are Optimum-style ``concat`` graphs; the GroupQueryAttention graphs derive positions from
     the attention mask and share one past/present buffer (``edgevlm.exporter.ort_decoder``)."""
     return "concat" if "position_ids" in inputs else "shared_buffer"
-
-
-class HostKV:
-    """Past KV as host numpy arrays, for drivers that call ``session.run`` with plain feeds (export parity, bundle
-    verification, calibration readers, quantization reports). Not the serving path (that is ``KVCache`` + IO binding).
-
-    * ``concat``: the first run gets zero-length pasts; each run's presents (``past + seq`` long) are the next pasts.
-    * ``shared_buffer``: fixed ``[B, H, capacity, d]`` pasts; the graph copies them into its present outputs (they
-      are not the same memory under ``session.run``) and writes rows ``length..length+seq-1``; those presents are the
-      next pasts; a run past ``capacity`` first pads them (doubling). ``valid()`` returns the first ``length`` rows
-      in both modes.
-
-    >>> kv = HostKV(spec, capacity=64)
-    >>> outs = sess.run(names, kv.feeds(prompt_embeds, inputs))     # prefill
-    >>> kv.update(outs[1:], prompt_embeds.shape[1])
-    """
-
-    def __init__(self, spec: KVSpec, *, capacity: int = 64, batch: int = 1, dtype: Any = None) -> None:
-        self.spec, self.capacity, self.batch = spec, int(capacity), int(batch)
-        self.dtype = np.dtype(dtype) if dtype is not None else spec.np_dtype
-        self.length = 0
-        self.pasts: list[np.ndarray] = []
-        self.reset()
-
-    def reset(self) -> None:
-        seq = self.capacity if self.spec.mode == "shared_buffer" else 0
-        self.pasts = [np.zeros(self.spec.shape(seq, self.batch), self.dtype)
-                      for _ in range(2 * self.spec.num_layers)]
-        self.length = 0
-
-    def feeds(self, embeds: np.ndarray, inputs: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """Feeds for one run over ``embeds`` ``[B, seq, D]``. ``inputs``: the graph's ``name -> numpy dtype`` (casts
-        the feeds; ``position_ids`` only when declared); default float32 / int64 and positions for concat graphs."""
-        b, t = embeds.shape[0], embeds.shape[1]
-        total = self.length + t
-        if self.spec.mode == "shared_buffer" and total > self.capacity:
-            self._grow(max(total, 2 * self.capacity))
-        dt = (lambda name, default: np.dtype(inputs[name]) if inputs is not None and name in inputs else default)
-        feed = {"inputs_embeds": np.ascontiguousarray(embeds, dt("inputs_embeds", np.float32)),
-                "attention_mask": np.ones((b, total), dt("attention_mask", np.int64))}
-        wants_positions = ("position_ids" in inputs) if inputs is not None else self.spec.mode == "concat"
-        if wants_positions:
-            pos = np.arange(self.length, total, dtype=dt("position_ids", np.int64))
-            feed["position_ids"] = np.ascontiguousarray(np.broadcast_to(pos, (b, t)))
-        feed.update(zip(self.spec.past_names(), self.pasts))
-        return feed
-
-    def _grow(self, capacity: int) -> None:
-        """Longer shared buffers (host-side only: the rows already written are kept)."""
-        axis = self.spec.layout.index("seq")
-        pad = [(0, 0)] * 4
-        pad[axis] = (0, capacity - self.capacity)
-        self.pasts = [np.pad(p, pad) for p in self.pasts]
-        self.capacity = capacity
-
-    def update(self, presents: Sequence[np.ndarray], seq: int) -> None:
-        """After a run: ``presents`` in ``spec.present_names()`` order become the next pasts."""
-        self.pasts = [np.asarray(p) for p in presents]
-        self.length += int(seq)
-
-    def valid(self, presents: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
-        """The first ``length`` rows of each tensor (of ``presents``, default the carried pasts)."""
-        rows = tuple(slice(0, self.length) if a == "seq" else slice(None) for a in self.spec.layout)
-        return [p[rows] for p in (self.pasts if presents is None else presents)]
