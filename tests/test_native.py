@@ -442,3 +442,27 @@ def test_closed_native_decoder_unmaps_its_weights_and_refuses_to_step(tmp_path_f
         dec.step(s.embed_table[5], 0, s._logits_row)
     with pytest.raises(RuntimeError, match="close"):
         dec.bind([0] * (2 * dec._model.num_layers), 8)
+
+
+def test_weight_mapping_refaults_small_folio_page_cache_once(tmp_path, monkeypatch):
+    """A file whose cached pages are mostly small folios (written moments ago) but partly huge is dropped from the
+    page cache and mapped again, once; a file system with no huge folios at all (0 PMD-mapped) is left alone."""
+    import os
+
+    from edgevlm.runtime.native import engine
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this OS (the weights are mapped without the retry)")
+    f = tmp_path / "w.data"
+    f.write_bytes(bytes(range(256)) * 64)
+    for first, retried in ((1, True), (0, False), (None, False)):
+        calls: list[int] = []
+        pmd = iter([first, 16384])
+        monkeypatch.setattr(engine, "_pmd_bytes", lambda mm: next(pmd))
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(advice))
+        t = engine._Tensors(tmp_path)
+        arr = t.get({"name": "w", "file": "w.data", "offset": 256, "length": 512, "dtype": "uint8",
+                     "shape": [512]}, "uint8")
+        assert calls == ([os.POSIX_FADV_DONTNEED] if retried else [])
+        assert arr.tobytes() == (bytes(range(256)) * 3)[:512] and not arr.flags.writeable
+        t.close()
