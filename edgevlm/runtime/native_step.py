@@ -30,7 +30,8 @@ __all__ = ["NativeStepDecoder", "open_ort_or_native"]
 
 class _NativeSetup:
     """Builds the native decoder (``edgevlm.runtime.native``) on a helper thread while ONNX Runtime creates the
-    decoder session, so copying the weights into huge-page memory overlaps ORT's own weight prepacking. ``finish()``
+    decoder session, so mapping and pre-faulting the bundle's weight file (read in place, no copy) overlaps ORT's own
+    weight prepacking. ``finish()``
     joins and returns the ``NativeDecoder`` or None; ``info`` says which and why."""
 
     def __init__(self, bundle: Bundle, io: DecoderIO, opts: BackendOptions, providers: Sequence[Any],
@@ -170,7 +171,7 @@ def open_ort_or_native(bundle: Bundle, opts: BackendOptions, mode: str, asked: s
                         providers: Sequence[Any] | None, max_context: int | None) -> Decoder:
     io = DecoderIO.from_bundle(bundle)
     resolved = resolve_providers(providers if providers is not None else opts.providers)
-    setup = _NativeSetup(bundle, io, opts, resolved, mode, asked)  # copies the weights while ORT loads
+    setup = _NativeSetup(bundle, io, opts, resolved, mode, asked)  # maps + pre-faults the weights while ORT loads
     try:
         ort = OrtDecoder(bundle, opts, providers=resolved, max_context=max_context, io=io)
     except BaseException:
