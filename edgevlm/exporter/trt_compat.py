@@ -1050,21 +1050,11 @@ def assert_tensorrt_compat(model: Any, trt_version: str, *, allow_int4_opset21: 
 
 
 # ---- build plan rules -----------------------------------------------------------------------------------------------
-#: Symbolic dim names by meaning (as ``trt_plan``'s planner reads them): batch, seq, past, total (= past + seq).
-_DIM_KINDS = {
-    "batch": {"batch", "batch_size", "b", "n", "num_images"},
-    "seq": {"seq", "seq_len", "seq_length", "sequence", "sequence_length", "s", "num_tokens", "tokens"},
-    "past": {"past", "past_seq", "past_len", "past_length", "past_seq_len", "past_sequence_length", "cache_len",
-             "past_key_values_length"},
-    "total": {"total", "total_seq", "total_len", "total_length", "total_seq_len", "total_sequence_length", "kv_len",
-              "attn_len"},
-}
-_KIND_OF_DIM = {n: k for k, names in _DIM_KINDS.items() for n in names}
-
-
 def _dim_kind(sym: str) -> str | None:
     """"past_seq" -> "past", "past_seq + seq" -> "total", unknown -> None."""
-    kinds = sorted(_KIND_OF_DIM.get(t.strip().lower(), "?") for t in str(sym).split("+"))
+    from edgevlm.exporter.trt_plan import DIM_KIND_OF       # the planner's names: batch, seq, past, total
+
+    kinds = sorted(DIM_KIND_OF.get(t.strip().lower(), "?") for t in str(sym).split("+"))
     if kinds in (["total"], ["past", "seq"]):
         return "total"
     return kinds[0] if len(kinds) == 1 and kinds[0] != "?" else None

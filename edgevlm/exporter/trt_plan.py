@@ -85,6 +85,8 @@ _SYMBOLS = {
               "attn_len"},
 }
 _KIND_OF = {name: kind for kind, names in _SYMBOLS.items() for name in names}
+#: symbolic dim name -> batch | seq | past | total (also read by ``trt_compat``'s plan rules)
+DIM_KIND_OF = _KIND_OF
 
 # Weakly typed (TensorRT 10.x) builder flags a component precision needs (fp16 for the layers Q/DQ leaves float).
 _WEAK_FLAGS = {"fp32": (), "fp16": ("fp16",), "bf16": ("bf16",), "int8": ("fp16", "int8"), "int4": ("fp16", "int4"),
