@@ -475,21 +475,24 @@ def test_engine_entries_must_match_the_installed_tensorrt_and_gpu():
         tb.check_engine_entry("decoder", entry, "10.7.0", ("RTX 4090", "8.9"))
 
 
+class _Logger:
+    """``trt.Logger`` of the fake ``tensorrt`` modules below."""
+
+    WARNING, INFO = 2, 3
+
+    def __init__(self, level):
+        pass
+
+
 def test_engine_load_without_a_gpu_says_where_to_run(tmp_path, monkeypatch):
     fake = types.ModuleType("tensorrt")
     fake.__version__ = "10.3.0"
-
-    class Logger:
-        WARNING, INFO = 2, 3
-
-        def __init__(self, level):
-            pass
 
     class Runtime:
         def __init__(self, logger):
             raise TypeError("pybind11::init(): factory function returned nullptr")
 
-    fake.Logger, fake.Runtime = Logger, Runtime
+    fake.Logger, fake.Runtime = _Logger, Runtime
     (tmp_path / "x.engine").write_bytes(b"plan")
     with pytest.raises(RuntimeBackendError, match="no usable NVIDIA GPU"):
         tb.TrtEngine.load(tmp_path / "x.engine", trt=fake)
@@ -563,12 +566,6 @@ def _fake_trt_for_bundle(engines_made, dla_cores):
     fake = types.ModuleType("tensorrt")
     fake.__version__ = "10.3.0.30"
 
-    class Logger:
-        WARNING, INFO = 2, 3
-
-        def __init__(self, level):
-            pass
-
     class Runtime:
         def __init__(self, logger):
             self.DLA_core = -1
@@ -579,7 +576,7 @@ def _fake_trt_for_bundle(engines_made, dla_cores):
             engines_made.append(eng)
             return eng
 
-    fake.Logger, fake.Runtime = Logger, Runtime
+    fake.Logger, fake.Runtime = _Logger, Runtime
     return fake
 
 
