@@ -22,6 +22,12 @@ where it runs (``options.native_decode`` != ``"off"``), else ONNX Runtime.
     >>> with open_decoder(bundle, "ort") as dec:
     ...     logits = dec.prefill(embeds)            # [1, T, D] -> [vocab] float32 (a view)
     ...     logits = dec.step(table[token])         # [D] -> [vocab]
+    ...     dec.rewind(n)                           # keep the first n cached tokens (prompt-prefix reuse)
+    ...     logits = dec.extend(more)               # prefill [1, T', D] more tokens after them
+
+``rewind`` / ``extend`` are how ``Session`` reuses the KV cache of a shared prompt prefix
+(``edgevlm.runtime.caches``); a decoder that cannot prefill after a cached past raises
+``caches.KVReuseUnsupported`` and is prefilled from scratch instead.
 
 Never imports torch (``tests/test_torch_free.py``).
 """
@@ -38,12 +44,13 @@ from edgevlm.bundle import Bundle
 from edgevlm.errors import BundleError, ConfigError, PromptError, RuntimeBackendError
 from edgevlm.runtime.backends import BackendOptions, SessionInfo, device_type_for, resolve_providers
 from edgevlm.runtime.bundle_io import create_component_session, io_table, np_dtype
+from edgevlm.runtime.caches import KVReuseUnsupported
 from edgevlm.runtime.kv_cache import KVCache, KVSpec, make_kv_cache
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Decoder", "VisionEncoder", "DecoderIO", "OrtDecoder", "NativeStepDecoder", "open_decoder",
-           "BACKENDS", "NATIVE_MODES", "resolve_backend", "tensorrt_usable", "open_tensorrt"]
+           "KVReuseUnsupported", "BACKENDS", "NATIVE_MODES", "resolve_backend", "tensorrt_usable", "open_tensorrt"]
 
 #: ``backend=`` values of ``open_decoder`` / ``Session.from_bundle`` / ``edgevlm run --backend``.
 BACKENDS = ("auto", "ort", "native", "tensorrt")
@@ -81,6 +88,15 @@ class Decoder(Protocol):
     def step(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
         """One token: ``embed [D]`` (or ``[1, 1, D]``) at ``position`` (default: ``length``) -> logits ``[vocab]``
         float32 view. Raises ``PromptError`` when the cache is full (``length == max_context``)."""
+
+    def rewind(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens (``0 <= n <= length``; ``0`` = ``reset()``), forget the rest.
+        ``KVReuseUnsupported`` where the backend cannot continue after a kept past (then ``prefill``)."""
+
+    def extend(self, embeds: np.ndarray) -> np.ndarray:
+        """``embeds [1, T, D]`` / ``[T, D]``: T more tokens after the cache (positions ``length ..``) -> logits of the
+        last one (a view, as ``prefill``); ``prefill`` when the cache is empty. ``PromptError`` beyond the context
+        or ``max_prompt``; ``KVReuseUnsupported`` where the backend cannot prefill after a past."""
 
     def kv_arrays(self) -> list[np.ndarray]:
         """Host copies of the cache's past tensors, in ``KVSpec.past_names()`` order, each
@@ -304,6 +320,54 @@ class OrtDecoder(_Closing):
         self.kv.reset()
         self._bind(x, pos, t)
         return self._run(t)
+
+    def rewind(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens. ``shared_buffer``: only the length changes (the rows after ``n`` are
+        overwritten by the next run, and the attention mask never reaches them); ``concat``: the pasts are sliced
+        to ``n`` rows (one copy of the kept rows)."""
+        self._open()
+        n, length = int(n), self.kv.length
+        if not 0 <= n <= length:
+            raise ConfigError(f"rewind({n}): the KV cache holds {length} tokens")
+        if n == length:
+            return
+        if n == 0:
+            self.kv.reset()
+            return
+        if self.spec.mode == "shared_buffer":
+            self.kv.length = n
+            return
+        values = getattr(self.kv, "_values", None)
+        if not values:
+            raise KVReuseUnsupported(f"the {self.spec.mode} KV cache of this {self.backend} decoder cannot be "
+                                     f"rewound")
+        import onnxruntime as ort
+
+        axis = self.spec.layout.index("seq")
+        kept = []
+        for v in values:
+            a = np.asarray(v.numpy())
+            idx = [slice(None)] * a.ndim
+            idx[axis] = slice(0, n)
+            kept.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a[tuple(idx)]),
+                                                         self.kv.device_type, self.kv.device_id))
+        self.kv._values = kept
+        self.kv.length = n
+
+    def extend(self, embeds: np.ndarray) -> np.ndarray:
+        self._open()
+        n = self.kv.length
+        if n == 0:
+            return self.prefill(embeds)
+        e = _as_tokens(embeds, self.hidden_size, "extend")
+        t = int(e.shape[0])
+        if t < 1:
+            raise PromptError("extend needs at least one token")
+        _check_prompt(n + t, self.max_prompt, self.max_context, self.backend)
+        x = np.ascontiguousarray(e[None], dtype=self.io.embeds_dtype)               # [1, T, D]
+        pos = self._positions[:, n:n + t]
+        self._bind(x, pos, n + t)
+        return self._run(n + t)
 
     def step(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
         self._open()

@@ -1,6 +1,6 @@
 """The generation loop: one function over any ``Decoder`` (``edgevlm.runtime.decoders``), read top to bottom.
 
-    prefill(prompt embeddings) -> logits
+    prefill(prompt embeddings) -> logits        (or: rewind(kept prefix) + extend(the rest), prompt-prefix reuse)
     loop:
         token = sample(logits)                          (edgevlm.runtime.sampling)
         text  = detokenize(tokens); stop at EOS / a stop string / max_new_tokens / a full context
@@ -24,6 +24,7 @@ from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
+from edgevlm.runtime.caches import KVReuseUnsupported
 from edgevlm.runtime.sampling import Sampler, SamplingParams
 from edgevlm.runtime.timings import Clock, RequestTimings
 
@@ -47,6 +48,7 @@ class Generation:
     ttft_s: float = 0.0                                    # t_start -> first token selected (pauses excluded)
     paused_s: float = 0.0                                  # time spent by the consumer between deltas
     last_logits: Any = None
+    cached_tokens: int = 0                                 # prompt tokens kept in the KV cache, not prefilled
 
 
 @dataclass
@@ -116,7 +118,8 @@ def _first_stop(full: str, emitted: int, stops: Sequence[str]) -> int:
 def generate_stream(decoder: Any, prompt_embeds: np.ndarray, *, embed_table: np.ndarray, tokenizer: Any,
                     sampling: SamplingParams, max_new_tokens: int, eos_id: int | None = None,
                     stop_strings: Sequence[str] = (), ignore_eos: bool = False, max_context: int | None = None,
-                    clock: Clock | None = None, t_start: float | None = None) -> Generator[str, None, Generation]:
+                    clock: Clock | None = None, t_start: float | None = None, reuse: int = 0,
+                    fed: list[int] | None = None) -> Generator[str, None, Generation]:
     """Generate after ``prompt_embeds`` (``[1, T, D]``) on ``decoder``; yields text deltas, returns a
     ``Generation``.
 
@@ -133,6 +136,12 @@ def generate_stream(decoder: Any, prompt_embeds: np.ndarray, *, embed_table: np.
         max_context: stop with ``"context_full"`` when the cache holds this many tokens (default: the decoder's).
         clock: receives ``prefill``, ``sampling``, ``detokenize`` and ``decode`` times.
         t_start: when the request started (``time.perf_counter``), for ``ttft_s``; default: now.
+        reuse: the decoder's KV cache already holds ``prompt_embeds[:, :reuse]`` (prompt-prefix reuse): keep those
+            rows (``decoder.rewind(reuse)``) and prefill the rest (``decoder.extend``); a decoder that cannot
+            (``KVReuseUnsupported``, or no ``rewind``) gets the whole prompt. ``Generation.cached_tokens`` says how
+            many were kept. Must be < T (the last prompt position's logits are computed).
+        fed: a list that receives each generated token once its step has run (it is then in the KV cache), so a
+            caller knows what the cache holds even if the consumer stops the generator early.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     clock = clock or Clock()
@@ -143,7 +152,17 @@ def generate_stream(decoder: Any, prompt_embeds: np.ndarray, *, embed_table: np.
     out = Generation()
 
     with clock("prefill"):
-        logits = decoder.prefill(prompt_embeds)                 # [vocab] of the prompt's last position
+        logits = None
+        t_prompt = int(np.shape(prompt_embeds)[-2])
+        if 0 < reuse < t_prompt and hasattr(decoder, "rewind") and reuse <= decoder.length:
+            try:
+                decoder.rewind(reuse)
+                logits = decoder.extend(prompt_embeds[..., reuse:, :])
+                out.cached_tokens = int(reuse)
+            except KVReuseUnsupported as exc:
+                log.debug("prompt-prefix reuse off for this decoder: %s", exc)
+        if logits is None:
+            logits = decoder.prefill(prompt_embeds)             # [vocab] of the prompt's last position
     emitted = ""
     while True:
         with clock("sampling"):
@@ -182,6 +201,8 @@ def generate_stream(decoder: Any, prompt_embeds: np.ndarray, *, embed_table: np.
 
         t_step, c_step = time.perf_counter(), time.process_time()
         logits = decoder.step(embed_table[token])              # [D] row -> [vocab]
+        if fed is not None:
+            fed.append(token)
         dt = time.perf_counter() - t_step
         out.decode_cpu_s += time.process_time() - c_step
         clock.add("decode", dt)

@@ -132,6 +132,15 @@ class NativeStepDecoder(_Closing):
         self.native.sync(0, self.ort.length)          # the prefill's rows into the fp16 cache, if any
         return logits
 
+    def rewind(self, n: int) -> None:
+        self.ort.rewind(n)                            # shared_buffer: a length; the fp16 rows [0, n) stay valid
+
+    def extend(self, embeds: np.ndarray) -> np.ndarray:
+        n = self.ort.length
+        logits = self.ort.extend(embeds)
+        self.native.sync(n, self.ort.length)          # the new rows into the fp16 cache, if any
+        return logits
+
     def step(self, embed: np.ndarray, position: int | None = None) -> np.ndarray:
         n = self.ort.length
         _full(n, self.max_context, self.backend)

@@ -21,6 +21,13 @@ step per token). The backends (``edgevlm.runtime.decoders``):
                runs, else ONNX Runtime (``native_decode="on"`` / ``"off"`` still select native / ORT)
 =============  =====================================  ======================================================
 
+Caches (``edgevlm.runtime.caches``; off unless asked for, so ``edgevlm run`` / ``bench`` measure cold requests;
+``edgevlm serve`` turns them on): ``image_cache_mib`` bounds an LRU of image embeddings keyed by the preprocessed
+pixels' sha256 (a hit skips the vision encoder: ``timings.image_cache_hit``); ``prefix_cache`` keeps the KV rows of
+the longest prefix the new spliced prompt shares with what the decoder holds from the previous request (system
+prompt, the same image again, a re-sent chat history) and prefills only the rest (``timings.cached_tokens``).
+Greedy tokens are the same with and without them (``tests/test_caches.py``).
+
 A Session runs one request at a time (a lock serializes concurrent calls). Greedy output equals
 ``edgevlm.model.MobileVLM.generate`` token for token on fp32 bundles (``tests/test_runtime.py``), and is the same
 on every backend (``tests/test_decoders.py``).
@@ -43,6 +50,7 @@ from edgevlm.preprocess import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 from edgevlm.prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, build_prompt, check_prompt_ids, tokenize_prompt
 from edgevlm.runtime.backends import BackendOptions, SessionInfo, cache_home, device_type_for, resolve_providers
 from edgevlm.runtime.bundle_io import open_verified
+from edgevlm.runtime.caches import ImageEmbeddingCache, common_prefix, image_key, spliced_identity
 from edgevlm.runtime.decoders import (NATIVE_MODES, DecoderIO, open_decoder, open_tensorrt, resolve_backend,
                                       tensorrt_usable)
 from edgevlm.runtime.generation import Result, Stream, generate_stream, longest_stop_prefix
@@ -83,7 +91,8 @@ class Session:
     """A loaded bundle ready to answer requests. Create with ``Session.from_bundle``."""
 
     def __init__(self, bundle: Bundle, *, options: BackendOptions | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, image_cache_mib: float = 0.0,
+                 prefix_cache: bool = False) -> None:
         t_load = time.perf_counter()
         opts = options or BackendOptions()
         self.bundle, self.options, self.max_pixels = bundle, opts, max_pixels
@@ -139,6 +148,11 @@ class Session:
         self._embeds_dtype = self.io.embeds_dtype
         self._last: np.ndarray | None = None
         self._lock = threading.Lock()
+        self.image_cache = ImageEmbeddingCache(0)
+        self.prefix_cache = False
+        self._kv_ident: list[Any] | None = None      # identity of each token in the decoder's KV cache
+        self.prefix_stats = {"requests": 0, "reused": 0, "cached_tokens": 0, "prompt_tokens": 0}
+        self.configure_caches(image_cache_mib=image_cache_mib, prefix_cache=prefix_cache)
         self.verification = "full" if bundle.hashes_verified else "off"
         self.load_s = time.perf_counter() - t_load          # from_bundle adds the bundle read to this
         breakdown["other_s"] = max(0.0, self.load_s - sum(breakdown.values()))   # onnxruntime import, buffers
@@ -176,7 +190,8 @@ class Session:
                     profile_dir: str | os.PathLike | None = None, graph_optimization_level: str = "all",
                     decoder_arena: bool = False, save_prepacked: bool = False, native_decode: str = "auto",
                     native_kv: str = "float16", max_pixels: int = DEFAULT_MAX_PIXELS,
-                    warmup: bool = False, options: BackendOptions | None = None) -> "Session":
+                    warmup: bool = False, options: BackendOptions | None = None, image_cache_mib: float = 0.0,
+                    prefix_cache: bool = False) -> "Session":
         """Open a bundle (validated; sha256 of every file checked unless ``verify_hashes=False``) and load its
         vision encoder and decoder on ``backend``.
 
@@ -215,6 +230,9 @@ class Session:
                 ``load_s``) so the first real request does not pay first-run allocations.
             options: a full ``BackendOptions`` (overrides the keyword options above; ``backend`` still applies
                 when given).
+            image_cache_mib: bound of the image-embedding cache in MiB (0, the default: off; ``edgevlm serve``
+                uses ``caches.DEFAULT_IMAGE_CACHE_MIB`` = 256). See ``configure_caches``.
+            prefix_cache: reuse the KV rows of the prompt prefix shared with the previous request (default off).
         """
         t0 = time.perf_counter()
         opts = options or BackendOptions(threads=threads, providers=providers, optimized_cache=optimized_cache,
@@ -231,7 +249,8 @@ class Session:
                                                     else Path(hash_stamps))
         bundle, verified = open_verified(path, verify_hashes=verify_hashes, stamp_dir=stamps)
         t_read = time.perf_counter() - t0
-        session = cls(bundle, options=opts, max_pixels=max_pixels)
+        session = cls(bundle, options=opts, max_pixels=max_pixels, image_cache_mib=image_cache_mib,
+                      prefix_cache=prefix_cache)
         session.verification = verified
         session.load_breakdown = {"read_bundle_s": t_read, **session.load_breakdown}
         session.load_s += t_read
@@ -288,6 +307,34 @@ class Session:
     @property
     def threads(self) -> int:
         return self.options.resolved_threads
+
+    # ---- caches -------------------------------------------------------------------------------------------------
+    def configure_caches(self, *, image_cache_mib: float | None = None, prefix_cache: bool | None = None) -> None:
+        """Turn the caches on / off or resize the image cache (``None``: leave as is). Resizing drops the image
+        cache's entries (and keeps its counters); turning prefix reuse off forgets the KV identity."""
+        with self._lock:
+            if image_cache_mib is not None:
+                if float(image_cache_mib) < 0:
+                    raise ConfigError(f"image_cache_mib must be >= 0 (0 = off), got {image_cache_mib}")
+                old = self.image_cache
+                self.image_cache = ImageEmbeddingCache.from_mib(image_cache_mib)
+                self.image_cache.hits, self.image_cache.misses = old.hits, old.misses
+                self.image_cache.evictions = old.evictions
+            if prefix_cache is not None:
+                self.prefix_cache = bool(prefix_cache)
+                if not self.prefix_cache:
+                    self._kv_ident = None
+
+    def clear_caches(self) -> None:
+        """Forget the cached image embeddings and the KV prefix (the next request is cold; counters stay)."""
+        with self._lock:
+            self.image_cache.clear()
+            self._kv_ident = None
+
+    def cache_stats(self) -> dict[str, Any]:
+        """``{"image": {entries, bytes, max_bytes, hits, misses, evictions}, "prefix": {enabled, requests, reused,
+        cached_tokens, prompt_tokens}}`` (counters since load)."""
+        return {"image": self.image_cache.stats(), "prefix": {"enabled": self.prefix_cache, **self.prefix_stats}}
 
     # ---- public helpers -----------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, raw_prompt: bool = False) -> str:
@@ -417,21 +464,46 @@ class Session:
             with clock("preprocess"):
                 pv = self._pixels(image, pixel_values)
             with clock("vision"):
-                image_embeds = self.encode_image(pv)                                       # [1, V, D]
-            if image_embeds.shape[1] != self.visual_tokens:
-                raise BundleError(f"the vision graph produced {image_embeds.shape[1]} tokens but the manifest "
-                                  f"says {self.visual_tokens}; re-export the bundle")
+                key = image_key(pv) if (self.image_cache.enabled or self.prefix_cache) else None
+                image_embeds = self.image_cache.get(key) if (key and self.image_cache.enabled) else None
+                timings.image_cache_hit = image_embeds is not None
+                if image_embeds is None:
+                    image_embeds = self.encode_image(pv)                                   # [1, V, D]
+                    if image_embeds.shape[1] != self.visual_tokens:
+                        raise BundleError(f"the vision graph produced {image_embeds.shape[1]} tokens but the "
+                                          f"manifest says {self.visual_tokens}; re-export the bundle")
+                    if key and self.image_cache.enabled:
+                        self.image_cache.put(key, image_embeds)
             with clock("prefill"):
                 embeds = self.splice(ids, image_embeds)                                    # [1, T, D]
             timings.prompt_tokens, timings.visual_tokens = length, self.visual_tokens
             timings.text_tokens = length - self.visual_tokens
 
-            g = yield from generate_stream(
-                self.decoder, embeds, embed_table=self.embed_table, tokenizer=self.tokenizer, sampling=sampling,
-                max_new_tokens=int(max_new_tokens), eos_id=self.eos_id,
-                stop_strings=[*self.stop_strings, *(stop or [])], ignore_eos=ignore_eos,
-                max_context=self.context_length, clock=clock, t_start=t_start)
+            # prompt-prefix reuse: what the decoder holds (previous prompt + fed tokens) vs this prompt
+            ident = spliced_identity(ids, key, self.visual_tokens, IMAGE_TOKEN_INDEX) if self.prefix_cache else None
+            reuse = 0
+            if ident is not None and self._kv_ident is not None:
+                reuse = min(common_prefix(self._kv_ident, ident), len(ident) - 1, int(self.decoder.length))
+            self._kv_ident = None                  # unknown until the decoder has run (an error leaves it unknown)
+            if ident is not None and reuse == 0:
+                self.decoder.reset()               # so a prefill that fails before running leaves length 0
+            fed: list[int] = []
+            try:
+                g = yield from generate_stream(
+                    self.decoder, embeds, embed_table=self.embed_table, tokenizer=self.tokenizer, sampling=sampling,
+                    max_new_tokens=int(max_new_tokens), eos_id=self.eos_id,
+                    stop_strings=[*self.stop_strings, *(stop or [])], ignore_eos=ignore_eos,
+                    max_context=self.context_length, clock=clock, t_start=t_start, reuse=reuse, fed=fed)
+            finally:                               # also when the consumer closes the stream early
+                if ident is not None and len(ident) + len(fed) == int(self.decoder.length):
+                    self._kv_ident = ident + fed
             self._last = g.last_logits
+            timings.cached_tokens = int(g.cached_tokens)
+            self.prefix_stats["requests"] += 1
+            self.prefix_stats["prompt_tokens"] += int(length)
+            if g.cached_tokens:
+                self.prefix_stats["reused"] += 1
+                self.prefix_stats["cached_tokens"] += int(g.cached_tokens)
 
             total = time.perf_counter() - t_start - g.paused_s
             timings.ttft_ms = g.ttft_s * 1e3

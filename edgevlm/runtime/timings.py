@@ -13,6 +13,10 @@ Definitions (all wall-clock, ``time.perf_counter``):
 * ``preprocess_ms``: image decode + pad/resize/normalize. ``tokenize_ms``: prompt template + tokenization + checks.
 * ``vision_ms``: the vision graph (tower + projector).
 * ``prefill_ms``: embedding gather + image splice + the decoder run over the prompt (visual + text tokens).
+* ``cached_tokens``: prompt tokens whose KV rows were kept from the previous request (prompt-prefix reuse,
+  ``edgevlm.runtime.caches``), not recomputed; ``prefill_tok_s`` is over the tokens actually prefilled
+  (``prompt_tokens - cached_tokens``, llama-server's ``prompt_n``). ``image_cache_hit``: the image embeddings came
+  from the image-embedding cache (``vision_ms`` is then the hash + lookup).
 * ``ttft_ms``: request start -> first token selected (= preprocess + tokenize + vision + prefill + first sampling).
 * ``decode_ms``: the decoder steps after the first token (embedding row + binding + run), ``decode_steps`` of them;
   ``decode_token_ms_p50/p95`` are over those steps.
@@ -129,6 +133,8 @@ class RequestTimings:
     visual_tokens: int = 0
     text_tokens: int = 0
     prefill_tok_s: float = 0.0
+    cached_tokens: int = 0
+    image_cache_hit: bool = False
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
     decode_steps: int = 0
@@ -163,7 +169,8 @@ class RequestTimings:
         measured = (self.preprocess_ms + self.tokenize_ms + self.vision_ms + self.prefill_ms + self.decode_ms
                     + self.sampling_ms + self.detokenize_ms)
         self.other_ms = max(0.0, self.total_ms - measured)
-        self.prefill_tok_s = self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+        computed = max(0, self.prompt_tokens - self.cached_tokens)
+        self.prefill_tok_s = computed / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
         self.decode_steps = len(step_ms)
         self.decode_tok_s = self.decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
         self.sample_tok_s = self.generated_tokens / (self.sampling_ms / 1e3) if self.sampling_ms > 0 else 0.0
@@ -186,7 +193,9 @@ def eq4_terms(t: RequestTimings) -> list[dict[str, Any]]:
     others = t.preprocess_ms + t.tokenize_ms + t.vision_ms + t.detokenize_ms + t.other_ms
     rows = [
         {"term": "load", "formula": "Load (once per Session)", "seconds": t.load_s},
-        {"term": "prompt", "formula": f"Tks_in / v_prompt = {t.prompt_tokens} / {t.prefill_tok_s:.1f} tok/s",
+        {"term": "prompt", "formula": f"Tks_in / v_prompt = {t.prompt_tokens - t.cached_tokens} / "
+                                      f"{t.prefill_tok_s:.1f} tok/s"
+                                      + (f" ({t.cached_tokens} cached)" if t.cached_tokens else ""),
          "seconds": t.prefill_ms / 1e3},
         {"term": "sample", "formula": f"Tks_out / v_sample = {t.generated_tokens} / {t.sample_tok_s:.0f} tok/s",
          "seconds": t.sampling_ms / 1e3},

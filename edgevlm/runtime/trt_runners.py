@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import BundleError, PromptError, RuntimeBackendError
+from edgevlm.runtime.caches import KVReuseUnsupported
 from edgevlm.runtime.trt_cuda import DeviceBuffer, PinnedBuffer, _check, _Closing, free_all
 from edgevlm.runtime.trt_engine import KVPingPong, KVStep, TensorInfo, TrtEngine, _volume
 
@@ -120,8 +121,10 @@ class TrtDecoderRunner(_Closing):
     * ``reset()``: forget the context (a new request); ``length``: tokens in the KV cache;
     * ``prefill(embeds [1, T, D] | [T, D], positions [T] | [1, T] | None) -> logits [vocab]`` (starts a new sequence;
       ``PromptError`` beyond ``max_prompt`` / ``max_context``);
-    * ``extend(embeds, positions)``: like prefill but after the cached context (chunked prompts; needs a prefill
-      profile with past > 0);
+    * ``extend(embeds, positions)``: like prefill but after the cached context (chunked prompts, prompt-prefix
+      reuse; needs a profile accepting T tokens after a past > 0, else ``caches.KVReuseUnsupported``);
+    * ``rewind(n)``: keep the first ``n`` cached tokens (the ping-pong buffer holding the past keeps its rows;
+      only the length changes);
     * ``step(embed [D] | [1, 1, D], position | None) -> logits [vocab]`` (``decode`` is the same method;
       ``PromptError`` when the cache is full);
     * ``kv_arrays()``: host copies of the current past buffers (verify / parity, not the hot path);
@@ -255,9 +258,32 @@ class TrtDecoderRunner(_Closing):
         self.reset()
         return self.extend(embeds, positions)
 
-    def extend(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
-        """``T`` more tokens after the cached context -> last-position logits ``[vocab]``."""
+    def rewind(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens (``0 <= n <= length``): the buffer holding the past keeps its rows,
+        the next run reads ``[0, n)`` of it."""
         self._alive()
+        n = int(n)
+        if not 0 <= n <= self.kv.length:
+            raise RuntimeBackendError(f"rewind({n}): the KV cache holds {self.kv.length} tokens")
+        if n == 0:
+            self.kv.reset()
+        else:
+            self.kv.length = n
+
+    def accepts(self, seq: int, past: int) -> bool:
+        """Whether a profile of the engine accepts ``seq`` new tokens after ``past`` cached ones."""
+        shapes = self.step_shapes(KVStep(int(past), int(seq), int(past) + int(seq), 0, 1))
+        return any(p.fits(shapes) for p in self.engine.profiles)
+
+    def extend(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """``T`` more tokens after the cached context -> last-position logits ``[vocab]`` (``KVReuseUnsupported``
+        when no profile takes T tokens after the cached past)."""
+        self._alive()
+        if self.kv.length > 0:
+            t = int(np.shape(embeds)[-2]) if np.ndim(embeds) >= 2 else 1
+            if not self.accepts(t, self.kv.length):
+                raise KVReuseUnsupported(f"{self.engine.name}: no optimization profile takes {t} tokens after "
+                                         f"{self.kv.length} cached ones; prefill the whole prompt")
         e = np.asarray(embeds)
         if e.ndim == 3:
             if e.shape[0] != 1:
