@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.edgevlm-installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_EXTRA) -c constraints.txt -e ".[export,bench,dev]"
+	$(PY) -m pip install --quiet $(PIP_EXTRA) -c constraints.txt -e ".[export,bench,serve,dev]"
 	@$(PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
 	@touch $(STAMP)
 
