@@ -368,3 +368,81 @@ def test_serve_imports_without_torch(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.fixture()
+def image_host():
+    """A loopback HTTP server: /ok.png (an image), /big.png (above a small cap), /redirect (302 to /ok.png)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = _png(7)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "/ok.png")
+                self.end_headers()
+                return
+            data = png if self.path == "/ok.png" else b"\0" * 200_000
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()                                      # no Content-Length: the cap is checked streaming
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_remote_image_allow_list_no_redirects_size_cap(session, image_host):
+    with _client(session, allow_remote_images=("127.0.0.1",), max_body_mb=0.1) as c:
+        assert c.post("/v1/chat/completions", json=_body(image_host + "/ok.png")).status_code == 200
+        err = _err(c.post("/v1/chat/completions", json=_body(image_host + "/redirect")), 400, "image_fetch_failed")
+        assert "redirect" in err["message"]
+        err = _err(c.post("/v1/chat/completions", json=_body(image_host + "/big.png")), 400, "invalid_image")
+        assert "cap" in err["message"]
+
+
+def test_cli_serve_sigterm_exits_0(tmp_path_factory, tmp_path):
+    """``edgevlm serve`` under uvicorn: answers, and SIGTERM shuts it down gracefully with exit code 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EDGEVLM_CACHE": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgevlm", "serve", str(path), "--port", str(port), "--threads",
+                             "1", "--backend", "ort"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(base + "/v1/chat/completions", json=_body(_data_url(_png())), timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "shutting down" in out
