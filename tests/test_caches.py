@@ -257,3 +257,30 @@ def test_caches_can_be_turned_on_on_a_loaded_session_and_errors_keep_it_sane(tmp
     c = s.generate(make_image(41), QUESTION, max_new_tokens=4)
     assert c.tokens == a.tokens and c.timings.cached_tokens == 0
     s.close()
+
+
+def test_tensorrt_runner_rewinds_and_refuses_a_prefill_after_a_past_without_a_profile():
+    from test_trt_backend import D, _decoder, reference_logits
+
+    from edgevlm.runtime.decoders import Decoder
+
+    runner, _ = _decoder()
+    assert isinstance(runner, Decoder)
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal((5, D)).astype(np.float32)
+    runner.prefill(e)
+    runner.step(rng.standard_normal(D).astype(np.float32))
+    runner.rewind(3)                                                 # keep 3 rows (repacked)
+    assert runner.length == 3
+    assert not runner.accepts(2, 3) and runner.accepts(1, 3) and runner.accepts(4, 0)
+    with pytest.raises(KVReuseUnsupported, match="profile"):         # the prefill profile has past = 0 only
+        runner.extend(e[3:])
+    assert runner.length == 3
+    logits = runner.extend(e[3:4])                                   # one token after a past: the decode profile
+    np.testing.assert_allclose(logits, reference_logits(e[:4], np.arange(4)), rtol=1e-5)
+    with pytest.raises(Exception, match="rewind"):
+        runner.rewind(9)
+    runner.rewind(0)
+    assert runner.length == 0
+    np.testing.assert_allclose(runner.extend(e), reference_logits(e, np.arange(5)), rtol=1e-5)
+    runner.close()

@@ -123,8 +123,8 @@ class TrtDecoderRunner(_Closing):
       ``PromptError`` beyond ``max_prompt`` / ``max_context``);
     * ``extend(embeds, positions)``: like prefill but after the cached context (chunked prompts, prompt-prefix
       reuse; needs a profile accepting T tokens after a past > 0, else ``caches.KVReuseUnsupported``);
-    * ``rewind(n)``: keep the first ``n`` cached tokens (the ping-pong buffer holding the past keeps its rows;
-      only the length changes);
+    * ``rewind(n)``: keep the first ``n`` cached tokens (repacked into the other ping-pong buffer: a past is a
+      contiguous ``[1, H, length, hd]`` tensor);
     * ``step(embed [D] | [1, 1, D], position | None) -> logits [vocab]`` (``decode`` is the same method;
       ``PromptError`` when the cache is full);
     * ``kv_arrays()``: host copies of the current past buffers (verify / parity, not the hot path);
@@ -259,16 +259,35 @@ class TrtDecoderRunner(_Closing):
         return self.extend(embeds, positions)
 
     def rewind(self, n: int) -> None:
-        """Keep the first ``n`` cached tokens (``0 <= n <= length``): the buffer holding the past keeps its rows,
-        the next run reads ``[0, n)`` of it."""
+        """Keep the first ``n`` cached tokens (``0 <= n <= length``). A past of ``L`` tokens is bound as a contiguous
+        ``[1, H, L, hd]`` tensor, so its first ``n`` rows are not a ``[1, H, n, hd]`` tensor: they are repacked into
+        the other ping-pong buffer (through host memory: ``2 * n`` rows per tensor cross the bus, a few
+        MB for a system prompt; done once per request, not per step)."""
         self._alive()
-        n = int(n)
-        if not 0 <= n <= self.kv.length:
-            raise RuntimeBackendError(f"rewind({n}): the KV cache holds {self.kv.length} tokens")
+        n, length = int(n), self.kv.length
+        if not 0 <= n <= length:
+            raise RuntimeBackendError(f"rewind({n}): the KV cache holds {length} tokens")
+        if n == length:
+            return
         if n == 0:
             self.kv.reset()
-        else:
-            self.kv.length = n
+            return
+        axis = self.kv_spec.layout.index("seq")
+        shape = tuple(int(d) for d in self.kv_spec.shape(length))
+        cur = self.kv.current
+        kept = []
+        for pair in self.d_kv:
+            host = np.empty(shape, self._kv_dtype)
+            pair[cur].copy_to_host(host, self.stream)
+            kept.append(host)
+        _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        idx = [slice(None)] * len(shape)
+        idx[axis] = slice(0, n)
+        packed = [np.ascontiguousarray(h[tuple(idx)]) for h in kept]
+        for pair, a in zip(self.d_kv, packed):
+            pair[1 - cur].copy_from_host(a, self.stream)
+        _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        self.kv.current, self.kv.length = 1 - cur, n
 
     def accepts(self, seq: int, past: int) -> bool:
         """Whether a profile of the engine accepts ``seq`` new tokens after ``past`` cached ones."""
