@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import inspect
 import json
 import logging
 import signal
@@ -89,9 +88,9 @@ def _load_session(settings: ServeSettings) -> Any:
 
     kwargs: dict[str, Any] = {"backend": settings.backend, "threads": settings.threads,
                               "max_pixels": settings.max_image_pixels, "warmup": settings.warmup}
-    params = inspect.signature(Session.from_bundle).parameters
-    if "image_cache_mib" in params:                      # the runtime's image-embedding cache (when present)
-        kwargs["image_cache_mib"] = settings.image_cache_mib
+    # the runtime's caches (off by default in Session, on for the server): image embeddings by content hash (LRU,
+    # bounded in MiB) and prompt-prefix KV reuse (the system prompt, and a repeated image, are not prefilled again)
+    kwargs.update(image_cache_mib=settings.image_cache_mib, prefix_cache=True)
     return Session.from_bundle(settings.bundle, **kwargs)
 
 
