@@ -274,3 +274,18 @@ def test_queue_full_is_rate_limit_error_with_retry_after(bundle):
         # the slots are free again
         r = client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
         assert r.usage.completion_tokens >= 1
+
+
+def test_repeated_request_reports_the_caches(server):
+    """The same image and question twice: the second reuses the image embedding and the KV prefix, and says so in
+    usage.prompt_tokens_details.cached_tokens and timings (cache_n, image_cache_hit)."""
+    client = _client(server)
+    kw = dict(model=MODEL, messages=_messages("What shape is it?", _png_data_url(5)), max_tokens=3, temperature=0)
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    t = again.model_extra["timings"]
+    assert t["image_cache_hit"] is True
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert t["cache_n"] == cached and t["prompt_n"] == again.usage.prompt_tokens - cached
+    assert again.choices[0].message.content == first.choices[0].message.content
