@@ -29,7 +29,7 @@ import numpy as np
 
 from edgevlm.errors import RuntimeBackendError
 
-__all__ = ["ImageEmbeddingCache", "image_key", "spliced_identity", "common_prefix", "KVReuseUnsupported",
+__all__ = ["RequestCaches", "ImageEmbeddingCache", "image_key", "spliced_identity", "common_prefix", "KVReuseUnsupported",
            "DEFAULT_IMAGE_CACHE_MIB"]
 
 #: ``Session.from_bundle(image_cache_mib=...)`` default; ``edgevlm serve --image-cache-mib``.
@@ -139,3 +139,76 @@ def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
             break
         n += 1
     return n
+
+
+class RequestCaches:
+    """A Session's caches and their bookkeeping: the image-embedding LRU, whether prefix reuse is on, the identity of
+    what the decoder's KV cache holds, and counters. ``Session`` calls ``embeddings`` (vision, with the cache),
+    ``plan_reuse`` (before the prefill) and ``remember`` / ``count`` (after it). The Session's lock serializes use."""
+
+    def __init__(self, image_cache_mib: float = 0.0, prefix: bool = False) -> None:
+        self.image = ImageEmbeddingCache(0)
+        self.prefix = False
+        self.kv_ident: list[Any] | None = None        # identity of each token in the decoder's KV cache
+        self.prefix_stats = {"requests": 0, "reused": 0, "cached_tokens": 0, "prompt_tokens": 0}
+        self.configure(image_cache_mib=image_cache_mib, prefix=prefix)
+
+    def configure(self, *, image_cache_mib: float | None = None, prefix: bool | None = None) -> None:
+        """``None``: leave as is. Resizing drops the image entries (counters stay); turning prefix reuse off forgets
+        the KV identity."""
+        from edgevlm.errors import ConfigError
+
+        if image_cache_mib is not None:
+            if float(image_cache_mib) < 0:
+                raise ConfigError(f"image_cache_mib must be >= 0 (0 = off), got {image_cache_mib}")
+            old = self.image
+            self.image = ImageEmbeddingCache.from_mib(image_cache_mib)
+            self.image.hits, self.image.misses, self.image.evictions = old.hits, old.misses, old.evictions
+        if prefix is not None:
+            self.prefix = bool(prefix)
+            if not self.prefix:
+                self.kv_ident = None
+
+    def clear(self) -> None:
+        self.image.clear()
+        self.kv_ident = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"image": self.image.stats(), "prefix": {"enabled": self.prefix, **self.prefix_stats}}
+
+    def embeddings(self, pixel_values: np.ndarray, encode: Any) -> tuple[np.ndarray, str | None, bool]:
+        """``(image embeddings [1, V, D], image key or None, cache hit)``; ``encode(pixel_values)`` on a miss."""
+        key = image_key(pixel_values) if (self.image.enabled or self.prefix) else None
+        cached = self.image.get(key) if (key and self.image.enabled) else None
+        if cached is not None:
+            return cached, key, True
+        embeds = encode(pixel_values)
+        if key and self.image.enabled:
+            self.image.put(key, embeds)
+        return embeds, key, False
+
+    def plan_reuse(self, ids: Sequence[int], key: str | None, visual_tokens: int, image_token: int,
+                   decoder: Any) -> tuple[list[Any] | None, int]:
+        """``(identity of the new spliced prompt or None, KV rows to keep)``; resets ``decoder`` when none are kept
+        (so a prefill that fails before running leaves it empty). The remembered identity is dropped until
+        ``remember`` (an error leaves it unknown)."""
+        ident = spliced_identity(ids, key, visual_tokens, image_token) if self.prefix else None
+        reuse = 0
+        if ident is not None and self.kv_ident is not None:
+            reuse = min(common_prefix(self.kv_ident, ident), len(ident) - 1, int(decoder.length))
+        self.kv_ident = None
+        if ident is not None and reuse == 0:
+            decoder.reset()
+        return ident, reuse
+
+    def remember(self, ident: list[Any] | None, fed: Sequence[int], decoder_length: int) -> None:
+        """After the loop (also when the consumer closed the stream early): what the decoder holds now."""
+        if ident is not None and len(ident) + len(fed) == int(decoder_length):
+            self.kv_ident = ident + list(fed)
+
+    def count(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prefix_stats["requests"] += 1
+        self.prefix_stats["prompt_tokens"] += int(prompt_tokens)
+        if cached_tokens:
+            self.prefix_stats["reused"] += 1
+            self.prefix_stats["cached_tokens"] += int(cached_tokens)

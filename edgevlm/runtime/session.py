@@ -48,16 +48,16 @@ from edgevlm.bundle import Bundle, load_embedding_table
 from edgevlm.errors import BundleError, ConfigError
 from edgevlm.preprocess import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 from edgevlm.prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, build_prompt, check_prompt_ids, tokenize_prompt
-from edgevlm.runtime.backends import BackendOptions, SessionInfo, cache_home, device_type_for, resolve_providers
+from edgevlm.runtime.backends import BackendOptions, cache_home, preload_request_modules
 from edgevlm.runtime.bundle_io import open_verified
-from edgevlm.runtime.caches import ImageEmbeddingCache, common_prefix, image_key, spliced_identity
-from edgevlm.runtime.decoders import (NATIVE_MODES, DecoderIO, open_decoder, open_tensorrt, resolve_backend,
-                                      tensorrt_usable)
+from edgevlm.runtime.caches import RequestCaches
+from edgevlm.runtime.choose import open_backends
+from edgevlm.runtime.session_attributes import SessionAttributes
+from edgevlm.runtime.decoders import NATIVE_MODES, DecoderIO, resolve_backend
 from edgevlm.runtime.generation import Result, Stream, generate_stream, longest_stop_prefix
 from edgevlm.runtime.kv_cache import KVSpec
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.timings import Clock, RequestTimings
-from edgevlm.runtime.vision import OrtVisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +66,12 @@ __all__ = ["Session", "Result", "Stream", "open_verified", "NATIVE_MODES"]
 _longest_stop_prefix = longest_stop_prefix           # the old private name (tests, callers)
 
 
-def _preload_request_modules() -> None:
-    """Import onnxruntime and what a first request would otherwise import lazily (PIL's PNG/JPEG plugins,
-    numpy.random, psutil): ~0.1-0.2 s of module loading that belongs to load time, not to the first request."""
-    import numpy.random  # noqa: F401
-    from PIL import Image
-
-    from edgevlm.runtime.backends import import_ort
-
-    import_ort()
-    Image.preinit()
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        pass
-
-
 def _coarse(decoder_backend: str) -> str:
     """``Decoder.backend`` -> the older ``decode_backend`` names (``"onnxruntime"``, ``"native"``, ``"tensorrt"``)."""
     return "onnxruntime" if decoder_backend.startswith("onnxruntime") else decoder_backend
 
 
-class Session:
+class Session(SessionAttributes):
     """A loaded bundle ready to answer requests. Create with ``Session.from_bundle``."""
 
     def __init__(self, bundle: Bundle, *, options: BackendOptions | None = None,
@@ -103,7 +87,7 @@ class Session:
         self.preprocess_config = bundle.preprocess_config
 
         t = time.perf_counter()
-        _preload_request_modules()
+        preload_request_modules()
         breakdown["imports_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.tokenizer = self._load_tokenizer(bundle)
@@ -116,30 +100,14 @@ class Session:
         breakdown["embed_s"] = time.perf_counter() - t
 
         # ---- choose the backends -----------------------------------------------------------------------------
-        backend, _, _ = resolve_backend(None, opts)
         self.io = DecoderIO.from_bundle(bundle)
         self.kv_spec: KVSpec = self.io.kv_spec
         context = min(int(self.config.context_length), self.io.max_context)
-        self.int8_warning: str | None = None
-        if backend == "tensorrt" or (backend == "auto" and tensorrt_usable(bundle.manifest)[0]):
-            self.providers: list[Any] = []
-            self.device_type = "cuda"
-            t = time.perf_counter()
-            self.vision, self.decoder = open_tensorrt(bundle, max_context=context)
-            breakdown["engines_s"] = time.perf_counter() - t
-            self.native_info: dict[str, Any] = {"backend": "tensorrt", "mode": "off", "reason": "TensorRT engines"}
-        else:
-            self.providers = resolve_providers(opts.providers)
-            self.device_type = device_type_for(self.providers)
-            t = time.perf_counter()
-            self.decoder = open_decoder(bundle, None, opts, providers=self.providers, max_context=context)
-            breakdown["decoder_session_s"] = time.perf_counter() - t
-            self.native_info = dict(getattr(self.decoder, "native_info", {}))
-            breakdown["native_decode_wait_s"] = float(self.native_info.get("wait_s", 0.0))
-            t = time.perf_counter()
-            self.vision = OrtVisionEncoder(bundle, opts, providers=self.providers)
-            breakdown["vision_session_s"] = time.perf_counter() - t
-            self.int8_warning = self.vision.int8_warning
+        chosen = open_backends(bundle, opts, context)                 # edgevlm.runtime.choose
+        self.vision, self.decoder = chosen.vision, chosen.decoder
+        self.providers, self.device_type, self.native_info = chosen.providers, chosen.device_type, chosen.native_info
+        self.int8_warning: str | None = chosen.int8_warning
+        breakdown.update(chosen.breakdown)
         self.context_length = min(context, int(self.decoder.max_context))
         self.hidden_size, self.vocab_size = int(self.embed_table.shape[1]), int(self.embed_table.shape[0])
         if self.decoder.hidden_size != self.hidden_size:
@@ -148,11 +116,7 @@ class Session:
         self._embeds_dtype = self.io.embeds_dtype
         self._last: np.ndarray | None = None
         self._lock = threading.Lock()
-        self.image_cache = ImageEmbeddingCache(0)
-        self.prefix_cache = False
-        self._kv_ident: list[Any] | None = None      # identity of each token in the decoder's KV cache
-        self.prefix_stats = {"requests": 0, "reused": 0, "cached_tokens": 0, "prompt_tokens": 0}
-        self.configure_caches(image_cache_mib=image_cache_mib, prefix_cache=prefix_cache)
+        self.caches = RequestCaches(image_cache_mib, prefix_cache)   # edgevlm.runtime.caches
         self.verification = "full" if bundle.hashes_verified else "off"
         self.load_s = time.perf_counter() - t_load          # from_bundle adds the bundle read to this
         breakdown["other_s"] = max(0.0, self.load_s - sum(breakdown.values()))   # onnxruntime import, buffers
@@ -275,66 +239,24 @@ class Session:
         return _coarse(self.decoder_backend)
 
     @property
-    def session_info(self) -> dict[str, SessionInfo]:
-        """ONNX Runtime session facts per component (empty for TensorRT engines)."""
-        return {k: c.session_info for k, c in (("vision", self.vision), ("decoder", self.decoder))
-                if isinstance(getattr(c, "session_info", None), SessionInfo)}
-
-    @property
-    def vision_session(self) -> Any:
-        return getattr(self.vision, "session", None)
-
-    @property
-    def decoder_session(self) -> Any:
-        return getattr(self.decoder, "session", None)
-
-    @property
-    def kv(self) -> Any:
-        """The ONNX Runtime KV cache (``kv_cache.KVCache``) of ORT / native decoders; None for TensorRT."""
-        ort = getattr(self.decoder, "ort", self.decoder)
-        return getattr(ort, "kv", None)
-
-    @property
-    def native(self) -> Any:
-        """The native kernel (``native.NativeDecoder``) when decode steps run on it, else None."""
-        return getattr(self.decoder, "native", None)
-
-    @property
-    def _logits_row(self) -> np.ndarray:
-        ort = getattr(self.decoder, "ort", self.decoder)
-        return ort._logits_row
-
-    @property
     def threads(self) -> int:
         return self.options.resolved_threads
 
     # ---- caches -------------------------------------------------------------------------------------------------
     def configure_caches(self, *, image_cache_mib: float | None = None, prefix_cache: bool | None = None) -> None:
-        """Turn the caches on / off or resize the image cache (``None``: leave as is). Resizing drops the image
-        cache's entries (and keeps its counters); turning prefix reuse off forgets the KV identity."""
+        """Turn the caches on / off or resize the image cache (``None``: leave as is; ``RequestCaches.configure``)."""
         with self._lock:
-            if image_cache_mib is not None:
-                if float(image_cache_mib) < 0:
-                    raise ConfigError(f"image_cache_mib must be >= 0 (0 = off), got {image_cache_mib}")
-                old = self.image_cache
-                self.image_cache = ImageEmbeddingCache.from_mib(image_cache_mib)
-                self.image_cache.hits, self.image_cache.misses = old.hits, old.misses
-                self.image_cache.evictions = old.evictions
-            if prefix_cache is not None:
-                self.prefix_cache = bool(prefix_cache)
-                if not self.prefix_cache:
-                    self._kv_ident = None
+            self.caches.configure(image_cache_mib=image_cache_mib, prefix=prefix_cache)
 
     def clear_caches(self) -> None:
         """Forget the cached image embeddings and the KV prefix (the next request is cold; counters stay)."""
         with self._lock:
-            self.image_cache.clear()
-            self._kv_ident = None
+            self.caches.clear()
 
     def cache_stats(self) -> dict[str, Any]:
         """``{"image": {entries, bytes, max_bytes, hits, misses, evictions}, "prefix": {enabled, requests, reused,
         cached_tokens, prompt_tokens}}`` (counters since load)."""
-        return {"image": self.image_cache.stats(), "prefix": {"enabled": self.prefix_cache, **self.prefix_stats}}
+        return self.caches.stats()
 
     # ---- public helpers -----------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, raw_prompt: bool = False) -> str:
@@ -434,6 +356,13 @@ class Session:
                                   kwargs.pop("seed", None))
         return Stream(self._request(image, prompt, max_new_tokens=max_new_tokens, sampling=sampling, **kwargs))
 
+    def _encode_checked(self, pixel_values: np.ndarray) -> np.ndarray:
+        image_embeds = self.encode_image(pixel_values)                                     # [1, V, D]
+        if image_embeds.shape[1] != self.visual_tokens:
+            raise BundleError(f"the vision graph produced {image_embeds.shape[1]} tokens but the manifest says "
+                              f"{self.visual_tokens}; re-export the bundle")
+        return image_embeds
+
     def _pixels(self, image: ImageInput | None, pixel_values: np.ndarray | None) -> np.ndarray:
         s = self.preprocess_config.image_size
         if pixel_values is not None:
@@ -464,29 +393,14 @@ class Session:
             with clock("preprocess"):
                 pv = self._pixels(image, pixel_values)
             with clock("vision"):
-                key = image_key(pv) if (self.image_cache.enabled or self.prefix_cache) else None
-                image_embeds = self.image_cache.get(key) if (key and self.image_cache.enabled) else None
-                timings.image_cache_hit = image_embeds is not None
-                if image_embeds is None:
-                    image_embeds = self.encode_image(pv)                                   # [1, V, D]
-                    if image_embeds.shape[1] != self.visual_tokens:
-                        raise BundleError(f"the vision graph produced {image_embeds.shape[1]} tokens but the "
-                                          f"manifest says {self.visual_tokens}; re-export the bundle")
-                    if key and self.image_cache.enabled:
-                        self.image_cache.put(key, image_embeds)
+                image_embeds, key, timings.image_cache_hit = self.caches.embeddings(pv, self._encode_checked)
             with clock("prefill"):
                 embeds = self.splice(ids, image_embeds)                                    # [1, T, D]
             timings.prompt_tokens, timings.visual_tokens = length, self.visual_tokens
             timings.text_tokens = length - self.visual_tokens
 
             # prompt-prefix reuse: what the decoder holds (previous prompt + fed tokens) vs this prompt
-            ident = spliced_identity(ids, key, self.visual_tokens, IMAGE_TOKEN_INDEX) if self.prefix_cache else None
-            reuse = 0
-            if ident is not None and self._kv_ident is not None:
-                reuse = min(common_prefix(self._kv_ident, ident), len(ident) - 1, int(self.decoder.length))
-            self._kv_ident = None                  # unknown until the decoder has run (an error leaves it unknown)
-            if ident is not None and reuse == 0:
-                self.decoder.reset()               # so a prefill that fails before running leaves length 0
+            ident, reuse = self.caches.plan_reuse(ids, key, self.visual_tokens, IMAGE_TOKEN_INDEX, self.decoder)
             fed: list[int] = []
             try:
                 g = yield from generate_stream(
@@ -495,15 +409,10 @@ class Session:
                     stop_strings=[*self.stop_strings, *(stop or [])], ignore_eos=ignore_eos,
                     max_context=self.context_length, clock=clock, t_start=t_start, reuse=reuse, fed=fed)
             finally:                               # also when the consumer closes the stream early
-                if ident is not None and len(ident) + len(fed) == int(self.decoder.length):
-                    self._kv_ident = ident + fed
+                self.caches.remember(ident, fed, self.decoder.length)
             self._last = g.last_logits
             timings.cached_tokens = int(g.cached_tokens)
-            self.prefix_stats["requests"] += 1
-            self.prefix_stats["prompt_tokens"] += int(length)
-            if g.cached_tokens:
-                self.prefix_stats["reused"] += 1
-                self.prefix_stats["cached_tokens"] += int(g.cached_tokens)
+            self.caches.count(length, g.cached_tokens)
 
             total = time.perf_counter() - t_start - g.paused_s
             timings.ttft_ms = g.ttft_s * 1e3
