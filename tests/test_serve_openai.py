@@ -289,3 +289,25 @@ def test_repeated_request_reports_the_caches(server):
     assert 0 < cached < again.usage.prompt_tokens == first.usage.prompt_tokens
     assert t["cache_n"] == cached and t["prompt_n"] == again.usage.prompt_tokens - cached
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_load_script_smoke(bundle, tmp_path):
+    """benchmarks/serve_load.py end to end, small: `python -m edgevlm serve` as a subprocess, streaming and plain
+    clients, a disconnect, SIGTERM with requests in flight: nothing failed or lost, the server exits 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), "--bundle", str(bundle),
+                           "--clients", "3", "--requests", "4", "--max-queue", "1", "--disconnect-clients", "1",
+                           "--disconnect-every", "2", "--sigterm-inflight", "2", "--sigterm-new", "1",
+                           "--threads", "1", "--max-seconds", "120", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["pass"] and r["load"]["lost"] == 0 and r["load"]["failed"] == 0
+    assert r["load"]["ok"] + r["load"]["cancelled"] == 12 and r["load"]["cancelled"] >= 1
+    assert r["sigterm"]["exit_code"] == 0 and r["sigterm"]["inflight_completed"] == 2
