@@ -39,12 +39,13 @@ def template(name: str = "vicuna_v1") -> dict[str, str]:
 
 
 def build_prompt(question: str, template_name: str = "vicuna_v1", system: str | None = None,
-                 with_image: bool = True) -> str:
-    """The generation prompt for one question. ``<image>`` is prepended unless the question already holds it."""
+                 with_image: bool = True, images: int = 1) -> str:
+    """The generation prompt for one question. ``images`` ``<image>\\n`` placeholders (one by default) are
+    prepended unless the question already holds ``<image>``."""
     t = template(template_name)
     sys_text = t["system"] if system is None else system
     if with_image and IMAGE_PLACEHOLDER not in question:
-        question = IMAGE_PLACEHOLDER + "\n" + question
+        question = (IMAGE_PLACEHOLDER + "\n") * max(1, int(images)) + question
     return f"{sys_text}{t['sep']}{t['user']}: {question}{t['sep']}{t['assistant']}:"
 
 
@@ -75,29 +76,37 @@ def tokenize_prompt(prompt: str, tokenizer: TokenizerLike, bos_token_id: int | N
     return ids
 
 
-def check_prompt_ids(ids: Sequence[int], visual_tokens: int, context_length: int, max_new_tokens: int = 0) -> int:
-    """Validate a tokenized prompt; returns its length once images are spliced in.
+def check_prompt_ids(ids: Sequence[int], visual_tokens: int, context_length: int, max_new_tokens: int = 0,
+                     images: int = 1) -> int:
+    """Validate a tokenized prompt for ``images`` images; returns its length once they are spliced in
+    (``len(ids) - images + images * visual_tokens``).
 
-    ``PromptError`` when the placeholder is missing or repeated, or when the prompt alone is longer than the context.
-    ``max_new_tokens`` (the request's) is counted in that message, so its arithmetic is the whole request's: prompt
-    + new tokens vs. the context. A prompt that fits but leaves fewer than ``max_new_tokens`` positions is not an
-    error: the answer stops when the context is full (``finish_reason == "context_full"``).
+    ``PromptError`` when the prompt does not hold exactly ``images`` placeholders (one per image, spliced in
+    order), or when the prompt alone is longer than the context. ``max_new_tokens`` (the request's) is counted in
+    that message, so its arithmetic is the whole request's: prompt + new tokens vs. the context. A prompt that fits
+    but leaves fewer than ``max_new_tokens`` positions is not an error: the answer stops when the context is full
+    (``finish_reason == "context_full"``).
     """
-    n_images = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
-    if n_images == 0:
-        raise PromptError(f"the prompt has no '{IMAGE_PLACEHOLDER}' placeholder; put '{IMAGE_PLACEHOLDER}' where the "
-                          f"image goes, or pass the plain question and let the template add it")
-    if n_images > 1:
-        raise PromptError(f"the prompt has {n_images} '{IMAGE_PLACEHOLDER}' placeholders; one image per request is "
-                          f"supported")
-    length = len(ids) - 1 + visual_tokens
+    images = int(images)
+    n_found = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+    if n_found == 0:
+        raise PromptError(f"the prompt has no '{IMAGE_PLACEHOLDER}' placeholder but {images} image(s) were given; put "
+                          f"'{IMAGE_PLACEHOLDER}' where each image goes, or pass the plain question and let the "
+                          f"template add them")
+    if n_found != images:
+        raise PromptError(f"the prompt has {n_found} '{IMAGE_PLACEHOLDER}' placeholders but {images} image(s) were "
+                          f"given; put one '{IMAGE_PLACEHOLDER}' per image (spliced in order)")
+    visual = images * visual_tokens
+    length = len(ids) - images + visual
     if length > context_length:
-        raise PromptError(prompt_too_long_message(length, visual_tokens, context_length, max_new_tokens))
+        raise PromptError(prompt_too_long_message(length, visual, context_length, max_new_tokens))
     return length
 
 
 def prompt_too_long_message(length: int, visual_tokens: int, context_length: int, max_new_tokens: int = 0) -> str:
-    """``prompt is N tokens (V visual + T text) + K new tokens requested (--max-new-tokens) = N + K, but the context
+    """``visual_tokens``: all images' visual tokens together.
+
+    ``prompt is N tokens (V visual + T text) + K new tokens requested (--max-new-tokens) = N + K, but the context
     holds M; ...``: the request's arithmetic and the fix (shorten the prompt, by how much, or lower
     --max-new-tokens)."""
     text = length - visual_tokens

@@ -101,7 +101,7 @@ def test_chat_completion_non_streaming(client):
     for k in ("prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second",
               "preprocess_ms", "image_encode_ms", "ttft_ms", "cache_n", "image_cache_hit"):
         assert k in t, k
-    assert t["image_n"] > 0 and u["prompt_tokens"] >= t["image_n"]        # image tokens counted in the prompt
+    assert t["image_n"] == 1 and u["prompt_tokens"] > t["image_tokens"] > 0     # image tokens counted in the prompt
     assert t["prompt_n"] + t["cache_n"] == u["prompt_tokens"] and t["predicted_n"] == u["completion_tokens"]
 
 
@@ -180,12 +180,40 @@ def test_400_schema(client, patch, param):
     assert err["param"] == param
 
 
-def test_400_image_count(client):
+def test_400_image_count(session, client):
     _err(client.post("/v1/chat/completions", json=_body(None)), 400, "image_required")
-    body = _body(_data_url(_png()))
-    body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": _data_url(_png(3))}})
+    with _client(session, max_images_per_request=2) as c:
+        body = _body(_data_url(_png()))
+        for k in (3, 4):
+            body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": _data_url(_png(k))}})
+        err = _err(c.post("/v1/chat/completions", json=body), 400, "too_many_images")
+        assert "3 images" in err["message"] and "at most 2" in err["message"]
+        assert c.get("/v1/models").json()["data"][0]["meta"]["max_images_per_request"] == 2
+
+
+def test_two_images_in_one_request(client, session):
+    from edgevlm.prompt import template
+    from edgevlm.serve import schema
+
+    body = _body(_data_url(_png(1)), text="Compare the circles.", seed=0)
+    content = body["messages"][0]["content"]
+    content.insert(1, {"type": "text", "text": "and"})
+    content.insert(2, {"type": "image_url", "image_url": {"url": _data_url(_png(2))}})
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    prompt = schema.render_messages(body["messages"], template(session.template), session.system)
+    assert prompt.count("<image>") == 2 and prompt.index("and") < prompt.index("Compare")
+    _, ids, length = session.tokenize(prompt, True, 0, 2)
+    text_tokens = len(ids) - 2
+    assert d["usage"]["prompt_tokens"] == length == text_tokens + 2 * session.visual_tokens
+    t = d["timings"]
+    assert t["image_n"] == 2 and t["image_tokens"] == 2 * session.visual_tokens
+    # the default limit (4) admits 4 images; a fifth is refused naming the limit
+    for k in (5, 6, 7):
+        content.append({"type": "image_url", "image_url": {"url": _data_url(_png(k))}})
     err = _err(client.post("/v1/chat/completions", json=body), 400, "too_many_images")
-    assert "1 image per request" in err["message"]
+    assert "5 images" in err["message"] and "at most 4" in err["message"]
 
 
 def test_400_image_undecodable(client):

@@ -114,8 +114,8 @@ def test_non_streaming_with_an_image_as_data_url(server):
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     timings = (r.model_extra or {}).get("timings") or r.to_dict()["timings"]
     # usage counts the image's visual tokens (tiny-ldpnetv2: 4) in the prompt, as llama-server does
-    assert timings["image_n"] == 4
-    assert u.prompt_tokens > timings["image_n"]
+    assert timings["image_n"] == 1 and timings["image_tokens"] == 4
+    assert u.prompt_tokens > timings["image_tokens"]
     assert u.prompt_tokens == timings["prompt_n"] + timings["cache_n"]
     assert u.prompt_tokens_details.cached_tokens == timings["cache_n"]
     assert timings["predicted_n"] == u.completion_tokens

@@ -23,7 +23,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
           max_image_pixels: int = 64_000_000, request_timeout: float = 300.0,
           backend: Literal["auto", "ort", "native", "tensorrt"] = "auto", threads: int | None = None,
           model_name: str | None = None, image_cache_mib: float = 256.0, default_max_tokens: int = 512,
-          graceful_timeout: float = 30.0) -> int:
+          graceful_timeout: float = 30.0, max_images: int = 4) -> int:
     """Serve a bundle over HTTP with OpenAI's chat-completions API (images, streaming, timings, metrics).
 
     Args:
@@ -44,6 +44,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         image_cache_mib: bound of the runtime's image-embedding cache (when the runtime has one).
         default_max_tokens: max_tokens of a request that gives none.
         graceful_timeout: seconds SIGTERM waits for in-flight requests.
+        max_images: image_url parts one request may carry (each spliced at its own <image>); more are a 400.
     """
     from edgevlm.serve import ServeSettings, run_server
 
@@ -52,7 +53,8 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
                              max_queue=max_queue, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
                              request_timeout=request_timeout, backend=backend, threads=threads,
                              model_name=model_name, image_cache_mib=image_cache_mib,
-                             default_max_tokens=default_max_tokens, graceful_timeout=graceful_timeout)
+                             default_max_tokens=default_max_tokens, graceful_timeout=graceful_timeout,
+                             max_images_per_request=max_images)
     return run_server(settings)
 
 

@@ -116,15 +116,20 @@ class ImageEmbeddingCache:
                 "misses": self.misses, "evictions": self.evictions}
 
 
-def spliced_identity(ids: Sequence[int], image: str | None, visual_tokens: int,
+def spliced_identity(ids: Sequence[int], image: str | None | Sequence[str | None], visual_tokens: int,
                      image_token_index: int = -200) -> list[Hashable]:
     """One identity per position of the spliced prompt: the text token ids, with ``(image, j)`` for ``j`` in
-    ``range(visual_tokens)`` in place of the image placeholder ``image_token_index``. ``image=None`` (unknown
-    content) gives positions that equal nothing, not even themselves in another request."""
+    ``range(visual_tokens)`` in place of each image placeholder ``image_token_index``. ``image``: one key for every
+    placeholder, or a list with one key per placeholder, in order (several images per prompt). A key ``None``
+    (unknown content) gives positions that equal nothing, not even themselves in another request."""
+    keys = list(image) if isinstance(image, (list, tuple)) else None
     out: list[Hashable] = []
+    k = 0
     for t in ids:
         if t == image_token_index:
-            tag: Hashable = image if image is not None else object()
+            key = image if keys is None else (keys[k] if k < len(keys) else None)
+            k += 1
+            tag: Hashable = key if key is not None else object()
             out.extend((tag, j) for j in range(visual_tokens))
         else:
             out.append(int(t))
@@ -187,9 +192,10 @@ class RequestCaches:
             self.image.put(key, embeds)
         return embeds, key, False
 
-    def plan_reuse(self, ids: Sequence[int], key: str | None, visual_tokens: int, image_token: int,
-                   decoder: Any) -> tuple[list[Any] | None, int]:
-        """``(identity of the new spliced prompt or None, KV rows to keep)``; resets ``decoder`` when none are kept
+    def plan_reuse(self, ids: Sequence[int], key: str | None | Sequence[str | None], visual_tokens: int,
+                   image_token: int, decoder: Any) -> tuple[list[Any] | None, int]:
+        """``(identity of the new spliced prompt or None, KV rows to keep)``; ``key``: the image key, or one per
+        placeholder in order (``spliced_identity``). Resets ``decoder`` when none are kept
         (so a prefill that fails before running leaves it empty). The remembered identity is dropped until
         ``remember`` (an error leaves it unknown)."""
         ident = spliced_identity(ids, key, visual_tokens, image_token) if self.prefix else None

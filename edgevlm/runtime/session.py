@@ -46,12 +46,13 @@ import numpy as np
 
 from edgevlm.bundle import Bundle, load_embedding_table
 from edgevlm.errors import BundleError, ConfigError
-from edgevlm.preprocess import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+from edgevlm.preprocess import DEFAULT_MAX_PIXELS, ImageInput
 from edgevlm.prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, build_prompt, check_prompt_ids, tokenize_prompt
 from edgevlm.runtime.backends import BackendOptions, cache_home, preload_request_modules
 from edgevlm.runtime.bundle_io import open_verified
 from edgevlm.runtime.caches import RequestCaches
 from edgevlm.runtime.choose import open_backends
+from edgevlm.runtime.image_splice import count_images, pixels_list, splice_images
 from edgevlm.runtime.session_attributes import SessionAttributes
 from edgevlm.runtime.decoders import NATIVE_MODES, DecoderIO, resolve_backend
 from edgevlm.runtime.generation import Result, Stream, generate_stream, longest_stop_prefix
@@ -259,19 +260,21 @@ class Session(SessionAttributes):
         return self.caches.stats()
 
     # ---- public helpers -----------------------------------------------------------------------------------------
-    def render_prompt(self, prompt: str, raw_prompt: bool = False) -> str:
+    def render_prompt(self, prompt: str, raw_prompt: bool = False, images: int = 1) -> str:
         """The text that is tokenized: ``prompt`` as is when ``raw_prompt`` or when it already holds ``<image>``
-        (a full prompt), else the manifest's template around the question (``<image>`` prepended)."""
+        (a full prompt), else the manifest's template around the question (``images`` ``<image>`` prepended)."""
         if raw_prompt or IMAGE_PLACEHOLDER in prompt:
             return prompt
-        return build_prompt(prompt, self.template, system=self.system)
+        return build_prompt(prompt, self.template, system=self.system, images=images)
 
-    def tokenize(self, prompt: str, raw_prompt: bool = False, max_new_tokens: int = 0) -> tuple[str, list[int], int]:
-        """(rendered prompt, ids with one -200, spliced length). Raises ``PromptError`` on a missing placeholder
-        or a prompt longer than the context (the message counts the request's ``max_new_tokens``)."""
-        text = self.render_prompt(prompt, raw_prompt)
+    def tokenize(self, prompt: str, raw_prompt: bool = False, max_new_tokens: int = 0,
+                 images: int = 1) -> tuple[str, list[int], int]:
+        """(rendered prompt, ids with one -200 per image, spliced length). Raises ``PromptError`` unless there are
+        exactly ``images`` placeholders, or on a prompt longer than the context (the message counts the request's
+        ``max_new_tokens``)."""
+        text = self.render_prompt(prompt, raw_prompt, images)
         ids = tokenize_prompt(text, self.tokenizer, self.bos_id)
-        length = check_prompt_ids(ids, self.visual_tokens, self.context_length, max_new_tokens)
+        length = check_prompt_ids(ids, self.visual_tokens, self.context_length, max_new_tokens, images)
         return text, ids, length
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -282,17 +285,10 @@ class Session(SessionAttributes):
         """Rows of the embedding table, ``[len(ids), D]`` in the decoder's input dtype."""
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=self._embeds_dtype)
 
-    def splice(self, ids: Sequence[int], image_embeds: np.ndarray) -> np.ndarray:
-        """Text embeddings with the image embeddings in place of the single -200: ``[1, T + V - 1, D]``."""
-        p = list(ids).index(IMAGE_TOKEN_INDEX)
-        v = image_embeds.shape[1]
-        out = np.empty((1, len(ids) - 1 + v, self.hidden_size), dtype=self._embeds_dtype)
-        if p:
-            out[0, :p] = self.embed(ids[:p])
-        out[0, p:p + v] = image_embeds[0]
-        if p + 1 < len(ids):
-            out[0, p + v:] = self.embed(ids[p + 1:])
-        return out
+    def splice(self, ids: Sequence[int], image_embeds: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Text embeddings with image k's embeddings (``[1, V, D]`` for one image, or a list of them) in place of
+        the k-th -200, in order: ``[1, T - N + N * V, D]`` (``image_splice.splice_images``)."""
+        return splice_images(ids, image_embeds, self.embed, self.hidden_size, self._embeds_dtype)
 
     def warmup(self, max_new_tokens: int = 2) -> None:
         """One short request on a grey image (first-run allocations, thread-pool start, page faults)."""
@@ -315,7 +311,8 @@ class Session(SessionAttributes):
         return [c.end_profiling() for c in (self.vision, self.decoder) if hasattr(c, "end_profiling")]
 
     # ---- generation ---------------------------------------------------------------------------------------------
-    def generate(self, image: ImageInput | None, prompt: str, *, max_new_tokens: int = 256,
+    def generate(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str, *,
+                 max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: Callable[[str], Any] | None = None,
                  raw_prompt: bool = False, pixel_values: np.ndarray | None = None,
@@ -323,8 +320,10 @@ class Session(SessionAttributes):
         """Answer one request.
 
         Args:
-            image: a path, bytes, PIL image or ``[H, W(, 3)]`` uint8 array (ignored when ``pixel_values`` given).
-            prompt: the question (the manifest's template is applied), or a full prompt holding ``<image>``.
+            image: a path, bytes, PIL image or ``[H, W(, 3)]`` uint8 array, or a list/tuple of them (several
+                images: image k is spliced at the k-th ``<image>``; ignored when ``pixel_values`` given).
+            prompt: the question (the manifest's template is applied, one ``<image>`` per image), or a full prompt
+                holding one ``<image>`` per image.
             max_new_tokens: at most this many generated tokens (also bounded by the context).
             temperature: 0 = greedy; > 0 samples.
             top_k: keep the k most likely tokens (0 = off).
@@ -333,7 +332,7 @@ class Session(SessionAttributes):
             stop: extra stop strings (the manifest's, e.g. ``</s>``, always apply).
             stream: called with each text delta as it is produced.
             raw_prompt: use ``prompt`` verbatim (no template); it must hold ``<image>``.
-            pixel_values: preprocessed ``[3, S, S]`` / ``[1, 3, S, S]`` float pixels instead of ``image``.
+            pixel_values: preprocessed ``[3, S, S]`` / ``[N, 3, S, S]`` float pixels instead of ``image``.
             ignore_eos: benchmark mode: neither EOS nor stop strings end the answer (exactly ``max_new_tokens``
                 tokens unless the context fills up).
         """
@@ -348,7 +347,7 @@ class Session(SessionAttributes):
             if stream is not None:
                 stream(delta)
 
-    def stream(self, image: ImageInput | None, prompt: str, **kwargs: Any) -> Stream:
+    def stream(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str, **kwargs: Any) -> Stream:
         """Like ``generate`` but returns an iterator of text deltas (``.result`` after the last one)."""
         kwargs.pop("stream", None)
         max_new_tokens = kwargs.pop("max_new_tokens", 256)
@@ -363,19 +362,12 @@ class Session(SessionAttributes):
                               f"{self.visual_tokens}; re-export the bundle")
         return image_embeds
 
-    def _pixels(self, image: ImageInput | None, pixel_values: np.ndarray | None) -> np.ndarray:
-        s = self.preprocess_config.image_size
-        if pixel_values is not None:
-            pv = np.asarray(pixel_values, dtype=np.float32)
-            pv = pv[None] if pv.ndim == 3 else pv
-            if pv.shape != (1, 3, s, s):
-                raise ConfigError(f"pixel_values must be [3, {s}, {s}] or [1, 3, {s}, {s}], got {pv.shape}")
-            return pv
-        if image is None:
-            raise ConfigError("generate needs an image (or pixel_values)")
-        return preprocess(image, self.preprocess_config, self.max_pixels)[None]       # [1, 3, S, S]
+    def _pixels(self, image: Any, pixel_values: np.ndarray | None) -> list[np.ndarray]:
+        """One ``[1, 3, S, S]`` per image of the request (``image_splice.pixels_list``)."""
+        return pixels_list(image, pixel_values, self.preprocess_config, self.max_pixels)
 
-    def _request(self, image: ImageInput | None, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
+    def _request(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str, *, max_new_tokens: int,
+                 sampling: SamplingParams,
                  stop: Sequence[str] | None = None, raw_prompt: bool = False,
                  pixel_values: np.ndarray | None = None, ignore_eos: bool = False):
         """The request as a generator of text deltas; returns the ``Result``. Time spent by the consumer between
@@ -388,19 +380,22 @@ class Session(SessionAttributes):
             timings = RequestTimings(load_s=self.load_s, threads=self.threads, load_breakdown=dict(self.load_breakdown),
                                      decode_backend=self.decode_backend, vision_backend=self.vision_backend,
                                      decoder_backend=self.decoder_backend)
+            n = timings.images = max(1, count_images(image, pixel_values))
             with clock("tokenize"):
-                text, ids, length = self.tokenize(prompt, raw_prompt, max_new_tokens)
+                text, ids, length = self.tokenize(prompt, raw_prompt, max_new_tokens, n)
             with clock("preprocess"):
-                pv = self._pixels(image, pixel_values)
-            with clock("vision"):
-                image_embeds, key, timings.image_cache_hit = self.caches.embeddings(pv, self._encode_checked)
+                pvs = self._pixels(image, pixel_values)                                    # [1, 3, S, S] each
+            with clock("vision"):                          # each image: from the embedding cache or encoded
+                got = [self.caches.embeddings(pv, self._encode_checked) for pv in pvs]
+            timings.image_cache_hit = all(hit for _, _, hit in got)
             with clock("prefill"):
-                embeds = self.splice(ids, image_embeds)                                    # [1, T, D]
-            timings.prompt_tokens, timings.visual_tokens = length, self.visual_tokens
-            timings.text_tokens = length - self.visual_tokens
+                embeds = self.splice(ids, [e for e, _, _ in got])                          # [1, T, D]
+            timings.prompt_tokens, timings.visual_tokens = length, n * self.visual_tokens
+            timings.text_tokens = length - n * self.visual_tokens
 
             # prompt-prefix reuse: what the decoder holds (previous prompt + fed tokens) vs this prompt
-            ident, reuse = self.caches.plan_reuse(ids, key, self.visual_tokens, IMAGE_TOKEN_INDEX, self.decoder)
+            keys = [k for _, k, _ in got]
+            ident, reuse = self.caches.plan_reuse(ids, keys, self.visual_tokens, IMAGE_TOKEN_INDEX, self.decoder)
             fed: list[int] = []
             try:
                 g = yield from generate_stream(

@@ -134,7 +134,8 @@ class RequestTimings:
     text_tokens: int = 0
     prefill_tok_s: float = 0.0
     cached_tokens: int = 0
-    image_cache_hit: bool = False
+    image_cache_hit: bool = False             # every image's embeddings came from the cache
+    images: int = 1                           # images spliced into the prompt (visual_tokens counts all of them)
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
     decode_steps: int = 0

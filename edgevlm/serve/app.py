@@ -147,21 +147,23 @@ async def chat_completions(request: Any) -> Any:
     _check_open(st)
     _check_key(request, st)
     raw = await _read_body(request, s.max_body_bytes, s.max_body_mb)
-    req = schema.parse_chat_request(schema.parse_json(raw))
+    req = schema.parse_chat_request(schema.parse_json(raw), s.max_images_per_request)
     if req.model is not None and req.model != st.model_name:
         raise ServeError(404, f"model '{req.model}' is not served here; this server serves '{st.model_name}' "
                               f"(GET /v1/models)", param="model", code="model_not_found")
-    data = await resolve_image_url(req.image_urls[0], s)
-    image = await run_in_threadpool(check_image, data, s.max_image_pixels)
+    images = []                                   # in message order: image k is spliced at the k-th <image>
+    for url in req.image_urls:
+        data = await resolve_image_url(url, s)
+        images.append(await run_in_threadpool(check_image, data, s.max_image_pixels))
     prompt = schema.render_messages(req.messages, st.template, getattr(st.session, "system", None))
     max_new = req.max_tokens or s.default_max_tokens
     try:
-        await run_in_threadpool(st.session.tokenize, prompt, True, max_new)
+        await run_in_threadpool(st.session.tokenize, prompt, True, max_new, len(images))
     except PromptError as exc:
         raise ServeError(400, str(exc), param="messages", code="context_length_exceeded") from exc
     params = {"max_new_tokens": max_new, "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
               "seed": req.seed, "stop": req.stop or None}
-    job = Job(image, prompt, params, timeout=s.request_timeout)
+    job = Job(images, prompt, params, timeout=s.request_timeout)
     st.worker.submit(job)
     cid, created = schema.new_id(), schema.now()
     if req.stream:
@@ -245,7 +247,7 @@ def _model_card(st: ServeState) -> dict[str, Any]:
                      "visual_tokens": getattr(sess, "visual_tokens", None),
                      "vision_backend": getattr(sess, "vision_backend", None),
                      "decoder_backend": getattr(sess, "decoder_backend", None),
-                     "max_images_per_request": schema.MAX_IMAGES}}
+                     "max_images_per_request": st.settings.max_images_per_request}}
 
 
 async def models(request: Any) -> Any:

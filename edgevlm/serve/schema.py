@@ -4,8 +4,10 @@ the messages (``render_messages``), and the response / chunk / usage / timings o
 Validation is by hand (no pydantic): every refusal is a ``ServeError(400, ..., param=<the field>)``. Unknown fields
 are ignored, as llama-server and vLLM do (clients send ``user``, ``frequency_penalty``, ...). ``n`` must be 1.
 
-The runtime answers about exactly one image per request (one ``<image>`` splice), so a request must carry one
-``image_url`` part; zero or several are refused with a 400 that says so.
+A request carries one or more ``image_url`` parts (at most ``max_images``, ``--max-images``, default
+``MAX_IMAGES`` = 4): the prompt gets one ``<image>`` per image part, where the part is, in message order, and the
+runtime splices image k's visual tokens at the k-th ``<image>`` (as MobileVLM / LLaVA do). None, or more than the
+limit, are refused with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from edgevlm.serve.errors import ServeError
 __all__ = ["ChatRequest", "parse_chat_request", "render_messages", "finish_reason", "usage_object",
            "timings_object", "completion_object", "chunk_object", "MAX_IMAGES"]
 
-MAX_IMAGES = 1                   # the runtime splices one image per prompt (edgevlm.prompt.check_prompt_ids)
+MAX_IMAGES = 4                   # default image_url parts per request (ServeSettings.max_images_per_request)
 _ROLES = ("system", "developer", "user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -76,8 +78,9 @@ def parse_json(raw: bytes) -> Any:
         raise _bad(f"the request body is not valid JSON ({exc})", None, "invalid_json") from exc
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """A decoded JSON body -> ``ChatRequest``; ``ServeError(400)`` naming the offending field."""
+def parse_chat_request(body: Any, max_images: int = MAX_IMAGES) -> ChatRequest:
+    """A decoded JSON body -> ``ChatRequest``; ``ServeError(400)`` naming the offending field. At most
+    ``max_images`` image_url parts (all messages together)."""
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
     model = body.get("model")
@@ -126,11 +129,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if messages[-1].get("role") != "user":
         raise _bad("the last message must be from the user", f"messages[{len(messages) - 1}].role",
                    "invalid_value")
-    if len(image_urls) > MAX_IMAGES:
-        raise _bad(f"the request has {len(image_urls)} images but this model answers about {MAX_IMAGES} image per "
-                   f"request; send one image_url part", "messages", "too_many_images")
+    if len(image_urls) > max_images:
+        raise _bad(f"the request has {len(image_urls)} images but this server accepts at most {max_images} images "
+                   f"per request (--max-images); send at most {max_images} image_url parts", "messages",
+                   "too_many_images")
     if not image_urls:
-        raise _bad("the request has no image; this vision-language model answers about one image per request: add "
+        raise _bad("the request has no image; this vision-language model answers about images: add "
                    "a content part {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
                    "messages", "image_required")
 
@@ -197,7 +201,8 @@ def _content_text(content: Any) -> str:
 def render_messages(messages: list[dict[str, Any]], template: dict[str, str], system: str | None) -> str:
     """The conversation in the bundle's template (Vicuna v1): ``<system> USER: q1 ASSISTANT: a1</s>USER: ...
     ASSISTANT:``. System/developer messages replace the template's system prompt; the image goes where its part is
-    (``<image>\\n<question>`` when it comes first, as MobileVLM was trained)."""
+    (``<image>\\n<question>`` when it comes first, as MobileVLM was trained); several images: one ``<image>`` per
+    image part, in message order, the text parts around them kept in order."""
     sys_parts = [_content_text(m["content"]) for m in messages if m["role"] in ("system", "developer")]
     text = "\n".join(sys_parts) if sys_parts else (template["system"] if system is None else system)
     sep, sep2 = template["sep"], template.get("sep2", "")
@@ -244,7 +249,8 @@ def timings_object(result: Any, queue_ms: float = 0.0) -> dict[str, Any]:
         "preprocess_ms": r(t.preprocess_ms),
         "tokenize_ms": r(t.tokenize_ms),
         "image_encode_ms": r(t.vision_ms),
-        "image_n": int(t.visual_tokens),
+        "image_n": int(getattr(t, "images", 1)),
+        "image_tokens": int(t.visual_tokens),
         "image_cache_hit": bool(getattr(t, "image_cache_hit", False)),
         "ttft_ms": r(t.ttft_ms),
         "decode_token_ms_p50": r(t.decode_token_ms_p50),

@@ -31,6 +31,8 @@ class ServeSettings:
         max_body_mb: request bodies above this are answered 413 (checked while reading); also the cap of one image
             read from a file or fetched from a URL.
         max_image_pixels: images with more pixels are refused from their header, before decoding.
+        max_images_per_request: image_url parts one request may carry (each is spliced at its own ``<image>``);
+            more are answered 400 ``too_many_images``.
         request_timeout: seconds from admission to the end of a request (queue wait included); then 504 / an error
             event in a stream, and the generation is stopped.
         backend: ``auto`` | ``ort`` | ``native`` | ``tensorrt`` (``Session.from_bundle``).
@@ -55,6 +57,7 @@ class ServeSettings:
     max_queue: int = 8
     max_body_mb: float = 20.0
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_images_per_request: int = 4
     request_timeout: float = 300.0
     backend: str = "auto"
     threads: int | None = None
@@ -73,6 +76,8 @@ class ServeSettings:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_body_mb <= 0 or self.max_image_pixels <= 0 or self.request_timeout <= 0:
             raise ConfigError("max_body_mb, max_image_pixels and request_timeout must be > 0")
+        if int(self.max_images_per_request) < 1:
+            raise ConfigError(f"max_images_per_request (--max-images) must be >= 1, got {self.max_images_per_request}")
         if self.api_key is not None and self.api_key_file is not None:
             raise ConfigError("give --api-key or --api-key-file, not both")
         if self.api_key_file is not None:

@@ -36,6 +36,8 @@ class Job:
     """One admitted request: what to run (``kwargs`` for ``Session.generate``) and where its events go."""
 
     def __init__(self, image: Any, prompt: str, params: dict[str, Any], *, timeout: float) -> None:
+        # ``image``: one image or the request's list of images (in order, one per <image> of the prompt); it goes
+        # to ``Session.generate`` as is
         self.image, self.prompt, self.params = image, prompt, params
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
