@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 
 import numpy as np
@@ -32,10 +33,10 @@ def _fallback_checked(tmp_path_factory=None) -> None:
 
     flags = build.cpu_flags()
     if "lacks" in reason:
-        missing = [f for f in build.REQUIRED_FLAGS if f not in flags]
+        missing = [f for f in build.ISA_FLAGS["avx2"] if f not in flags]
         assert missing and f"lacks {', '.join(missing)}" in reason
     elif "compiler" in reason:
-        assert all(f in flags for f in build.REQUIRED_FLAGS) and build.find_compiler() is None
+        assert build.isa_path(flags) is not None and build.find_compiler() is None
     else:
         assert "x86-64 Linux only" in reason and build.platform.machine().lower() not in ("x86_64", "amd64")
     with pytest.raises(NativeUnavailable, match=reason.split(" (")[0]):
@@ -49,6 +50,25 @@ def _fallback_checked(tmp_path_factory=None) -> None:
         with pytest.raises(NativeUnavailable, match="native_decode='on' but"):
             Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
     pytest.skip(f"native kernel unavailable here ({reason}); checked the ONNX Runtime fallback instead")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def kernel_path(request, monkeypatch):
+    """Run the test on this CPU's own path, then on the AVX2 path: where the CPU has AVX-512 and AVX2 + FMA + F16C,
+    ``EDGEVLM_CPU_MASK=avx512`` makes the build choose (and compile, with ``-mno-avx512f``) the AVX2 path natively.
+    Elsewhere (an AVX2-only CPU, or the mask already set, as under qemu in tests/test_isa_emulated.py) the first run
+    already is the AVX2 path."""
+    from edgevlm.runtime import cpuinfo
+    from edgevlm.runtime.native import build
+
+    if request.param == "avx2":
+        raw = cpuinfo.raw_cpu_flags()
+        if os.environ.get(cpuinfo.MASK_ENV) or build.isa_path(set(raw)) != "avx512-vnni" or \
+                build.isa_path(set(raw) - {f for f in raw if f.startswith("avx512")}) != "avx2":
+            pytest.skip("the AVX2 path is this CPU's own path here (or neither runs): covered by the 'native' run")
+        monkeypatch.setenv(cpuinfo.MASK_ENV, "avx512")
+        assert build.isa_path() == "avx2"
+    return request.param
 
 
 def _quantized(tmp_path_factory, precision: str):
@@ -131,12 +151,13 @@ def _quant_x(x: np.ndarray, blk: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("bits,blk,K,with_zp", [(4, 128, 200, False), (4, 256, 512, True), (4, 128, 64, True),
                                                 (8, 64, 200, False), (8, 128, 256, True)])
-def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp):
+def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp, kernel_path):
     _fallback_checked()
     from edgevlm.runtime.native import build
     from edgevlm.runtime.native.engine import _Linear
 
     lib = build.load()
+    assert build.loaded_isa(lib) == build.isa_path()
     rng = np.random.default_rng(bits * 1000 + blk + K)
     N, nb = 37, -(-K // blk)
     top = 15 if bits == 4 else 255
@@ -222,14 +243,18 @@ def test_native_step_is_the_same_at_any_thread_count(tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision):
+def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision, kernel_path):
     _fallback_checked(tmp_path_factory)
     from edgevlm.runtime import Session
+    from edgevlm.runtime.native import isa_path
 
     path = _quantized(tmp_path_factory, precision)
     nat = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on")
     ort = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="off")
     assert nat.decode_backend == "native" and ort.decode_backend == "onnxruntime"
+    assert nat.native_info["isa"] == isa_path() and isa_path() in ("avx512-vnni", "avx2")
+    if kernel_path == "avx2":
+        assert nat.native_info["isa"] == "avx2"
     img = make_image(3)
     a = nat.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
     b = ort.generate(img, QUESTION, max_new_tokens=24, ignore_eos=True)
@@ -312,9 +337,16 @@ def test_availability_names_what_is_missing(monkeypatch, tmp_path, tmp_path_fact
 
     monkeypatch.setattr(build.platform, "system", lambda: "Linux")
     monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
-    assert "lacks avx512f, avx512bw, avx512_vnni" in build.availability()
-    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.REQUIRED_FLAGS))
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"sse4_2", "fma"})
+    assert "lacks avx2, f16c (the native decode kernel needs AVX-512 VNNI, or AVX2" in build.availability()
+    assert build.isa_path() is None
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert build.isa_path() == "avx2" and "-mno-avx512f" in build.cflags()
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.REQUIRED_FLAGS) | {"avx2", "f16c"})
+    assert build.isa_path() == "avx512-vnni" and "-mno-avx512f" not in build.cflags()
+    monkeypatch.setenv(build.MARCH_ENV, "znver3")
+    assert "-march=znver3" in build.cflags() and "-march=native" not in build.cflags()
+    monkeypatch.delenv(build.MARCH_ENV)
     monkeypatch.setattr(build, "find_compiler", lambda: None)
     monkeypatch.setattr(build, "library_path", lambda: tmp_path / "absent.so")
     assert "no C compiler found" in build.availability()
@@ -342,12 +374,14 @@ def test_cpu_mask_hides_flags_from_the_runtimes_dispatch(monkeypatch, tmp_path_f
     assert flags | cpuinfo.masked_flags() == set(raw)
     if cpuinfo.is_x86():
         assert cpuinfo.has_int8_dot() == ("avx_vnni" in raw or "avx_vnni_int8" in raw)
+    from edgevlm.runtime.native import build
+
     reason = availability()
-    assert reason is not None
-    if any(f.startswith("avx512") for f in raw):
-        assert f"hidden by {cpuinfo.MASK_ENV}" in reason
     s = Session.from_bundle(_quantized(tmp_path_factory, "int4"), threads=1, hash_stamps=None)
-    assert s.decode_backend == "onnxruntime" and s.native_info["reason"] == reason
+    if build.isa_path() == "avx2":                     # AVX-512 hidden: the kernel's AVX2 path runs
+        assert reason is None and s.decode_backend == "native" and s.native_info["isa"] == "avx2"
+    else:
+        assert reason is not None and s.decode_backend == "onnxruntime" and s.native_info["reason"] == reason
     monkeypatch.setenv(cpuinfo.MASK_ENV, "vnni")
     assert not cpuinfo.has_int8_dot() and cpuinfo.int8_saturates() == cpuinfo.is_x86()
 

@@ -92,8 +92,8 @@ class _NativeSetup:
             self.info["reason"] = str(self._error)
             log.warning("native decode unavailable, decoding with ONNX Runtime: %s", self._error)
             return None
-        self.info.update(backend="native", kv_dtype=self.kv_dtype, weight_bytes=self._result.weight_bytes,
-                         huge_page_bytes=self._result.huge_page_bytes)
+        self.info.update(backend="native", isa=self._result.isa, kv_dtype=self.kv_dtype,
+                         weight_bytes=self._result.weight_bytes, huge_page_bytes=self._result.huge_page_bytes)
         return self._result
 
 

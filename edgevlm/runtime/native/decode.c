@@ -32,6 +32,21 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Which code path: chosen at compile time by the target's ISA macros (build.py compiles with -march=native on the
+ * machine that runs the kernel; with -mno-avx512f where edgevlm's dispatch hides AVX-512). The AVX-512 VNNI path
+ * is the reference; the AVX2 + FMA path computes the same integer dot products with vpmaddubsw + vpmaddwd (no
+ * saturation: 4-bit weights are 0..15, 8-bit weights are re-centred to -128..127 and multiplied with the sign trick)
+ * and differs from it only in float summation order. evlm_isa() says which one was compiled. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define EVLM_AVX512 1
+#define EVLM_ISA 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define EVLM_AVX512 0
+#define EVLM_ISA 2
+#else
+#error "the native decode kernel needs AVX-512 VNNI (avx512f, avx512bw, avx512_vnni) or AVX2 + FMA + F16C"
+#endif
+
 #ifndef EVLM_PREFETCH
 #define EVLM_PREFETCH 4096 /* bytes ahead in the weight stream; measured best of 512..8192 on the reference host */
 #endif
@@ -91,6 +106,7 @@ static void quant_block_scalar(const float *x, int n, int blk, int bits, int8_t 
 /* x[K] -> int8 per block of blk (zero-padded to nb * blk); 4-bit layout puts even elements first, then odd, in
  * each block, to match the nibble order of the weight bytes. Full blocks are vectorized: cvtps rounds to nearest
  * even like lrintf, so both paths give the same codes. */
+#if EVLM_AVX512
 static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *xs, float *xc) {
     const int nb = (K + blk - 1) / blk;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -127,6 +143,76 @@ static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float 
         xc[b] = xs[b] * (float)_mm512_reduce_add_epi32(sum);
     }
 }
+#else
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline int hsum8i(__m256i v) {
+    __m128i m = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(m);
+}
+
+/* 8 int32 -> 8 int8 (saturating, like _mm512_cvtsepi32_epi8) at q */
+static inline void store8_epi8(int8_t *q, __m256i v) {
+    __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), _MM_SHUFFLE(3, 1, 2, 0));
+    __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
+    _mm_storel_epi64((__m128i *)q, b);
+}
+
+static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *xs, float *xc) {
+    const int nb = (K + blk - 1) / blk;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + (size_t)b * blk;
+        int8_t *q = xq + (size_t)b * blk;
+        if ((b + 1) * blk > K) {
+            quant_block_scalar(xb, K - b * blk, blk, bits, q, xs + b, xc + b);
+            continue;
+        }
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < blk; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + i), absmask));
+        const float amax = hmax8(mx);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i sum = _mm256_setzero_si256();
+        if (bits == 4) {
+            for (int i = 0; i < blk; i += 16) {
+                __m256 a = _mm256_loadu_ps(xb + i), c = _mm256_loadu_ps(xb + i + 8);
+                /* [a0 a2 c0 c2 | a4 a6 c4 c6] -> [a0 a2 a4 a6 c0 c2 c4 c6] */
+                __m256 e = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                    _mm256_castps_pd(_mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+                __m256 o = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                    _mm256_castps_pd(_mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+                __m256i qe = _mm256_cvtps_epi32(_mm256_mul_ps(e, inv));
+                __m256i qo = _mm256_cvtps_epi32(_mm256_mul_ps(o, inv));
+                store8_epi8(q + i / 2, qe);
+                store8_epi8(q + blk / 2 + i / 2, qo);
+                sum = _mm256_add_epi32(sum, _mm256_add_epi32(qe, qo));
+            }
+        } else {
+            for (int i = 0; i < blk; i += 8) {
+                __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), inv));
+                store8_epi8(q + i, qi);
+                sum = _mm256_add_epi32(sum, qi);
+            }
+        }
+        xs[b] = amax / 127.f;
+        xc[b] = xs[b] * (float)hsum8i(sum);
+    }
+}
+#endif
 
 static inline float zero_point(const evlm_linear *w, int n, int b, int nb) {
     if (!w->zp) return w->bits == 4 ? 8.f : 128.f;
@@ -136,6 +222,7 @@ static inline float zero_point(const evlm_linear *w, int n, int b, int nb) {
 }
 
 /* ---- y[n0:n1] = W[n0:n1] x for one MatMulNBits weight ------------------------------------------------------- */
+#if EVLM_AVX512
 static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y, int n0,
                       int n1) {
     const int nb = (w->K + w->blk - 1) / w->blk;
@@ -188,6 +275,81 @@ static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, c
         }
     }
 }
+#else
+/* AVX2: vpmaddubsw (u8 x s8, pairs summed into a saturating int16) + vpmaddwd by ones (-> int32). 4-bit: the
+ * nibbles are 0..15, |x_q| <= 127, a pair is at most 3810 (and two pairs 7620): exact. 8-bit: w - 128 is taken as
+ * s8 and multiplied as |w - 128| (u8, <= 128) by sign(w - 128) * x_q (|.| <= 127): a pair is at most 32512 < 32767,
+ * exact. The dropped 128 * sum(x_q) enters the zero-point term: (zp - 128) instead of zp. */
+static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y, int n0,
+                      int n1) {
+    const int nb = (w->K + w->blk - 1) / w->blk;
+    const int blk = w->blk;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
+    if (w->bits == 4) {
+        const size_t rowbytes = (size_t)nb * blk / 2;
+        const int chunks = blk / 128;
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *row = w->B + (size_t)n * rowbytes;
+            const float *sw = w->scales + (size_t)n * nb;
+            __m256 acc = _mm256_setzero_ps();
+            float corr = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *q = xq + (size_t)b * blk;
+                __m256i ai = _mm256_setzero_si256();
+                for (int c = 0; c < chunks; c++) {
+                    const uint8_t *p = row + (size_t)b * (blk / 2) + c * 64;
+                    const int8_t *ql = q + c * 64, *qh = q + blk / 2 + c * 64;
+                    _mm_prefetch((const char *)p + EVLM_PREFETCH, _MM_HINT_T0);
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)p);
+                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+                    __m256i s0 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), _mm256_loadu_si256((const __m256i *)ql)),
+                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
+                                             _mm256_loadu_si256((const __m256i *)qh)));
+                    __m256i s1 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(v1, m4),
+                                             _mm256_loadu_si256((const __m256i *)(ql + 32))),
+                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
+                                             _mm256_loadu_si256((const __m256i *)(qh + 32))));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(s0, ones));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(s1, ones));
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(sw[b] * xs[b]), acc);
+                corr += sw[b] * xc[b] * zero_point(w, n, b, nb);
+            }
+            y[n] = hsum8(acc) - corr;
+        }
+    } else {
+        const size_t rowbytes = (size_t)nb * blk;
+        const int chunks = blk / 64;
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *row = w->B + (size_t)n * rowbytes;
+            const float *sw = w->scales + (size_t)n * nb;
+            __m256 acc = _mm256_setzero_ps();
+            float corr = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *q = xq + (size_t)b * blk;
+                __m256i ai = _mm256_setzero_si256();
+                for (int c = 0; c < chunks; c++) {
+                    const uint8_t *p = row + (size_t)b * blk + c * 64;
+                    _mm_prefetch((const char *)p + EVLM_PREFETCH, _MM_HINT_T0);
+                    __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), bias);   /* w - 128 */
+                    __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32)), bias);
+                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + c * 64));
+                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(q + c * 64 + 32));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)), ones));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1)), ones));
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(sw[b] * xs[b]), acc);
+                corr += sw[b] * xc[b] * (zero_point(w, n, b, nb) - 128.f);
+            }
+            y[n] = hsum8(acc) - corr;
+        }
+    }
+}
+#endif
 
 /* ---- row scheduler ------------------------------------------------------------------------------------------
  * Each thread owns a contiguous run of row chunks and streams it front to back (one sequential stream per thread:
@@ -245,6 +407,7 @@ static void gemv(const evlm_linear *w, const int8_t *xq, const float *xs, const 
 #pragma omp barrier
 }
 
+#if EVLM_AVX512
 /* ---- small fp32 pieces (AVX-512) ----------------------------------------------------------------------------- */
 /* e^x for |x| < 88: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor polynomial (rel. err.
  * < 2e-7) */
@@ -335,6 +498,99 @@ static void attend(const float *q, const void *K, const void *V, int f16, int T,
     else
         for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
 }
+#else
+/* ---- small fp32 pieces (AVX2 + FMA + F16C): the same arithmetic, 8 lanes ---------------------------------- */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    /* 2^n for n in [-127, 127] from the exponent field (n = -127 gives 0 where scalef gives a denormal) */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    __m256 ss = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), ss);
+    float s = hsum8(ss);
+    for (; i < n; i++) s += x[i] * x[i];
+    const float r = 1.f / sqrtf(s / n + eps);
+    for (i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+static void rope(float *v, const float *c, const float *s, int half) {
+    for (int i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c[i] - x2 * s[i];
+        v[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+static inline __m256 kv_load(const void *row, int i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
+}
+
+static inline float dot16(const float *a, const void *b, int n, int f16) {      /* n % 16 == 0 */
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load(b, i, f16), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), kv_load(b, i + 8, f16), acc1);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+static inline void axpy16(float a, const void *x, float *y, int n, int f16) {
+    __m256 va = _mm256_set1_ps(a);
+    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, kv_load(x, i, f16),
+                                                                            _mm256_loadu_ps(y + i)));
+}
+
+static void to_fp16(const float *x, uint16_t *out, int n) {            /* n % 8 == 0 */
+    for (int i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
+static void attend(const float *q, const void *K, const void *V, int f16, int T, int hd, float scale, float *sc,
+                   float *out) {
+    const size_t row = (size_t)hd * (f16 ? 2 : 4);
+    float mx = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        sc[t] = dot16(q, (const char *)K + t * row, hd, f16) * scale;
+        mx = sc[t] > mx ? sc[t] : mx;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= T; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vmx));
+        _mm256_storeu_ps(sc + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum8(vsum);
+    for (; t < T; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    const float inv = 1.f / sum;
+    if (f16)
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 1);
+    else
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
+}
+#endif
 
 /* One decode step. x: the new token's embedding [hidden]; pos: tokens already in the KV cache (the new token's
  * position); logits: [vocab]. Returns 0, or -1 when pos is outside the KV buffer / rotary table.
@@ -399,10 +655,19 @@ int evlm_decode_step(const evlm_model *m, const float *x, int pos, float *logits
 #pragma omp for schedule(static)
             for (int i = 0; i < I; i += 16) {                /* act = silu(gate) * up */
                 if (i + 16 <= I) {
+#if EVLM_AVX512
                     __m512 g = _mm512_loadu_ps(m->gu + i);
                     __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(
                         _mm512_setzero_ps(), g))));
                     _mm512_storeu_ps(m->act + i, _mm512_mul_ps(sg, _mm512_loadu_ps(m->gu + I + i)));
+#else
+                    for (int j = i; j < i + 16; j += 8) {
+                        __m256 g = _mm256_loadu_ps(m->gu + j);
+                        __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(
+                            _mm256_setzero_ps(), g))));
+                        _mm256_storeu_ps(m->act + j, _mm256_mul_ps(sg, _mm256_loadu_ps(m->gu + I + j)));
+                    }
+#endif
                 } else {
                     for (int j = i; j < I; j++) m->act[j] = m->gu[j] / (1.f + expf(-m->gu[j])) * m->gu[I + j];
                 }
@@ -456,6 +721,7 @@ uint64_t evlm_read_stream(const uint8_t *p, size_t n, int threads) {
     {
         const size_t T = (size_t)omp_get_num_threads(), t = (size_t)omp_get_thread_num(), lines = n / 64;
         const size_t lo = lines * t / T * 64, hi = lines * (t + 1) / T * 64;
+#if EVLM_AVX512
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
         size_t i = lo;
         for (; i + 256 <= hi; i += 256) {
@@ -466,8 +732,25 @@ uint64_t evlm_read_stream(const uint8_t *p, size_t n, int threads) {
         }
         for (; i < hi; i += 64) a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
         total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+#else
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        size_t i = lo;
+        for (; i + 128 <= hi; i += 128) {
+            a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+            a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+        }
+        for (; i < hi; i += 32) a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+        __m256i s4 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+        __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        total += (uint64_t)_mm_cvtsi128_si64(s2) + (uint64_t)_mm_extract_epi64(s2, 1);
+#endif
     }
     return total;
 }
 
 int evlm_abi_version(void) { return 3; }
+
+/* The compiled code path: 1 = AVX-512 VNNI, 2 = AVX2 + FMA (see EVLM_ISA). */
+int evlm_isa(void) { return EVLM_ISA; }

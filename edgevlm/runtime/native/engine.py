@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgevlm.errors import BundleError
-from edgevlm.runtime.native.build import NativeUnavailable, load
+from edgevlm.runtime.native.build import NativeUnavailable, load, loaded_isa
 
 __all__ = ["NativeDecoder", "plan_reason", "SUPPORTED_PLAN_VERSION", "KV_DTYPES"]
 
@@ -244,6 +244,7 @@ class NativeDecoder:
             raise NativeUnavailable(reason)
         self.kv_dtype = kv_dtype
         self.lib = load()
+        self.isa = loaded_isa(self.lib)                  # the compiled code path: "avx512-vnni" or "avx2"
         self.lib.evlm_decode_step.argtypes = [ctypes.POINTER(_Model), _P, ctypes.c_int, _P]
         self.lib.evlm_decode_step.restype = ctypes.c_int
         self.lib.evlm_kv_sync.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
