@@ -15,7 +15,7 @@ first token). ``repeat`` must give the tokens that a cold request with the same 
 on every run: a cold reference request after clearing the caches). Medians over the runs; acceptance: median repeat
 TTFT <= 25 % of median cold TTFT. The JSON records the CPU model, the command, the load average and every request.
 
-    python benchmarks/serve_cache.py --bundle /tmp/g/B4 --runs 3 \\
+    python benchmarks/serve_cache.py --bundle bundles/mobilevlm-1.7b-int4 --runs 3 \\
         --out benchmarks/results/serve_cache_mobilevlm-1.7b-int4.json
 
 Never imports torch.
@@ -61,7 +61,9 @@ def _row(kind: str, run: int, r) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default="/tmp/g/B4")
+    ap.add_argument("--bundle", required=True,
+                    help="an int4 CPU bundle of mobilevlm-1.7b (edgevlm export --model mobilevlm-1.7b "
+                         "--random-init --target cpu-x86-avx512-vnni --precision int4)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)

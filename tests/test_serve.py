@@ -318,7 +318,9 @@ def test_disconnect_stops_generation_and_frees_the_session(session):
     from edgevlm.serve.metrics import ServeMetrics
     from edgevlm.serve.worker import Job, Worker
 
-    class _PacedSession:                    # 5 ms per delta: the stop lands mid-generation however fast the model
+    stop_issued = threading.Event()
+
+    class _PacedSession:                    # holds generation after the first delta until the client has stopped
         def __init__(self, real):
             self.real, self.deltas = real, 0
 
@@ -328,8 +330,10 @@ def test_disconnect_stops_generation_and_frees_the_session(session):
         def generate(self, *a, stream=None, **k):
             def paced(delta):
                 self.deltas += 1
-                time.sleep(0.005)
-                return stream(delta)
+                out = stream(delta)
+                if self.deltas == 1:
+                    assert stop_issued.wait(30), "the client never stopped"
+                return out
             return self.real.generate(*a, stream=paced, **k)
 
     metrics = ServeMetrics()
@@ -342,6 +346,7 @@ def test_disconnect_stops_generation_and_frees_the_session(session):
         worker.submit(job)
         kinds = [(await job.next_event())[0]]
         job.stop("disconnect")
+        stop_issued.set()
         while kinds[-1] == "delta":
             kind, payload = await job.next_event()
             kinds.append(kind)
@@ -350,7 +355,7 @@ def test_disconnect_stops_generation_and_frees_the_session(session):
     kinds, err = asyncio.run(go())
     worker.close()
     assert kinds[0] == "delta" and kinds[-1] == "error" and err.code == "disconnect"
-    assert paced.deltas < 64 and len(kinds) <= paced.deltas + 1        # stopped early; nothing after the error
+    assert paced.deltas <= 2 and len(kinds) <= paced.deltas + 1        # stopped at the next delta; nothing after
     assert metrics.cancelled.labels(reason="disconnect")._value.get() == 1
     assert session._lock.acquire(timeout=5)                    # the runtime request was closed
     session._lock.release()
