@@ -226,6 +226,12 @@ def _tiny_trt_manifest(target: str = "jetson-orin", precision: str = "int4"):
     return cfg, trt_plan, manifest
 
 
+def _fake_engine_getters():
+    from test_trt_backend import FakeDecoderEngine
+
+    return FakeDecoderEngine
+
+
 class _PlannedDecoderEngine:
     """A TensorRT-engine look-alike built from a build plan's decoder engine: float32 embeds / KV / logits, int64
     mask and positions, the planned profiles (what ``build-engine`` would build)."""
@@ -246,17 +252,9 @@ class _PlannedDecoderEngine:
         self.num_io_tensors, self.profiles = len(io), engine_plan.profiles
         self.num_optimization_profiles = len(self.profiles)
 
-    def get_tensor_name(self, i):
-        return self.io[i][0]
-
-    def get_tensor_mode(self, name):
-        return self.by_name[name][1]
-
-    def get_tensor_dtype(self, name):
-        return self.by_name[name][2]
-
-    def get_tensor_shape(self, name):
-        return self.by_name[name][3]
+    _F = _fake_engine_getters()             # the I/O-table getters of test_trt_backend's fake engine
+    get_tensor_name, get_tensor_mode = _F.get_tensor_name, _F.get_tensor_mode
+    get_tensor_dtype, get_tensor_shape = _F.get_tensor_dtype, _F.get_tensor_shape
 
     def get_tensor_profile_shape(self, name, i):
         r = self.profiles[i].shapes[name]

@@ -601,9 +601,11 @@ def _fake_bundle(tmp_path, dla_core=None, trt="10.3.0.30"):
 
 
 class _CudartWithDevice(FakeCudart):
+    """``FakeCudart`` (device, streams) whose allocations fail after ``fail_after`` successful ones."""
+
     def __init__(self, fail_after=None):
-        super().__init__()
-        self.fail_after, self.streams = fail_after, 0
+        super().__init__(device_name="Orin")
+        self.fail_after = fail_after
 
     def _alloc(self, n):
         if self.fail_after is not None:
@@ -611,20 +613,6 @@ class _CudartWithDevice(FakeCudart):
                 return 2, 0
             self.fail_after -= 1
         return super()._alloc(n)
-
-    def cudaSetDevice(self, i):
-        return (0,)
-
-    def cudaGetDeviceProperties(self, i):
-        return 0, types.SimpleNamespace(name=b"Orin", major=8, minor=7)
-
-    def cudaStreamCreate(self):
-        self.streams += 1
-        return 0, 7
-
-    def cudaStreamDestroy(self, stream):
-        self.streams -= 1
-        return (0,)
 
 
 def test_backend_sets_the_build_time_dla_core_and_cleans_up_a_failed_load(tmp_path, monkeypatch):
