@@ -181,7 +181,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = environment(args.threads)
 
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
     from edgevlm.quant.report import task_accuracy
 
     t0 = time.perf_counter()

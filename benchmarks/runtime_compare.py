@@ -285,7 +285,7 @@ def run_worker(cmd: list[str], timeout: float) -> dict[str, Any]:
 def export_fp32(model: str, dest: Path, timeout: float) -> Path:
     """Export a random-init fp32 bundle in a subprocess (keeps the parent's RSS small; parity skipped for speed)."""
     code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
-            "from edgevlm.exporter.bundle_export import export_bundle;"
+            "from edgevlm.pipeline import export_bundle;"
             f"export_bundle({model!r}, {str(dest)!r}, random_init=True, parity=False, overwrite=True, seed=0)")
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)

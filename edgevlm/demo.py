@@ -97,7 +97,7 @@ def run_demo(out: str | Path = "demo_out", *, target: str = "cpu", fast: bool = 
 
     # 2. export -----------------------------------------------------------------------------------------------------
     t0 = stage("export", f"2/7  export an fp32 bundle for {tgt.name} (parity-checked against PyTorch)")
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     bundles = out / "bundles"
     fp32 = export_bundle(None, bundles / "demo-fp32", checkpoint=res.checkpoint, target=tgt.name, precision="fp32",

@@ -3,7 +3,7 @@
 A target says what a device has (memory, bandwidth, compute capability, DLA cores), which software stack it runs
 (JetPack / TensorRT / ONNX opset limit, or ONNX Runtime on a CPU), which precisions it supports and which precision
 recipe to use by default. The memory planner (``edgevlm.planner``), the TensorRT build plan
-(``edgevlm.exporter.trt_plan``) and ``edgevlm targets`` read it.
+(``edgevlm.graphs.trt_plan``) and ``edgevlm targets`` read it.
 
     >>> from edgevlm.targets import get_target
     >>> t = get_target("jetson-orin")          # alias of jetson-agx-orin-32gb, the MobileVLM paper's board
@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgevlm.errors import ConfigError, TargetError
+# the precision registry (re-exported: targets validate their precision lists and resolve recipes with it)
+from edgevlm.precisions import (COMPONENTS, PRECISION_PRESETS, PRECISIONS, PRESET_ORDER, TENSORRT_PRESETS,  # noqa: F401
+                                presets_for)
 from edgevlm.resources import data_dir
 
 log = logging.getLogger(__name__)
@@ -50,39 +53,6 @@ TARGETS_DIR = data_dir("targets")
 KINDS = ("jetson", "gpu", "cpu")
 MEMORY_KINDS = ("unified", "discrete", "host")
 BACKENDS = ("tensorrt", "onnxruntime-cpu")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
-
-# Components a precision recipe assigns: the vision graph (tower + projector), the token-embedding table, the
-# decoder layers and the LM head (part of the decoder graph, but often kept at a different precision).
-COMPONENTS = ("vision", "embedding", "decoder", "lm_head")
-
-# Precision presets. int8/int4 keep the embedding table in fp16: it is gathered (a few rows per token), never
-# multiplied, so quantizing it saves memory but no time, and TensorRT has no blocked-quantized Gather.
-# The int4 preset keeps the LM head 8-bit: an int4 head flips the top-1 token wherever the model hesitates
-# (teacher-forced agreement with fp32 75 % vs 99.8 % with an 8-bit head on a weakly trained demo model; see
-# edgevlm/quant/recipes.py). Override with "int4,lm_head=int4".
-PRECISION_PRESETS: dict[str, dict[str, str]] = {
-    "fp32": {"vision": "fp32", "embedding": "fp32", "decoder": "fp32", "lm_head": "fp32"},
-    "fp16": {"vision": "fp16", "embedding": "fp16", "decoder": "fp16", "lm_head": "fp16"},
-    "int8": {"vision": "int8", "embedding": "fp16", "decoder": "int8", "lm_head": "int8"},
-    "int4": {"vision": "int8", "embedding": "fp16", "decoder": "int4", "lm_head": "int8"},
-}
-PRESET_ORDER = ("fp32", "fp16", "int8", "int4")   # largest to smallest weights
-# The presets as TensorRT targets resolve them. TensorRT's weight-only quantization is INT4 only (no weight-only
-# INT8), so the int4 preset's LM head stays float there and runs fp16 (fp16 tensor types on TensorRT >= 11, the
-# --fp16 builder flag on 10.x): as close to fp32 as the 8-bit head of the CPU recipe. An explicit "lm_head=int8" on
-# a TensorRT target is W8A8 static QDQ of the head (edgevlm/quant/recipes.py).
-TENSORRT_PRESETS: dict[str, dict[str, str]] = {
-    **PRECISION_PRESETS,
-    "int4": {**PRECISION_PRESETS["int4"], "lm_head": "fp16"},
-}
-
-
-def presets_for(tensorrt: bool) -> dict[str, dict[str, str]]:
-    """The preset table a target resolves names with: ``TENSORRT_PRESETS`` on TensorRT targets, else
-    ``PRECISION_PRESETS``."""
-    return TENSORRT_PRESETS if tensorrt else PRECISION_PRESETS
-
 # Highest default-domain ONNX opset the TensorRT ONNX parser handles, by (major, minor) it was raised in.
 # 10.0: "opset 9 to 20" (onnx-tensorrt docs/operators.md); 22 from 10.9, 24 from 10.13; 11.x: 25 (TensorRT ONNX opset
 # guide). INT4 blocked DequantizeLinear needs opset 21: trt_compat accepts it on 10.x as the one exception.

@@ -49,8 +49,8 @@ def tiny_bundle(tmp_path_factory, name: str = "tiny-ldpnetv2", decoder_graph: st
     key = name if decoder_graph == "auto" else f"{name}@{decoder_graph}"
     if key not in _BUNDLES:
         from edgevlm.config import get_model_config
-        from edgevlm.exporter.bundle_export import export_bundle
         from edgevlm.model.vlm import build_model
+        from edgevlm.pipeline import export_bundle
 
         model = build_model(get_model_config(name), seed=0).eval()
         out = export_bundle(name, _root(tmp_path_factory) / key, model=model, random_init=True,

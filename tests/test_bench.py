@@ -435,7 +435,7 @@ def test_sweep_runs_tensorrt_engines_and_auto_picks_them(tmp_path_factory, monke
     """A bundle for a TensorRT target with (fake) engines registered: ort, tensorrt and auto in one sweep; tensorrt
     and auto run vision and decoder on the engines with ORT's greedy tokens; native (no plan: fp32) is skipped."""
     pytest.importorskip("onnx")
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
     from tests.fake_tensorrt import install_fake_tensorrt
 
     out = tmp_path_factory.mktemp("bench_trt") / "tiny-orin"

@@ -104,7 +104,7 @@ N_NEW = 10
 def trt_bundle(tmp_path_factory):
     """The tiny random-init bundle for a TensorRT target (fp32, Optimum decoder)."""
     pytest.importorskip("torch")
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("decoders_trt") / "tiny-orin"
     return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin-nano-8gb", precision="fp32",

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 from edgevlm.model.hf_compat import cache_of, with_cache
 from edgevlm.bundle import load_embedding_table, read_bundle  # noqa: E402
 from edgevlm.config import PROJECTOR_TYPES, get_model_config  # noqa: E402
-from edgevlm.exporter import spec as S  # noqa: E402
+from edgevlm.graphs import spec as S  # noqa: E402
 from edgevlm.model import build_model  # noqa: E402
 from edgevlm.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt  # noqa: E402
 
@@ -32,7 +32,7 @@ def export_tiny(tmp_path_factory, name: str):
     """``(bundle dir, in-memory model)`` for a tiny preset: random init (seed 0), parity on, portable decoder graph
     (these tests drive the Optimum past/present contract by hand), exported once."""
     if name not in _EXPORTED:
-        from edgevlm.exporter.bundle_export import export_bundle
+        from edgevlm.pipeline import export_bundle
 
         model = build_model(get_model_config(name), seed=0).eval()
         path = export_bundle(name, tmp_path_factory.mktemp("export") / name, model=model, random_init=True, seed=0,
@@ -230,9 +230,10 @@ def test_fp16_recipe_passes_loose_parity_only(exported, tmp_path):
     from edgevlm.exporter import parity as P
     from edgevlm.exporter.bundle_export import resolve_recipe
     from edgevlm.exporter.onnx_export import graph_io
+    from edgevlm.pipeline import float_hooks
 
     path, model = exported["tiny-mlp2x_gelu"]
-    recipe = resolve_recipe("fp16", "jetson-orin-nano")
+    recipe = resolve_recipe("fp16", "jetson-orin-nano", postprocess=float_hooks())
     assert recipe.embed_dtype == "float16" and recipe.tolerances == S.FP16_TOLERANCES
     for f in ("vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data"):
         shutil.copy(path / f, tmp_path / f)
@@ -250,7 +251,7 @@ def test_fp16_recipe_passes_loose_parity_only(exported, tmp_path):
 
 def test_unsupported_precision_is_a_typed_error(tmp_path):
     from edgevlm.errors import ConfigError, TargetError
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     with pytest.raises(TargetError, match="fp8"):                 # no fp8 on a CPU target
         export_bundle("tiny-ldpnet", tmp_path / "x", random_init=True, precision="fp8")
@@ -268,7 +269,7 @@ def test_cpu_export_writes_the_gqa_decoder_and_checks_it_against_pytorch(tmp_pat
     pytest.importorskip("onnxruntime_genai")
     import onnx
 
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     path = export_bundle("tiny-ldpnet", tmp_path / "b", random_init=True, seed=0)
     m = json.loads((path / "manifest.json").read_text())

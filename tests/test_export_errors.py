@@ -20,7 +20,7 @@ from edgevlm.bundle import read_bundle  # noqa: E402
 from edgevlm.errors import (BundleError, CheckpointError, ConfigError, ExportMismatch,  # noqa: E402
                             TargetError)
 from edgevlm.exporter import onnx_export as E  # noqa: E402
-from edgevlm.exporter.bundle_export import export_bundle  # noqa: E402
+from edgevlm.pipeline import export_bundle  # noqa: E402
 
 MODEL = "tiny-ldpnetv2"
 TRT_TARGET = "jetson-orin-nano"
@@ -104,7 +104,7 @@ def test_tensorrt_bundle_has_only_standard_ops(trt_bundle):
         assert ops <= ALLOWED_OPS, ops - ALLOWED_OPS
         assert E.nonfinite_constants(model) == []
     try:
-        from edgevlm.exporter.trt_compat import check_tensorrt_compat
+        from edgevlm.graphs.trt_compat import check_tensorrt_compat
     except ImportError:  # pragma: no cover - trt_compat ships with edgevlm
         return
     for name in ("vision", "decoder"):
@@ -122,7 +122,7 @@ def test_allowlist_check_catches_a_contrib_op(trt_bundle, tmp_path):
     model.graph.node.append(helper.make_node("FastGelu", ["image_embeds"], ["fg"], domain="com.microsoft"))
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     assert "com.microsoft::FastGelu" in E.op_histogram(model) and E.uses_contrib_ops(model)
-    from edgevlm.exporter.trt_compat import assert_tensorrt_compat
+    from edgevlm.graphs.trt_compat import assert_tensorrt_compat
 
     with pytest.raises(TargetError, match="FastGelu"):
         assert_tensorrt_compat(model, "10.3")

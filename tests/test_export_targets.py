@@ -15,7 +15,7 @@ import json
 import pytest
 
 from edgevlm.bundle import read_bundle
-from edgevlm.exporter.bundle_export import export_bundle
+from edgevlm.pipeline import export_bundle
 from edgevlm.targets import get_target, target_names
 
 
@@ -80,7 +80,7 @@ def test_every_tensorrt_target_plans_its_build_on_the_exported_graphs(tmp_path, 
     import shutil
 
     from edgevlm.config import get_model_config
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
 
     target = get_target(name)
     rep = next(r for r, k in REPRESENTATIVES.items() if k == _kind(target))

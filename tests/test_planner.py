@@ -213,8 +213,8 @@ def test_kv_cache_of_mobilellama_14b_at_2048_tokens_is_1_5_gib_on_a_jetson():
 
 def _tiny_trt_manifest(target: str = "jetson-orin", precision: str = "int4"):
     from edgevlm.bundle import model_entry
-    from edgevlm.exporter.spec import kv_cache_entry
-    from edgevlm.exporter.trt_plan import plan_tensorrt_build
+    from edgevlm.graphs.spec import kv_cache_entry
+    from edgevlm.graphs.trt_plan import plan_tensorrt_build
 
     cfg = get_model_config("tiny-ldpnet")
     tgt = get_target(target)

@@ -8,7 +8,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as T, helper as h, numpy_helper as nh  # noqa: E402
 
-from edgevlm.exporter.precision_islands import fp32_islands, island_nodes  # noqa: E402
+from edgevlm.graphs.precision_islands import fp32_islands, island_nodes  # noqa: E402
 
 
 def _graph(nodes, inits):

@@ -125,7 +125,7 @@ def test_recipe_yields_a_bundle_the_runtime_executes(fp32_bundle, tmp_path_facto
 @pytest.mark.parametrize("precision,target,opts", [r for r in RECIPES if r[1] in TRT_TARGETS],
                          ids=[f"{p}-{t}" for p, t, _ in RECIPES if t in TRT_TARGETS])
 def test_tensorrt_recipes_are_standard_ops_and_symmetric(fp32_bundle, tmp_path_factory, precision, target, opts):
-    from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+    from edgevlm.graphs.trt_compat import ERROR, check_tensorrt_compat
     from edgevlm.targets import get_target
 
     out = _quantized(fp32_bundle, tmp_path_factory, precision, target, opts)
@@ -151,7 +151,7 @@ def test_tensorrt_recipes_are_standard_ops_and_symmetric(fp32_bundle, tmp_path_f
 
 def test_ort_cpu_int4_uses_matmulnbits_and_the_checker_sees_it(fp32_bundle, tmp_path_factory):
     """The CPU recipe is the contrib op (fast on ORT CPU) - and the TensorRT check above would reject it."""
-    from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+    from edgevlm.graphs.trt_compat import ERROR, check_tensorrt_compat
 
     out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
     _, nodes = _nodes(out / "decoder.onnx")

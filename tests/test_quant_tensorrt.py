@@ -231,7 +231,7 @@ def portable(tmp_path_factory):
     import shutil
 
     from edgevlm.bundle import read_bundle, update_manifest
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
     from tests.fixtures_bundles import tiny_bundle
 
     src = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2", decoder_graph="portable")[0]
@@ -281,7 +281,7 @@ def _head(m, producers):
                                               ("int4,lm_head=int8", "jetson-orin")])
 def test_tensorrt_int4_bundle_parses(quantized, precision, target):
     """Every Q/DQ scale > 0, INT4 weights blocked with whole blocks, trt_compat clean, runs on ORT."""
-    from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+    from edgevlm.graphs.trt_compat import ERROR, check_tensorrt_compat
     from edgevlm.runtime import Session
     from edgevlm.targets import get_target
     from tests.fixtures_bundles import make_image
@@ -392,7 +392,7 @@ def test_quantized_bundle_build_plan_is_for_the_quantized_graphs(quantized, port
 
 
 def test_quantize_bundle_passes_trt_plan_options(portable, tmp_path, monkeypatch):
-    from edgevlm.exporter import trt_plan
+    from edgevlm.graphs import trt_plan
     from edgevlm.quant.apply import quantize_bundle
 
     seen = {}

@@ -648,7 +648,7 @@ def test_engines_record_the_full_tensorrt_release_and_dla_needs_11_4_1():
 @pytest.fixture(scope="module")
 def tiny_trt_bundle(tmp_path_factory):
     """The tiny random-init bundle for a TensorRT target: Optimum decoder with past/present KV, mask, positions."""
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("trt_backend") / "tiny-orin"
     return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin-nano-8gb", precision="fp32",
@@ -766,7 +766,7 @@ def test_real_engines_match_onnx_runtime(tmp_path):
     trt = pytest.importorskip("tensorrt")
     from edgevlm.bundle import read_bundle
     from edgevlm.cli.engine import build_bundle_engines
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
     from edgevlm.exporter.verify import verify_bundle
 
     major, minor = trt.__version__.split(".")[:2]

@@ -21,7 +21,7 @@ import pytest
 from edgevlm.config import get_model_config
 from edgevlm.errors import BundleError, RuntimeBackendError
 from edgevlm.exporter import trt_build
-from edgevlm.exporter.trt_plan import GraphFacts, plan_tensorrt_build, write_build_files
+from edgevlm.graphs.trt_plan import GraphFacts, plan_tensorrt_build, write_build_files
 
 TINY = get_model_config("tiny-ldpnet")
 FULL_VERSION = "10.3.0.30"
@@ -258,7 +258,7 @@ def test_a_foreign_timing_cache_is_replaced_not_fatal(tmp_path, monkeypatch, cap
 def _tensorrt_bundle(tmp_path: Path, target: str = "jetson-orin") -> tuple[Path, object]:
     """A minimal TensorRT bundle (valid manifest, dummy graphs) with its build plan and script."""
     from edgevlm.bundle import BundleWriter, model_entry, prompt_entry
-    from edgevlm.exporter.spec import kv_cache_entry
+    from edgevlm.graphs.spec import kv_cache_entry
     from edgevlm.preprocess import PreprocessConfig
     from edgevlm.targets import get_target
 

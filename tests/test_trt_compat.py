@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as T, helper as h, numpy_helper as nh  # noqa: E402
 
 from edgevlm.errors import TargetError  # noqa: E402
-from edgevlm.exporter.trt_compat import (ERROR, WARNING, assert_tensorrt_compat, check_tensorrt_compat,  # noqa: E402
+from edgevlm.graphs.trt_compat import (ERROR, WARNING, assert_tensorrt_compat, check_tensorrt_compat,  # noqa: E402
                                          supported_ops)
 
 

@@ -12,7 +12,7 @@ import pytest
 from edgevlm.config import get_model_config
 from edgevlm.errors import MissingDependency, RuntimeBackendError
 from edgevlm.exporter.trt_build import WHERE_TO_RUN, build_engines
-from edgevlm.exporter.trt_plan import (EngineComponent, GraphInput, plan_tensorrt_build, standard_components,
+from edgevlm.graphs.trt_plan import (EngineComponent, GraphInput, plan_tensorrt_build, standard_components,
                                        write_build_files)
 from edgevlm.targets import get_target
 
@@ -145,7 +145,7 @@ def test_standard_components_match_an_exported_tiny_bundle(tmp_path):
     pytest.importorskip("tensorrt")
     pytest.importorskip("torch")
     from edgevlm.exporter.onnx_export import export_decoder, export_vision
-    from edgevlm.exporter.trt_compat import assert_tensorrt_compat
+    from edgevlm.graphs.trt_compat import assert_tensorrt_compat
     from edgevlm.model.vlm import build_model
 
     import tensorrt as trt

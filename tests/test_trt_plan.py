@@ -13,7 +13,7 @@ import pytest
 
 from edgevlm.config import get_model_config
 from edgevlm.errors import BundleError, ConfigError, TargetError
-from edgevlm.exporter.trt_plan import (BuildPlan, EngineComponent, GraphInput, build_engines_script,
+from edgevlm.graphs.trt_plan import (BuildPlan, EngineComponent, GraphInput, build_engines_script,
                                        components_from_manifest, parse_shape_string, plan_tensorrt_build,
                                        standard_components, trtexec_args, write_build_files)
 from edgevlm.targets import get_target, target_names
@@ -160,7 +160,7 @@ def test_components_from_manifest_and_spec():
     assert plan.engine("decoder").profiles[1].shapes["attention_mask"].max == (1, TINY.context_length)
     with pytest.raises(BundleError):
         components_from_manifest({"components": {"embed": {"file": "embed.npy"}}})
-    spec = pytest.importorskip("edgevlm.exporter.spec")
+    spec = pytest.importorskip("edgevlm.graphs.spec")
     recipe = get_target("jetson-orin").recipe()
     ours = standard_components(TINY, recipe)
     theirs = [EngineComponent.from_spec(spec.vision_spec(TINY)), EngineComponent.from_spec(spec.decoder_spec(TINY))]
@@ -252,7 +252,7 @@ def test_prepare_tensorrt_bundle_checks_graphs_then_writes_the_plan(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto as T, helper as h
 
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
 
     def save(name, op, domain=""):
         node = h.make_node(op, ["x"], ["y"], name=f"{name}/{op}", domain=domain)
@@ -325,7 +325,7 @@ RMS = ["node_pow_1", "node_mean", "node_add_7", "node_Sqrt_3", "node_rsqrt", "no
 
 
 def test_weak_fp16_builds_pin_norms_and_softmax_to_fp32(tmp_path):
-    from edgevlm.exporter.trt_plan import graph_facts, prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import graph_facts, prepare_tensorrt_bundle
 
     vis, dec = _graphs(tmp_path)
     facts = {"vision": graph_facts(vis), "decoder": graph_facts(dec)}
@@ -375,7 +375,7 @@ def test_plans_written_before_the_new_fields_still_load():
 
 
 def test_dla_lists_the_vision_ops_that_fall_back_to_the_gpu(tmp_path):
-    from edgevlm.exporter.trt_plan import DLA_OPS, MATMUL_ACT, dla_fallback_ops, graph_facts
+    from edgevlm.graphs.trt_plan import DLA_OPS, MATMUL_ACT, dla_fallback_ops, graph_facts
 
     vis, dec = _graphs(tmp_path)
     assert dla_fallback_ops(vis) == {"Gelu": 1, "LayerNormalization": 1, MATMUL_ACT: 1}
@@ -391,7 +391,7 @@ def test_dla_lists_the_vision_ops_that_fall_back_to_the_gpu(tmp_path):
 
 
 def test_fp32_layer_name_matching():
-    from edgevlm.exporter.trt_plan import fp32_layer_matches
+    from edgevlm.graphs.trt_plan import fp32_layer_matches
 
     names = {"node_add_7", "node_Softmax_9", "norm"}
     assert fp32_layer_matches("node_add_7", names) == "node_add_7"              # the node's own layer

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from edgevlm.exporter.trt_compat import ERROR, check_build_plan, check_tensorrt_compat  # noqa: E402
+from edgevlm.graphs.trt_compat import ERROR, check_build_plan, check_tensorrt_compat  # noqa: E402
 from edgevlm.targets import get_target, target_names  # noqa: E402
 
 PRECISIONS = ("fp16", "int8", "int4")
@@ -54,8 +54,9 @@ def _assert_rule_book(bundle, target_name: str, manifest=None) -> None:
 @pytest.fixture(scope="module")
 def family_bundles(tmp_path_factory):
     """{(builder mode, precision): bundle folder} built the way ``edgevlm export`` builds them."""
-    from edgevlm.exporter.bundle_export import _fp16_postprocess, export_bundle
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.pipeline import export_bundle
+    from edgevlm.quant.fp16 import convert_fp16_file
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
     from edgevlm.quant.apply import quantize_bundle
 
     root = tmp_path_factory.mktemp("rulebook")
@@ -70,7 +71,7 @@ def family_bundles(tmp_path_factory):
         fp16 = root / f"{mode}-fp16"                 # the exporter's fp16 stage on the fp32 graphs, then its plan
         shutil.copytree(fp32, fp16)
         for graph in ("vision.onnx", "decoder.onnx"):
-            _fp16_postprocess(fp16 / graph, None)
+            convert_fp16_file(fp16 / graph, None)
         prepare_tensorrt_bundle(fp16, _model_cfg(fp32), tgt, "fp16")
         out[mode, "fp16"] = fp16
     return out
@@ -91,7 +92,7 @@ def _model_cfg(bundle):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", TRT_TARGETS + STACKS)
 def test_every_tensorrt_target_passes_the_rule_book(family_bundles, tmp_path, name, precision):
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
 
     tgt = get_target(name)
     src = family_bundles[_mode(name), precision]
@@ -129,7 +130,7 @@ def test_the_family_bundles_are_what_the_modes_need(family_bundles):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", TRT_TARGETS + STACKS)
 def test_every_tensorrt_target_exports_by_the_rule_book(tmp_path, name, precision):
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     out = export_bundle("tiny-ldpnetv2", tmp_path / "b", random_init=True, target=name, precision=precision)
     _assert_rule_book(out, name)

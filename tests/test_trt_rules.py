@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as T, helper as h, numpy_helper as nh  # noqa: E402
 
 from edgevlm.errors import TargetError  # noqa: E402
-from edgevlm.exporter.trt_compat import (ERROR, RULES, WARNING, assert_tensorrt_compat,  # noqa: E402
+from edgevlm.graphs.trt_compat import (ERROR, RULES, WARNING, assert_tensorrt_compat,  # noqa: E402
                                          check_build_plan, check_tensorrt_compat)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ def test_fp16_norm_in_a_strongly_typed_graph_is_an_error():
 # ---- build plans ----------------------------------------------------------------------------------------------------
 def _plan_setup(precision="fp32", target="jetson-orin"):
     from edgevlm.config import get_model_config
-    from edgevlm.exporter.trt_plan import plan_tensorrt_build, standard_components
+    from edgevlm.graphs.trt_plan import plan_tensorrt_build, standard_components
     from edgevlm.targets import get_target
 
     cfg = get_model_config("tiny-ldpnetv2")
@@ -457,9 +457,9 @@ def test_plan_context_is_the_manifests_kv_capacity():
 
 
 def test_weak_fp16_plan_pins_the_fp32_islands():
-    from edgevlm.exporter import trt_plan
-    from edgevlm.exporter.precision_islands import island_nodes
-    from edgevlm.exporter.trt_plan import EngineComponent, GraphInput, plan_tensorrt_build
+    from edgevlm.graphs import trt_plan
+    from edgevlm.graphs.precision_islands import island_nodes
+    from edgevlm.graphs.trt_plan import EngineComponent, GraphInput, plan_tensorrt_build
 
     g = rmsnorm_graph(island_fp32=False)
     comp = EngineComponent("decoder", "decoder.onnx", (GraphInput("x", ("batch", 8), "float16"),), ("fp16",),
@@ -505,7 +505,7 @@ def test_dla_engine_needs_static_shapes():
 # ---- verify fails on a hard rule ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def orin_bundle(tmp_path_factory):
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("rules") / "tiny-orin"
     return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin", precision="fp32", parity=False)

@@ -27,7 +27,7 @@ def cpu_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trt_bundle(tmp_path_factory):
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("verify") / "tiny-orin"
     return export_bundle("tiny-ldpnetv2", out, random_init=True, target="jetson-orin", precision="fp32", parity=False)
@@ -139,7 +139,7 @@ def test_build_engine_records_engines_and_verify_skips_them_here(trt_bundle, tmp
     """A stand-in for ``trt_build.build_engines`` (no TensorRT here) writes engine files; build-engine must record
     them (hashed) and verify must list them, then skip the comparison with a pointer to the device."""
     import edgevlm.exporter.trt_build as trt_build
-    from edgevlm.exporter.trt_plan import BuildPlan
+    from edgevlm.graphs.trt_plan import BuildPlan
 
     b = _copy(trt_bundle, tmp_path)
     calls = []

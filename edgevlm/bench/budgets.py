@@ -315,7 +315,7 @@ def build_budget_bundles(model: str | ModelConfig, out_dir: str | os.PathLike, b
         progress: called with a line of text per step.
         export_kwargs: passed to ``export_bundle``.
     """
-    from edgevlm.exporter.bundle_export import export_bundle
+    from edgevlm.pipeline import export_bundle
 
     say = progress or (lambda s: log.info("%s", s))
     base_cfg = get_model_config(model) if isinstance(model, str) else model

@@ -47,7 +47,7 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, *, only: list[str] | Non
 def _tensorrt_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool) -> Any:
     from edgevlm.bundle import read_bundle
     from edgevlm.errors import TargetError
-    from edgevlm.exporter.trt_plan import PLAN_FILE
+    from edgevlm.graphs.trt_plan import PLAN_FILE
 
     bundle = read_bundle(bundle_dir, verify_hashes=verify_hashes)
     m = bundle.manifest

@@ -67,7 +67,12 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
             (edgevlm/quant/recipes.py); the target must support each precision (`edgevlm targets`).
         opset: ONNX opset (TensorRT 10.x / JetPack 6 parses <= 20).
         overwrite: replace an existing bundle at --out.
-        skip_parity: do not validate the graphs against PyTorch (faster; the manifest says so).
+        skip_parity: do not validate the graphs against PyTorch (saves the PyTorch reference run and the ONNX
+            Runtime comparison, about a minute per billion parameters on 2 cores; the manifest says it was skipped).
+            Risk: a graph that computes something other than the model (an exporter or weight-mapping bug, fp16
+            overflow) then goes unnoticed until answers look wrong; `edgevlm verify` checks that graphs run and are
+            finite, not that they match PyTorch. Quantized exports still measure their error against the fp32
+            graphs (the quantization report).
         seed: seed of the random weights, the stand-in tokenizer and the parity inputs.
         decoder_graph: auto | gqa | portable. gqa: ONNX Runtime CPU graph (GroupQueryAttention writing the KV cache
             in place into one preallocated buffer; CPU targets, needs onnxruntime-genai); portable: standard ONNX
@@ -97,7 +102,8 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from edgevlm.console import make_console
-    from edgevlm.exporter.bundle_export import STAGES, export_bundle
+    from edgevlm.exporter.bundle_export import STAGES
+    from edgevlm.pipeline import export_bundle
 
     console = make_console(stderr=json_output)
     label = " [bold red](random-init)[/]" if random_init else ""

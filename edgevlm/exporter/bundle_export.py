@@ -11,8 +11,9 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
     embed        the token-embedding table -> embed_tokens.npy                (numpy gathers it at run time)
     tokenizer    the checkpoint's tokenizer, or a stand-in trained on the synthetic data (random init)
     reference    PyTorch outputs for the parity inputs; then the PyTorch model is freed (peak RSS = max, not sum)
-    postprocess  per-component precision recipe applied to the saved graphs (fp32: nothing; fp16: cast; the
-                 quantization work registers more with ``register_component_precision``)
+    postprocess  float precisions other than fp32 (fp16): the conversion hook the caller passes rewrites the
+                 saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s); quantized precisions are
+                 the quantization stage's (``edgevlm.quant``, composed by ``edgevlm.pipeline``)
     parity       ONNX Runtime CPU vs the PyTorch reference; ``ExportMismatch`` beyond tolerance
     tensorrt     TensorRT targets only: standard-ops / opset / Q-DQ / finite-mask check of every graph, engine build plan
                  (build_plan.json + build_engines.sh; GPU only unless ``dla=True`` / ``--dla``); the memory plan
@@ -42,8 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edgevlm.config import ModelConfig, get_model_config
-from edgevlm.errors import CheckpointError, ConfigError, ExportError, TargetError
-from edgevlm.exporter import spec as S
+from edgevlm.errors import CheckpointError, ConfigError, TargetError
+from edgevlm.graphs import spec as S
 
 log = logging.getLogger(__name__)
 
@@ -94,43 +95,26 @@ class ComponentPrecision:
     description: str = ""
 
 
-def _fp16_postprocess(path: Path, cfg: ModelConfig) -> dict[str, Any]:
-    """Cast weights and compute to float16, keeping float32 graph I/O and the numerically sensitive ops (RMSNorm /
-    LayerNorm chains, Softmax: ``edgevlm.exporter.precision_islands``) in float32 in the graph
-    (``edgevlm.quant.fp16.convert_fp16`` around ``onnxruntime.transformers.float16``)."""
-    import onnx
+def _component(precision: str, postprocess: Mapping[str, PostProcess] | None) -> ComponentPrecision:
+    """The exporter's view of one graph precision (``edgevlm.precisions``): fp32 as exported; other float precisions
+    through the conversion hook the caller passes (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s); quantized
+    ones belong to the quantization stage."""
+    from edgevlm.precisions import DESCRIPTIONS, QUANTIZED, TOLERANCES
 
-    from edgevlm.quant.fp16 import convert_fp16
-
-    model = onnx.load(str(path))                              # with external data
-    model16, info = convert_fp16(model, source=path)
-    del model
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()                                         # onnx appends to an existing data file
-    onnx.save(model16, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
-    return {"converter": "edgevlm.quant.fp16.convert_fp16 (onnxruntime.transformers.float16)", "keep_io_types": True,
-            "clamp_constants": 1e4, **info}
-
-
-_COMPONENT_PRECISIONS: dict[str, ComponentPrecision] = {
-    "fp32": ComponentPrecision("fp32", None, S.FP32_TOLERANCES, "as exported (float32)"),
-    "fp16": ComponentPrecision("fp16", _fp16_postprocess, S.FP16_TOLERANCES,
-                               "float16 weights and compute, float32 graph I/O (keep_io_types)"),
-}
-_EMBED_DTYPES = {"fp32": "float32", "fp16": "float16"}
-
-
-def register_component_precision(recipe: ComponentPrecision, *, replace: bool = False) -> None:
-    """Make a per-component precision (e.g. ``int8`` QDQ, ``int4`` blocked DQ) available to ``export_bundle``."""
-    if recipe.precision in _COMPONENT_PRECISIONS and not replace:
-        raise ConfigError(f"component precision '{recipe.precision}' is already registered")
-    _COMPONENT_PRECISIONS[recipe.precision] = recipe
-
-
-def component_precisions() -> list[str]:
-    return list(_COMPONENT_PRECISIONS)
+    if precision in QUANTIZED:
+        raise ConfigError(f"{precision} is written by the quantization stage, not the exporter: use "
+                          f"edgevlm.pipeline.export_bundle (what `edgevlm export --precision {precision}` runs) or "
+                          f"export fp32 and run `edgevlm quantize BUNDLE --precision {precision}`")
+    if precision not in TOLERANCES:
+        raise ConfigError(f"precision {precision} is not implemented by the exporter; available: fp32, fp16")
+    hook = None
+    if precision != "fp32":
+        hook = (postprocess or {}).get(precision)
+        if hook is None:
+            raise ConfigError(f"the exporter writes fp32 graphs; {precision} needs its conversion hook "
+                              f"(postprocess={{'{precision}': ...}}): use edgevlm.pipeline.export_bundle, which "
+                              f"passes it")
+    return ComponentPrecision(precision, hook, TOLERANCES[precision], DESCRIPTIONS[precision])
 
 
 @dataclass
@@ -150,28 +134,28 @@ class ExportRecipe:
 
 
 def resolve_recipe(precision: str | Mapping[str, str], target=None,
-                   tolerances: S.ParityTolerances | None = None) -> ExportRecipe:
+                   tolerances: S.ParityTolerances | None = None,
+                   postprocess: Mapping[str, PostProcess] | None = None) -> ExportRecipe:
     """Resolve ``precision`` (preset name, ``"fp16,vision=fp32"`` or a dict) for ``target`` (default
-    ``DEFAULT_TARGET``; ``TargetError`` if the target lacks it); ``ConfigError`` for a precision that is valid but
-    not implemented by the exporter yet."""
+    ``DEFAULT_TARGET``; ``TargetError`` if the target lacks it); ``ConfigError`` for a quantized precision (the
+    quantization stage writes those) or a float one without its ``postprocess`` hook."""
+    from edgevlm.precisions import EMBED_DTYPES
     from edgevlm.targets import recipe_name
 
     tgt = resolve_target(target)
     comps = tgt.recipe(precision)
-    missing = sorted({p for c, p in comps.items() if c != "embedding" and p not in _COMPONENT_PRECISIONS})
-    if missing:
-        raise ConfigError(f"precision {', '.join(missing)} is not implemented by the exporter yet; available: "
-                          f"{', '.join(_COMPONENT_PRECISIONS)} (quantized recipes come with the quantization work)")
+    vision, decoder = _component(comps["vision"], postprocess), _component(comps["decoder"], postprocess)
+    _component(comps["lm_head"], postprocess)
     if comps["lm_head"] != comps["decoder"]:
         raise ConfigError(f"lm_head={comps['lm_head']} with decoder={comps['decoder']}: the LM head is part of the "
                           f"decoder graph and follows its precision in this exporter")
-    if comps["embedding"] not in _EMBED_DTYPES:
+    if comps["embedding"] not in EMBED_DTYPES:
         raise ConfigError(f"embedding precision '{comps['embedding']}' unsupported; the table is stored as "
-                          f"{' or '.join(_EMBED_DTYPES)}")
-    vision, decoder = _COMPONENT_PRECISIONS[comps["vision"]], _COMPONENT_PRECISIONS[comps["decoder"]]
+                          f"{' or '.join(EMBED_DTYPES)}")
     tol = tolerances or S.ParityTolerances(vision=vision.tolerances.vision, logits=decoder.tolerances.logits,
                                            kv=decoder.tolerances.kv)
-    return ExportRecipe(recipe_name(comps, tensorrt=tgt.is_tensorrt), comps, vision, decoder, _EMBED_DTYPES[comps["embedding"]], tol)
+    return ExportRecipe(recipe_name(comps, tensorrt=tgt.is_tensorrt), comps, vision, decoder,
+                        EMBED_DTYPES[comps["embedding"]], tol)
 
 
 # ---- targets ----------------------------------------------------------------------------------------------------
@@ -184,13 +168,13 @@ def resolve_target(target):
 
 def tensorrt_checks(root: Path, cfg: ModelConfig, target, recipe: ExportRecipe, *,
                     dla: bool = False) -> dict[str, Any]:
-    """TensorRT targets, once the graphs are in ``root``: ``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``
+    """TensorRT targets, once the graphs are in ``root``: ``edgevlm.graphs.trt_plan.prepare_tensorrt_bundle``
     checks every graph with ``trt_compat.assert_tensorrt_compat`` (standard ONNX ops only, opset, symmetric Q/DQ,
     finite masks; ``TargetError`` naming every offending node), plans the engines (optimization profiles, builder
     flags, per-layer fp32 for weak fp16 builds, the vision graph on DLA only with ``dla=True``) and writes
     ``build_plan.json`` + ``build_engines.sh`` into the bundle. Returns the manifest's ``tensorrt`` entry
     (``engines`` is filled later by ``edgevlm build-engine`` / ``edgevlm register-engines``)."""
-    from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+    from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
 
     entry = prepare_tensorrt_bundle(root, cfg, target, recipe.components, use_dla=dla)
     for e in entry["plan"]["engines"]:
@@ -203,7 +187,7 @@ def tensorrt_checks(root: Path, cfg: ModelConfig, target, recipe: ExportRecipe, 
 def check_dla_request(target, recipe_components: Mapping[str, str]) -> None:
     """``--dla`` before anything is exported: the target has a DLA core and the vision precision runs on DLA
     (fp16 / int8); ``ConfigError`` otherwise (``trt_plan.check_dla``)."""
-    from edgevlm.exporter.trt_plan import check_dla
+    from edgevlm.graphs.trt_plan import check_dla
 
     check_dla(target, recipe_components["vision"], where="the vision precision")
 
@@ -436,74 +420,6 @@ def _strip_names(v: Any) -> Any:
     return {k: x for k, x in v.items() if k != "name"} if isinstance(v, dict) else v
 
 
-QUANTIZED_PRECISIONS = ("int8", "int4", "fp8")
-
-
-def _is_quantized(precision: str | Mapping[str, str], target) -> bool:
-    comps = resolve_target(target).recipe(precision)       # TargetError when the target lacks a precision
-    return any(p in QUANTIZED_PRECISIONS for c, p in comps.items() if c != "embedding")
-
-
-def _export_quantized(model_name_or_cfg, out, *, target, precision, overwrite: bool, progress, dla: bool = False,
-                      **kwargs) -> Path:
-    """Quantized recipes: an fp32 export (parity-checked against PyTorch; no memory check: it is never built on the
-    device) into a scratch directory beside ``out``, then ``edgevlm.quant.apply.quantize_bundle`` (calibrated on
-    the embedded set, quantization report in the manifest; for TensorRT targets it writes the engine build plan for
-    the quantized graphs, with ``trt_plan_options={"use_dla": dla}``) into ``out``, then the memory plan of the
-    quantized bundle from its manifest (``check_fits`` on TensorRT targets). Each step writes atomically; a failure
-    anywhere leaves nothing at ``out``."""
-    import shutil
-    import tempfile
-
-    from edgevlm.bundle import update_manifest
-    from edgevlm.quant.apply import quantize_bundle
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"'{out}' already exists; pass overwrite=True (--overwrite) or choose another --out")
-    tgt = resolve_target(target)
-    if dla:
-        check_dla_request(tgt, tgt.recipe(precision))
-    # the memory check is for the quantized bundle: the fp32 intermediate is never built on the device
-    cfg = model_name_or_cfg if isinstance(model_name_or_cfg, ModelConfig) else getattr(kwargs.get("model"), "cfg", None)
-    if cfg is None and isinstance(model_name_or_cfg, str):
-        cfg = get_model_config(model_name_or_cfg)
-    if cfg is not None:
-        memory_plan(cfg, tgt, _QuantRecipeView(tgt.recipe(precision)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
-    stages = _Stages(progress)
-    plan_options = {"trt_plan_options": {"use_dla": bool(dla)}} if tgt.is_tensorrt else {}
-    try:
-        fp32 = export_bundle(model_name_or_cfg, scratch / "fp32", target=tgt.name, precision="fp32",
-                             overwrite=False, progress=progress, check_memory=False, **kwargs)
-        stages.run("quantize", lambda: quantize_bundle(fp32, out, precision, target=tgt.name, overwrite=overwrite,
-                                                       **plan_options))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        from edgevlm.planner import check_fits, plan_memory_from_manifest
-
-        def record(m: dict[str, Any]) -> None:
-            plan = plan_memory_from_manifest(m, target=tgt, suggest=True)
-            if tgt.is_tensorrt:
-                check_fits(plan)
-            m["memory_plan"] = plan.to_dict()
-
-        update_manifest(out, record)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    return out
-
-
-@dataclass
-class _QuantRecipeView:
-    """The bit of ``ExportRecipe`` that ``tensorrt_checks`` reads, for a quantized bundle's recipe."""
-
-    components: dict[str, str]
-
-
 def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.PathLike, *,
                   checkpoint: str | os.PathLike | None = None, random_init: bool = False, target=None,
                   precision: str | Mapping[str, str] = DEFAULT_PRECISION, opset: int = S.DEFAULT_OPSET,
@@ -511,7 +427,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                   tokenizer_dir: str | os.PathLike | None = None, model=None,
                   tolerances: S.ParityTolerances | None = None, parity_prompt_len: int | None = None,
                   decoder_graph: str = "auto", progress: Progress | None = None, dla: bool = False,
-                  check_memory: bool = True) -> Path:
+                  check_memory: bool = True, postprocess: Mapping[str, PostProcess] | None = None) -> Path:
     """Export a MobileVLM to a validated bundle directory ``out``; returns its path.
 
     Args:
@@ -520,7 +436,8 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         checkpoint: a MobileVLM checkpoint directory (weights + config.json + tokenizer).
         random_init: random weights (seeded) and a stand-in tokenizer; every output says "random-init".
         target: target profile name (``edgevlm targets``); default ``cpu`` (x86-64 ONNX Runtime CPU).
-        precision: ``fp32`` or ``fp16`` (per component: ``"fp16,vision=fp32"``); quantized recipes come later.
+        precision: ``fp32``, or ``fp16`` with its ``postprocess`` hook (per component: ``"fp16,vision=fp32"``);
+            quantized precisions are the quantization stage's (``edgevlm.pipeline.export_bundle`` composes both).
         opset: ONNX opset (18..21, default 20; TensorRT 10.x targets take <= their parser's maximum).
         overwrite: replace an existing bundle at ``out``.
         parity: validate the graphs with ONNX Runtime against PyTorch (``ExportMismatch`` beyond tolerance).
@@ -536,15 +453,11 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             plan lists the ops that fall back to the GPU). The vision precision must be fp16 or int8.
         check_memory: refuse (``planner.check_fits``) a bundle that does not fit a TensorRT target; False for the
             fp32 intermediate of a quantized export (checked at its final precision instead).
+        postprocess: ``{precision: hook}``: converts a saved fp32 graph in place to that float precision
+            (``hook(onnx_path, cfg) -> recipe details``); ``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s.
     """
     from edgevlm.bundle import BundleWriter, model_entry, prompt_entry
 
-    if _is_quantized(precision, target):
-        return _export_quantized(model_name_or_cfg, out, checkpoint=checkpoint, random_init=random_init,
-                                 target=target, precision=precision, opset=opset, overwrite=overwrite, parity=parity,
-                                 seed=seed, tokenizer_dir=tokenizer_dir, model=model, tolerances=tolerances,
-                                 parity_prompt_len=parity_prompt_len, decoder_graph=decoder_graph,
-                                 progress=progress, dla=dla)
     t_start = time.perf_counter()
     cfg, kind = _resolve_source(model_name_or_cfg, checkpoint, random_init, model)
     S.check_opset(opset)
@@ -552,7 +465,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     if opset > tgt.opset_max:
         raise TargetError(f"opset {opset} is above what target '{tgt.name}' parses (<= {tgt.opset_max}); use "
                           f"--opset {min(tgt.opset_max, S.DEFAULT_OPSET)}")
-    recipe = resolve_recipe(precision, tgt, tolerances)
+    recipe = resolve_recipe(precision, tgt, tolerances, postprocess)
     if dla:
         check_dla_request(tgt, recipe.components)
     graph_kind = resolve_decoder_graph(decoder_graph, tgt, recipe)
@@ -718,7 +631,6 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     return Path(out)
 
 
-__all__ = ["export_bundle", "resolve_recipe", "resolve_target", "write_tokenizer", "register_component_precision",
-           "component_precisions", "ComponentPrecision", "ExportRecipe", "tensorrt_checks", "memory_plan",
+__all__ = ["export_bundle", "resolve_recipe", "resolve_target", "write_tokenizer", "ComponentPrecision", "ExportRecipe", "tensorrt_checks", "memory_plan",
            "peak_rss_bytes", "STAGES", "DEFAULT_TARGET", "DEFAULT_PRECISION", "EMBED_FILE", "DECODER_GRAPHS",
            "resolve_decoder_graph", "check_dla_request"]

@@ -55,8 +55,8 @@ from edgevlm.errors import ConfigError, ExportError, MissingDependency
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int4", "int8", "fp32")
-LM_HEAD_PRECISIONS = ("int4", "int8", "fp32")
+from edgevlm.precisions import ORT_BUILDER_PRECISIONS as PRECISIONS  # noqa: E402
+LM_HEAD_PRECISIONS = PRECISIONS
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 GENAI_PIN = "onnxruntime-genai==0.18.0"
@@ -67,7 +67,7 @@ PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
 
-# The builder's symbolic dims, renamed to the ones the rest of the manifest uses (edgevlm.exporter.spec).
+# The builder's symbolic dims, renamed to the ones the rest of the manifest uses (edgevlm.graphs.spec).
 _DIM_RENAMES = {"batch_size": "batch", "sequence_length": "seq", "total_sequence_length": "past_seq + seq",
                 "past_sequence_length": "past_seq"}
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16", 3: "int8", 2: "uint8"}

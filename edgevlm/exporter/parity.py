@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgevlm.errors import ExportMismatch, RuntimeBackendError
-from edgevlm.exporter import spec as S
+from edgevlm.graphs import spec as S
 
 DEFAULT_PROMPT_LEN = 16
 DEFAULT_DECODE_STEPS = 3
@@ -289,7 +289,7 @@ def _worst_kv(component: str, check: str, got: list[np.ndarray], want: list[np.n
 
 def check_decoder(path: str | os.PathLike, refs: Sequence[DecoderReference], tolerances: S.ParityTolerances,
                   decoder: Any = None) -> ComponentParity:
-    """The graph at ``path`` through the decoder interface (``edgevlm.quant.calibration.graph_decoder`` ->
+    """The graph at ``path`` through the decoder interface (``edgevlm.graphs.sessions.graph_decoder`` ->
     ``edgevlm.runtime.decoders.OrtDecoder``; or ``decoder``, any ``Decoder``) against the PyTorch references. The
     interface runs batch 1: each row of a batch-B reference is one sequence (prefill, then the steps on the
     decoder's own KV cache); the rows' logits and KV (``kv_arrays``) are stacked back to ``[B, ...]`` and compared
@@ -300,7 +300,7 @@ def check_decoder(path: str | os.PathLike, refs: Sequence[DecoderReference], tol
     t0 = time.perf_counter()
     owned = decoder is None
     if owned:
-        from edgevlm.quant.calibration import graph_decoder
+        from edgevlm.graphs.sessions import graph_decoder
 
         capacity = max((r.prefill_embeds.shape[1] + len(r.step_embeds) for r in refs), default=1)
         decoder = graph_decoder(path, max_context=capacity)

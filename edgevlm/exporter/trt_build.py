@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from edgevlm.errors import BundleError, MissingDependency, RuntimeBackendError
-from edgevlm.exporter.trt_plan import PLAN_FILE, SCRIPT_FILE, BuildPlan, EnginePlan, fp32_layer_matches
+from edgevlm.graphs.trt_plan import PLAN_FILE, SCRIPT_FILE, BuildPlan, EnginePlan, fp32_layer_matches
+from edgevlm.precisions import TENSORRT_BUILDER_FLAGS
 from edgevlm.targets import parse_trt_version
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 WHERE_TO_RUN = ("build engines on the target device (e.g. the Jetson board) with `edgevlm build-engine BUNDLE` or "
                 f"run the bundle's {SCRIPT_FILE} there")
 
-_FLAG_NAMES = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8", "int4": "INT4", "fp8": "FP8"}
+_FLAG_NAMES = TENSORRT_BUILDER_FLAGS            # precision -> tensorrt.BuilderFlag member (edgevlm.precisions)
 
 
 def import_tensorrt() -> Any:
@@ -181,7 +182,7 @@ def _build_one(trt: Any, builder: Any, logger: Any, bundle: Path, eng: EnginePla
             op = getattr(e, "node_operator", lambda: "")()
             errors.append(f"{node} ({op}): {e.desc()}" if op else f"{node}: {e.desc()}")
         raise RuntimeBackendError(f"TensorRT {trt.__version__} cannot parse {eng.onnx}:\n  - " + "\n  - ".join(errors)
-                                  + "\n  (check the graph first with edgevlm.exporter.trt_compat)")
+                                  + "\n  (check the graph first with edgevlm.graphs.trt_compat)")
     net_inputs = {network.get_input(k).name: tuple(network.get_input(k).shape) for k in range(network.num_inputs)}
     dynamic = {n for n, s in net_inputs.items() if any(d < 0 for d in s)}
 

@@ -117,7 +117,7 @@ def _np_dtype(name: str) -> np.dtype:
 
 def _stats(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     """(max |diff|, cosine, max |ref|) in float64."""
-    from edgevlm.exporter.spec import cosine
+    from edgevlm.graphs.spec import cosine
 
     r, g = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     diff = float(np.max(np.abs(r - g))) if r.size else 0.0
@@ -142,7 +142,7 @@ def engine_tolerance(component: Mapping[str, Any], engine: Mapping[str, Any], ki
     (manifest ``parity.tolerances[kind]``, else the precision default), loosened for the engine's arithmetic:
     fp32 engines may use TF32 (TensorRT's default on Ampere+), fp16/bf16 engines round every layer, int8/int4/fp8
     engines are judged by cosine."""
-    from edgevlm.exporter.spec import FP16_TOLERANCES, FP32_TOLERANCES, Tolerance
+    from edgevlm.graphs.spec import FP16_TOLERANCES, FP32_TOLERANCES, Tolerance
 
     base = None
     tol = (component.get("parity") or {}).get("tolerances") if isinstance(component.get("parity"), Mapping) else None
@@ -452,7 +452,7 @@ class _Verifier:
         return tgt.get("backend") == "tensorrt" or "tensorrt" in m or (self.bundle.root / "build_plan.json").exists()
 
     def tensorrt(self) -> None:
-        from edgevlm.exporter.trt_plan import PLAN_FILE, BuildPlan
+        from edgevlm.graphs.trt_plan import PLAN_FILE, BuildPlan
 
         m = self.bundle.manifest
         tgt = m.get("target") or {}
@@ -473,7 +473,7 @@ class _Verifier:
         self._engines(plan)
 
     def _compat(self, name: str, version: str, strongly_typed: bool | None = None) -> None:
-        from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+        from edgevlm.graphs.trt_compat import ERROR, check_tensorrt_compat
 
         if not version:
             raise BundleError("the manifest's target names no TensorRT version")
@@ -495,8 +495,8 @@ class _Verifier:
                      f"fine for TensorRT {version}")
 
     def _plan(self, plan, version: str) -> None:
-        from edgevlm.exporter.trt_compat import ERROR, check_build_plan
-        from edgevlm.exporter.trt_plan import PLAN_FILE, BuildPlan, components_from_manifest
+        from edgevlm.graphs.trt_compat import ERROR, check_build_plan
+        from edgevlm.graphs.trt_plan import PLAN_FILE, BuildPlan, components_from_manifest
         from edgevlm.targets import parse_trt_version
 
         m = self.bundle.manifest
@@ -554,7 +554,7 @@ class _Verifier:
                      f"KV-cache shapes, context {plan.context}")
 
     def _script(self, plan) -> None:
-        from edgevlm.exporter.trt_plan import SCRIPT_FILE, trtexec_args
+        from edgevlm.graphs.trt_plan import SCRIPT_FILE, trtexec_args
 
         path = self.bundle.root / SCRIPT_FILE
         if not path.is_file():

@@ -12,7 +12,7 @@ the embedding table and the tokenizer exist, before parity and the manifest are 
    ``edgevlm.quant.recipes``); on TensorRT >= 11 targets (strongly typed) the float parts of a Q/DQ graph are then
    converted to fp16 tensor types the same way,
 3. rewrites ``embed_tokens.npy`` as float16 when the recipe asks for it,
-4. checks TensorRT-targeted graphs with ``edgevlm.exporter.trt_compat`` (no contrib ops, symmetric Q/DQ, opset),
+4. checks TensorRT-targeted graphs with ``edgevlm.graphs.trt_compat`` (no contrib ops, symmetric Q/DQ, opset),
 5. updates ``manifest["components"][name]`` (precision, recipe details incl. ``layer_precisions``, op histogram,
    contrib_ops flag, opset, I/O) and, with ``report=True``, stores the quantization report (``edgevlm.quant.report``)
    in ``manifest["quantization"]`` (error against fp32 on held-out inputs, sizes before/after) and prints it.
@@ -24,7 +24,7 @@ It returns the ``ParityTolerances`` to use for the (looser) post-quantization pa
 
 ``quantize_bundle`` does the same to a finished fp32 bundle and writes a new bundle (``edgevlm quantize``-style use,
 tests, benchmarks); for TensorRT targets it also writes the engine build plan of the quantized graphs
-(``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``: ``build_plan.json``, ``build_engines.sh``).
+(``edgevlm.graphs.trt_plan.prepare_tensorrt_bundle``: ``build_plan.json``, ``build_engines.sh``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from edgevlm.errors import BundleError, DataError, QuantizationError, TargetError
-from edgevlm.exporter import spec as S
+from edgevlm.graphs import spec as S
 from edgevlm.quant import recipes as R
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def _nbits_module():
 
 def graph_files(path: Path) -> list[Path]:
     """The graph file and every external data file it references (existing ones)."""
-    from edgevlm.exporter.onnx_export import external_data_files
+    from edgevlm.graphs.files import external_data_files
 
     files = [path]
     if path.is_file():
@@ -149,7 +149,7 @@ def save_graph(model: Any, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=1024)
-    from edgevlm.exporter.onnx_export import external_data_files
+    from edgevlm.graphs.files import external_data_files
 
     if data.exists() and data.name not in external_data_files(path):
         data.unlink()
@@ -361,7 +361,8 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
                     heldout_samples: int | None = None,
                     decode_steps: int | None = None, int8_decoder: str = "auto", int4_format: str = "auto",
                     block_size: int = R.INT4_BLOCK_SIZE, accuracy_level: int = R.INT4_ACCURACY_LEVEL,
-                    threads: int | None = None, show: bool = True, console: Any = None) -> S.ParityTolerances:
+                    threads: int | None = None, show: bool = True, console: Any = None,
+                    sources: Mapping[str, str | os.PathLike] | None = None) -> S.ParityTolerances:
     """Quantize the bundle's graphs in place and record what was done in ``manifest`` (see the module docstring).
 
     Args:
@@ -381,12 +382,16 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
         threads: ONNX Runtime intra-op threads for calibration and the report.
         show: print the report table (rich) when ``report`` is on.
         console: a ``rich.console.Console`` to print to (default: stderr).
+        sources: ``{"vision" | "decoder" | "embed": path}``: read that fp32 file from another (finished) bundle
+            instead of ``bundle_root``, where the result is written: the streamed rewrite of ``quantize_bundle``
+            (no copy of a graph that is about to be replaced; an unchanged graph is copied, since ONNX refuses
+            hard-linked external data). The source files are only read.
 
     Returns:
         The parity tolerances for the post-quantization check (``vision`` for vision.onnx, ``logits``/``kv`` for
         decoder.onnx).
     """
-    from edgevlm.exporter.onnx_export import graph_entry
+    from edgevlm.graphs.files import graph_entry
     from edgevlm.quant.calibration import (BundleContext, CalibrationSet, CalibrationSpec, VisionCalibrationReader,
                                            calibration_set)
     from edgevlm.targets import get_target
@@ -398,13 +403,16 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
     tgt = get_target(target if target is not None else "cpu")
     plan = _resolve_plan(recipe, tgt, calib_method=calib_method, int8_decoder=int8_decoder, int4_format=int4_format,
                          block_size=block_size, accuracy_level=accuracy_level)
+    src_of = {k: Path(v) for k, v in (sources or {}).items()}
     paths = {name: root / _component_file(manifest, name) for name in GRAPHS}
     for name, p in paths.items():
-        if not p.is_file():
-            raise BundleError(f"{name} graph '{p}' not found: apply_precision runs after the fp32 export")
+        if not src_of.get(name, p).is_file():
+            raise BundleError(f"{name} graph '{src_of.get(name, p)}' not found: apply_precision runs after the fp32 "
+                              f"export")
     embed_path = root / _component_file(manifest, "embed")
-    sizes_before = {name: graph_bytes(p) for name, p in paths.items()}
-    sizes_before["embed"] = embed_path.stat().st_size if embed_path.is_file() else 0
+    embed_src = src_of.get("embed", embed_path)
+    sizes_before = {name: graph_bytes(src_of.get(name, p)) for name, p in paths.items()}
+    sizes_before["embed"] = embed_src.stat().st_size if embed_src.is_file() else 0
     spec = CalibrationSpec.load()
     steps = spec.decode_steps if decode_steps is None else int(decode_steps)
 
@@ -412,22 +420,23 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
     # Graphs that change are moved aside (their fp32 version feeds calibration and the report); others stay put.
     changes = {"vision": plan.vision.method != "none",
                "decoder": plan.decoder.method != "none" or plan.decoder.lm_head_method is not None}
-    fp32 = {name: (scratch / p.name if changes[name] else p) for name, p in paths.items()}
+    fp32 = {name: src_of.get(name, scratch / p.name if changes[name] else p) for name, p in paths.items()}
     embed_backup = scratch / ("fp32-" + embed_path.name)
     details: dict[str, dict[str, Any]] = {}
     cset: CalibrationSet | None = None
     try:
         # -- the embedding table first: decoder calibration then sees the rows the runtime will gather
         ref_table = None
-        if embed_path.is_file():
-            current = np.load(embed_path, mmap_mode="r", allow_pickle=False)
-            if str(current.dtype) != plan.embed_dtype:
+        if embed_src.is_file():
+            current = np.load(embed_src, mmap_mode="r", allow_pickle=False)
+            if str(current.dtype) != plan.embed_dtype and embed_src == embed_path:
                 scratch.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(embed_path, embed_backup)                # restored if anything below fails
+            if str(current.dtype) != plan.embed_dtype:
                 if report:
                     ref_table = np.array(current, dtype=np.float32)  # the fp32 reference for the report
             del current
-        embed_entry = _convert_embed(embed_path, plan.embed_dtype, manifest)
+        embed_entry = _convert_embed(embed_path, plan.embed_dtype, manifest, src=embed_src)
         needs_data = plan.needs_calibration or (report and not plan.is_noop)
         ctx = None
         if needs_data:
@@ -438,7 +447,11 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
                                        image_size=(manifest.get("preprocess") or {}).get("image_size"))
             ctx = BundleContext.from_manifest(root, manifest)
         for name in GRAPHS:
-            if changes[name]:
+            if name in src_of and not changes[name]:              # unchanged: a copy (ONNX refuses linked data)
+                for f in graph_files(src_of[name]):
+                    shutil.copy2(f, paths[name].parent / f.name)
+                fp32[name] = paths[name]
+            elif changes[name] and name not in src_of:
                 _move_graph(paths[name], fp32[name])
         work = scratch / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -534,7 +547,9 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
     except BaseException:
         # Put the fp32 graphs back: the directory stays a consistent fp32 export (the exporter discards it anyway).
         for name in GRAPHS:
-            if changes[name] and fp32[name].is_file():
+            if name in src_of:
+                _remove_graph(paths[name])                       # a partial result; the source is untouched
+            elif changes[name] and fp32[name].is_file():
                 _remove_graph(paths[name])
                 _move_graph(fp32[name], paths[name])
         if embed_backup.is_file():
@@ -546,8 +561,8 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
 
 def _native_entry(model: Any, graph_file: str) -> dict[str, Any]:
     """``{"native_decode": plan}`` for a quantized GroupQueryAttention decoder the runtime's native kernel can
-    run (``edgevlm.exporter.native_plan``), else ``{}`` (the reason is logged)."""
-    from edgevlm.exporter.native_plan import NotPlannable, native_decode_plan
+    run (``edgevlm.graphs.native_plan``), else ``{}`` (the reason is logged)."""
+    from edgevlm.graphs.native_plan import NotPlannable, native_decode_plan
 
     if not any(n.op_type == "MatMulNBits" for n in model.graph.node):
         return {}
@@ -651,11 +666,16 @@ def _quantize_decoder(plan: R.QuantPlan, fp32: dict[str, Path], dst: Path, cset:
     return info
 
 
-def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """Rewrite the embedding table in ``dtype`` when it differs; returns the updated manifest entry fields."""
-    if not path.is_file():
-        raise BundleError(f"embedding table '{path}' not found: apply_precision runs after the fp32 export")
-    table = np.load(path, mmap_mode="r", allow_pickle=False)
+def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any], src: Path | None = None
+                   ) -> dict[str, Any] | None:
+    """Rewrite the embedding table at ``path`` (read from ``src``, default ``path``) in ``dtype`` when it differs
+    (an unchanged table read from elsewhere is linked / copied); returns the updated manifest entry fields."""
+    src = path if src is None else src
+    if not src.is_file():
+        raise BundleError(f"embedding table '{src}' not found: apply_precision runs after the fp32 export")
+    table = np.load(src, mmap_mode="r", allow_pickle=False)
+    if str(table.dtype) == dtype and src != path:
+        _link_or_copy(src, path)
     if str(table.dtype) == dtype:
         return {"dtype": dtype, "precision": {"float32": "fp32", "float16": "fp16"}[dtype]} \
             if (manifest.get("components") or {}).get("embed") else None
@@ -677,7 +697,7 @@ def _convert_embed(path: Path, dtype: str, manifest: dict[str, Any]) -> dict[str
 
 def _check_tensorrt(paths: Mapping[str, Path], tgt: Any) -> dict[str, Any]:
     """Every TensorRT-targeted graph: trt_compat clean (no contrib ops, opset, symmetric signed Q/DQ)."""
-    from edgevlm.exporter.trt_compat import ERROR, check_tensorrt_compat
+    from edgevlm.graphs.trt_compat import ERROR, check_tensorrt_compat
 
     out = {}
     for name, p in paths.items():
@@ -701,17 +721,32 @@ def _sizes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, Any
     return out
 
 
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` at ``dst`` (no second copy of an unchanged graph or tokenizer), else copy it (another file
+    system, or links unsupported). Safe because nothing here rewrites a file in place: every graph, table and
+    manifest the quantizer changes is unlinked or replaced by rename first (``save_graph``, ``_convert_embed``), so
+    the source bundle's bytes never change (tests/test_quant_stage.py checks its hashes)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copy2(src, dst)
+        return False
+
+
 # ---- whole-bundle convenience ------------------------------------------------------------------------------------
 def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: Mapping[str, str] | str, *,
                     target: Any = None, calibration: Any = None, calib_method: str = "minmax",
                     overwrite: bool = False, report: bool = True, show: bool = False,
                     trt_plan_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
-    """Quantize a finished **fp32** bundle into a new bundle ``out`` (written atomically). The new manifest keeps
+    """Quantize a finished **fp32** bundle into a new bundle ``out`` (written atomically; unchanged files are hard
+    links to the source's where possible, listed in ``manifest["quantization"]["linked_files"]``). The new manifest keeps
     the source's parity results under ``components.*.parity_fp32`` (PyTorch parity needs the model; the quantization
     report measures the error against the fp32 graphs instead).
 
     For a TensorRT target the fp32 bundle's engine build plan is not copied: ``build_plan.json`` and
-    ``build_engines.sh`` are written for the quantized graphs (``edgevlm.exporter.trt_plan.prepare_tensorrt_bundle``
+    ``build_engines.sh`` are written for the quantized graphs (``edgevlm.graphs.trt_plan.prepare_tensorrt_bundle``
     with the resolved recipe: precisions and builder flags, e.g. ``--fp16 --int4`` for int4 on TensorRT 10.3) and
     its return value is ``manifest["tensorrt"]``. ``trt_plan_options``: keyword arguments for
     ``prepare_tensorrt_bundle`` / ``plan_tensorrt_build`` (e.g. ``use_dla``, ``context``, ``workspace_gb``).
@@ -744,26 +779,35 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
             manifest["components"][name]["parity_fp32"] = {k: par.get(k) for k in ("passed", "skipped", "max_abs_diff",
                                                                                    "cosine", "worst_check")
                                                            if k in par}
-    from edgevlm.exporter.trt_plan import PLAN_FILE, SCRIPT_FILE
+    from edgevlm.graphs.trt_plan import PLAN_FILE, SCRIPT_FILE
 
     # the fp32 export's engine build plan describes fp32 graphs (precision fp32, no --fp16/--int8/--int4 flags): a
     # TensorRT target gets a new one for the quantized graphs below, other targets none
     stale = {PLAN_FILE, SCRIPT_FILE}
+    # The graphs and the embedding table are read from the source and written once, in place of a copy. ONNX
+    # refuses to load external data that has several hard links (a bundle whose decoder is shared with another, e.g.
+    # `edgevlm bench`'s token budgets): such a graph is copied, as are all graph files (never linked).
+    graphs = {name: graph_files(b.path(_component_file(m, name))) for name in GRAPHS}
+    sources: dict[str, Path] = {name: fs[0] for name, fs in graphs.items() if all(f.stat().st_nlink == 1 for f in fs)}
+    sources["embed"] = b.path(_component_file(m, "embed"))
+    graph_rel = {f.relative_to(b.root).as_posix(): name for name, fs in graphs.items() for f in fs}
     with BundleWriter(out, overwrite=overwrite) as w:
         for rel in b.files:
-            if rel in stale:
+            if rel in stale or rel == _component_file(m, "embed") or graph_rel.get(rel) in sources:
                 continue
-            dst = w.path(rel)
-            shutil.copy2(b.path(rel), dst)
+            if rel in graph_rel:
+                shutil.copy2(b.path(rel), w.path(rel))
+            else:
+                _link_or_copy(b.path(rel), w.path(rel))
         tol = apply_precision(w.root, manifest, precision, target=tgt, calibration=calibration,
-                              calib_method=calib_method, report=report, show=show, **kwargs)
+                              calib_method=calib_method, report=report, show=show, sources=sources, **kwargs)
         plan = manifest["quantization"]["recipe"]
         manifest["precision"] = plan["name"]
         manifest["recipe"] = {"name": plan["name"], "components": plan["components"],
                               "embed_dtype": plan["embed_dtype"], "tolerances": tol.to_dict()}
         manifest["target"] = tgt.to_dict()
         if tgt.is_tensorrt:
-            from edgevlm.exporter.trt_plan import prepare_tensorrt_bundle
+            from edgevlm.graphs.trt_plan import prepare_tensorrt_bundle
 
             manifest["tensorrt"] = prepare_tensorrt_bundle(w.root, b.model_config, tgt, plan["components"],
                                                            **dict(trt_plan_options or {}))
@@ -777,6 +821,9 @@ def quantize_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: M
         manifest.setdefault("notes", []).append(f"quantized from fp32 bundle '{Path(src).resolve()}' with "
                                                 f"edgevlm.quant ({plan['name']})")
         manifest["parity"] = {**(manifest.get("parity") or {}), "quantized_from_fp32": True}
+        manifest["quantization"]["linked_files"] = sorted(
+            rel for rel in b.files if rel not in stale and w.path(rel).is_file() and os.path.samefile(b.path(rel),
+                                                                                                    w.path(rel)))
         w.set_manifest(manifest)
     return Path(out)
 

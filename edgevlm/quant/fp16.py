@@ -1,7 +1,7 @@
 """fp16 tensor types for a graph, with the numerically sensitive ops kept fp32 ("fp32 islands").
 
 ``convert_fp16(model, source=path, block=[...])`` runs ONNX Runtime's ``convert_float_to_float16`` (graph I/O stays
-float32) with every node of ``edgevlm.exporter.precision_islands.island_nodes`` (RMSNorm chains, LayerNorm, Softmax)
+float32) with every node of ``edgevlm.graphs.precision_islands.island_nodes`` (RMSNorm chains, LayerNorm, Softmax)
 plus ``block`` in its ``node_block_list``, then repairs what that converter does to a *chain* of blocked nodes: it
 blocks nodes one at a time and routes every tensor between two blocked nodes through fp16 (``Cast(fp16)`` then
 ``Cast(fp32)``), so ``x**2`` of an RMSNorm would still overflow fp16 (65504) for |x| > 256 on its way to the
@@ -28,7 +28,7 @@ import numpy as np
 
 from edgevlm.errors import QuantizationError
 
-__all__ = ["convert_fp16", "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
+__all__ = ["convert_fp16", "convert_fp16_file", "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
 
 #: float16's smallest normal number: scales below it lose precision (subnormal) or become 0 in fp16.
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -40,7 +40,7 @@ _INPUT_CAST = "graph_input_cast"
 
 def island_summary(model: Any, extra: Iterable[str] = ()) -> dict[str, Any]:
     """``{"count", "kinds", "nodes", "where"}`` for the fp32 islands of ``model`` (+ ``extra`` nodes, kind ``other``)."""
-    from edgevlm.exporter.precision_islands import fp32_islands
+    from edgevlm.graphs.precision_islands import fp32_islands
 
     islands = fp32_islands(model)
     kinds = {k: len(groups) for k, groups in islands.items() if groups}
@@ -268,3 +268,23 @@ def convert_fp16(model: Any, *, source: str | os.PathLike | None = None, block: 
     if has_qdq:
         info["qdq_scales_floored"] = floored
     return converted, info
+
+
+def convert_fp16_file(path: str | os.PathLike, cfg: Any = None) -> dict[str, Any]:
+    """Rewrite the saved float32 graph at ``path`` (and its ``.data``) in place as fp16 with ``convert_fp16``: the
+    exporter's fp16 conversion hook (``edgevlm.pipeline`` passes it as ``postprocess={"fp16": ...}``). Returns the
+    recipe details the manifest records. ``cfg`` (the model config) is accepted for the hook signature, unused."""
+    import onnx
+    from pathlib import Path
+
+    path = Path(path)
+    model = onnx.load(str(path))                              # with external data
+    model16, info = convert_fp16(model, source=path)
+    del model
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()                                         # onnx appends to an existing data file
+    onnx.save(model16, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return {"converter": "edgevlm.quant.fp16.convert_fp16 (onnxruntime.transformers.float16)", "keep_io_types": True,
+            "clamp_constants": 1e4, **info}

@@ -67,7 +67,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from edgevlm.errors import ConfigError, QuantizationError, TargetError
-from edgevlm.exporter import spec as S
+from edgevlm.graphs import spec as S
+from edgevlm.precisions import tolerances_for
 
 #: Calibration methods of ``quantize_static`` (``--calib-method``).
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -102,20 +103,7 @@ INT8_BLOCK_SIZE = 128            # MatMulNBits bits=8 (weight-only int8 on ORT C
 WEIGHT_OPS_VISION = ("Conv", "MatMul", "Gemm")
 WEIGHT_OPS_DECODER = ("MatMul", "Gemm")
 
-# ---- parity tolerances after quantization -----------------------------------------------------------------------
-# Measured on the parity inputs: tiny-ldpnetv2 / demo random init: int8 vision cosine 0.9989, int8 decoder logits
-# cosine >= 0.998, int4 decoder logits cosine >= 0.970; trained demo: int8 vision cosine 0.994 with max |diff| at 0.25
-# of the limit below, int8 (W8A8) decoder presents cosine 0.991 at 0.30 of the limit, int4 decoder presents cosine
-# 0.996 at 0.36 of the limit. The export's parity check feeds *random* inputs (unit-scale noise
-# pixels / embeddings) and compares with PyTorch;
-# quantized graphs are calibrated on real activations, so noise inputs sit partly outside the calibrated ranges. The
-# limits below are loose guards (NaN, a wrong graph, a broken KV path); the accuracy that matters is measured on real
-# held-out inputs by ``edgevlm.quant.report`` and stored in manifest["quantization"].
-INT8_VISION_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
-INT8_LOGITS_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
-INT4_LOGITS_TOLERANCE = S.Tolerance(2.0, relative=True, min_cosine=0.90)
-INT8_KV_TOLERANCE = S.Tolerance(1.0, relative=True, min_cosine=0.95)
-INT4_KV_TOLERANCE = S.Tolerance(2.0, relative=True, min_cosine=0.95)
+# Parity tolerances after quantization: ``edgevlm.precisions`` (TOLERANCES, tolerances_for).
 
 
 @dataclass(frozen=True)
@@ -265,19 +253,6 @@ class QuantPlan:
         return {"name": self.name, "components": dict(self.components), "embed_dtype": self.embed_dtype,
                 "target": self.target, "backend": self.backend, "tensorrt": self.tensorrt,
                 "calib_method": self.calib_method, "vision": self.vision.to_dict(), "decoder": self.decoder.to_dict()}
-
-
-def tolerances_for(components: Mapping[str, str]) -> S.ParityTolerances:
-    """Parity tolerances for a resolved recipe: the loosest of each graph's parts."""
-    v, dec, head = components.get("vision", "fp32"), components.get("decoder", "fp32"), components.get("lm_head")
-    vision = {"fp32": S.FP32_TOLERANCES.vision, "fp16": S.FP16_TOLERANCES.vision}.get(v, INT8_VISION_TOLERANCE)
-    worst = "int4" if "int4" in (dec, head) else ("int8" if "int8" in (dec, head) else
-                                                  ("fp16" if "fp16" in (dec, head) else "fp32"))
-    logits = {"fp32": S.FP32_TOLERANCES.logits, "fp16": S.FP16_TOLERANCES.logits, "int8": INT8_LOGITS_TOLERANCE,
-              "int4": INT4_LOGITS_TOLERANCE}[worst]
-    kv = {"fp32": S.FP32_TOLERANCES.kv, "fp16": S.FP16_TOLERANCES.kv, "int8": INT8_KV_TOLERANCE,
-          "int4": INT4_KV_TOLERANCE}[worst]
-    return S.ParityTolerances(vision=vision, logits=logits, kv=kv)
 
 
 def _resolve(precision: str | Mapping[str, str] | None, target) -> dict[str, str]:
@@ -467,7 +442,7 @@ def _vision_recipe(precision: str, calib_method: str, per_channel: bool,
 
 def _fp16_params() -> dict[str, Any]:
     return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
-            "fp32_islands": "RMSNorm chains, LayerNorm and Softmax (edgevlm.exporter.precision_islands) kept fp32 in "
+            "fp32_islands": "RMSNorm chains, LayerNorm and Softmax (edgevlm.graphs.precision_islands) kept fp32 in "
                             "the graph (node_block_list; the casts between island nodes removed by "
                             "edgevlm.quant.fp16.join_fp32_islands)"}
 

@@ -1,7 +1,7 @@
 """``NativeDecoder``: decode steps with the native kernel on a bundle's quantized decoder weights, in place.
 
 Inputs: the manifest's ``components.decoder.native_decode`` plan (written by the exporter,
-``edgevlm.exporter.native_plan``), the bundle directory (the weights are read in place: the decoder's external data
+``edgevlm.graphs.native_plan``), the bundle directory (the weights are read in place: the decoder's external data
 file is mapped read-only and shared, advised huge pages, and the kernel points at the plan's offsets in it, so the
 process holds no second copy of them), and the KV buffers of the ONNX Runtime session
 (``SharedBufferKVCache.pointers()``), which the prefill filled. One ``step(embedding, pos)`` runs every layer for one

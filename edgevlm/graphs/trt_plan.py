@@ -5,7 +5,7 @@ only, no weights).
 
     >>> from edgevlm.config import get_model_config
     >>> from edgevlm.targets import get_target
-    >>> from edgevlm.exporter.trt_plan import plan_tensorrt_build, write_build_files
+    >>> from edgevlm.graphs.trt_plan import plan_tensorrt_build, write_build_files
     >>> plan = plan_tensorrt_build(get_model_config("mobilevlm-1.7b"), get_target("jetson-orin"))
     >>> write_build_files("bundle_dir", plan)      # bundle_dir/build_plan.json + bundle_dir/build_engines.sh
     >>> entry = prepare_tensorrt_bundle("bundle_dir", cfg, "jetson-orin")   # compat check + plan + files (export)
@@ -64,6 +64,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from edgevlm.config import ModelConfig
 from edgevlm.errors import BundleError, ConfigError, TargetError
 from edgevlm.outputs import umask
+from edgevlm.precisions import DLA_PRECISIONS, TENSORRT_FLAG_ORDER, TENSORRT_WEAK_FLAGS
 from edgevlm.planner import default_context, max_prompt_tokens, typical_prompt_tokens
 from edgevlm.targets import Target, get_target, parse_trt_version, recipe_name, trt_builder_mode
 
@@ -88,11 +89,9 @@ _KIND_OF = {name: kind for kind, names in _SYMBOLS.items() for name in names}
 #: symbolic dim name -> batch | seq | past | total (also read by ``trt_compat``'s plan rules)
 DIM_KIND_OF = _KIND_OF
 
-# Weakly typed (TensorRT 10.x) builder flags a component precision needs (fp16 for the layers Q/DQ leaves float).
-_WEAK_FLAGS = {"fp32": (), "fp16": ("fp16",), "bf16": ("bf16",), "int8": ("fp16", "int8"), "int4": ("fp16", "int4"),
-               "fp8": ("fp16", "fp8")}
-_FLAG_ORDER = ("fp16", "bf16", "int8", "int4", "fp8")
-DLA_PRECISIONS = ("fp16", "int8")
+# Weakly typed (TensorRT 10.x) builder flags per precision, and the DLA's precisions: ``edgevlm.precisions``.
+_WEAK_FLAGS = TENSORRT_WEAK_FLAGS
+_FLAG_ORDER = TENSORRT_FLAG_ORDER
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ class EngineComponent:
     @classmethod
     def from_spec(cls, spec: Any, precisions: Sequence[str] = ("fp16",)) -> "EngineComponent":
         """From an object with ``name``, ``file`` (or ``onnx``) and ``inputs`` of (``name``, ``shape``, ``dtype``),
-        e.g. ``edgevlm.exporter.spec.ComponentSpec``."""
+        e.g. ``edgevlm.graphs.spec.ComponentSpec``."""
         file = getattr(spec, "file", None) or getattr(spec, "onnx")
         inputs = tuple(GraphInput(t.name, tuple(getattr(t, "shape", None) or getattr(t, "dims")),
                                   getattr(t, "dtype", "float32")) for t in spec.inputs)
@@ -135,7 +134,7 @@ class EngineComponent:
 
 
 def standard_components(cfg: ModelConfig, recipe: Mapping[str, str]) -> list[EngineComponent]:
-    """edgevlm's bundle graphs (names and dims as ``edgevlm.exporter.spec``): vision.onnx and decoder.onnx."""
+    """edgevlm's bundle graphs (names and dims as ``edgevlm.graphs.spec``): vision.onnx and decoder.onnx."""
     s, c = cfg.vision.image_size, cfg.llm
     vision = EngineComponent("vision", "vision.onnx", (GraphInput("pixel_values", ("batch", 3, s, s)),),
                              (recipe["vision"],), "vision")
@@ -281,7 +280,7 @@ def dla_fallback_ops(model: Any) -> dict[str, int]:
 
 def graph_facts(model: Any) -> GraphFacts:
     """``GraphFacts`` of an ONNX graph (a ModelProto or a path: loaded without its external weights)."""
-    from edgevlm.exporter.precision_islands import island_nodes
+    from edgevlm.graphs.precision_islands import island_nodes
 
     m = _load_graph(model)
     g = m.graph
@@ -871,7 +870,7 @@ def prepare_tensorrt_bundle(bundle_dir: str | os.PathLike, model_cfg: ModelConfi
     warnings: dict[str, list[dict[str, str]]] = {}
     root = Path(bundle_dir)
     if check:
-        from edgevlm.exporter.trt_compat import assert_tensorrt_compat
+        from edgevlm.graphs.trt_compat import assert_tensorrt_compat
 
         for e in plan.engines:
             path = root / e.onnx

@@ -2,7 +2,7 @@
 rules, before anything is built on a device. ``docs/tensorrt.md`` is the rule book: one row per rule (code,
 source, test).
 
-    >>> from edgevlm.exporter.trt_compat import check_tensorrt_compat, assert_tensorrt_compat, check_build_plan
+    >>> from edgevlm.graphs.trt_compat import check_tensorrt_compat, assert_tensorrt_compat, check_build_plan
     >>> issues = check_tensorrt_compat("bundle/decoder.onnx", "10.3")     # list[Issue], errors and warnings
     >>> assert_tensorrt_compat("bundle/decoder.onnx", "10.3")             # raises TargetError naming every node
     >>> check_build_plan("bundle")                                        # build_plan.json vs graphs + manifest
@@ -165,7 +165,7 @@ RULES: dict[str, str] = {
     "double": "onnx-tensorrt convertDtype: DOUBLE is computed as FLOAT",
     "fp16-island": "TensorRT developer guide, Strongly Typed Networks (tensor types follow the graph, builder "
                    "precision flags are not used) and Reduced Precision ('force the normalization layers to FP32'); "
-                   "edgevlm.exporter.precision_islands",
+                   "edgevlm.graphs.precision_islands",
     "scatternd-reduction": "onnx-tensorrt docs/operators.md: ScatterND reduction not supported",
     "scatternd-opset": "onnx-tensorrt CHANGELOG (10.9): ScatterND opset-18 import fixed",
     "dynamic-axes": "onnx-tensorrt docs/operators.md: Reduce*/Squeeze/Unsqueeze axes must be an initializer",
@@ -642,7 +642,7 @@ def _rule_fp16_islands(model: Any, types: _Types, trt_version: str) -> list[Issu
     LayerNormalization whose ``stash_type`` is float32 (the ONNX default) is exempt: the parser builds it with
     ``setComputePrecision(stash_type)`` (onnx-tensorrt LayerNormalization importer), so it computes in fp32 whatever
     its I/O type."""
-    from edgevlm.exporter.precision_islands import fp32_islands
+    from edgevlm.graphs.precision_islands import fp32_islands
 
     onnx = _onnx()
     FP16, FP32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
@@ -1052,7 +1052,7 @@ def assert_tensorrt_compat(model: Any, trt_version: str, *, allow_int4_opset21: 
 # ---- build plan rules -----------------------------------------------------------------------------------------------
 def _dim_kind(sym: str) -> str | None:
     """"past_seq" -> "past", "past_seq + seq" -> "total", unknown -> None."""
-    from edgevlm.exporter.trt_plan import DIM_KIND_OF       # the planner's names: batch, seq, past, total
+    from edgevlm.graphs.trt_plan import DIM_KIND_OF       # the planner's names: batch, seq, past, total
 
     kinds = sorted(DIM_KIND_OF.get(t.strip().lower(), "?") for t in str(sym).split("+"))
     if kinds in (["total"], ["past", "seq"]):
@@ -1088,7 +1088,7 @@ def _graph_io(g: Any) -> tuple[dict[str, list[Any]] | None, Any]:
 
 def _plan_objects(plan: Any) -> tuple[Any, dict[str, Mapping[str, Any]]]:
     """(BuildPlan, {component: raw engine dict}) from a BuildPlan, its dict or build_plan.json's folder/path."""
-    from edgevlm.exporter.trt_plan import BuildPlan
+    from edgevlm.graphs.trt_plan import BuildPlan
 
     if isinstance(plan, (str, os.PathLike)):
         plan = BuildPlan.load(plan)
@@ -1343,8 +1343,8 @@ def _rule_fp32_layers(plan: Any, e: Any, model: Any, raw: Mapping[str, Any]) -> 
     its builder warns to "force the normalization layers to FP32"), so the plan must list every fp32-island node
     (``precision_islands.island_nodes``) in ``EnginePlan.fp32_layers``. An error where this edgevlm's plans carry
     ``fp32_layers``, a warning for an older plan format."""
-    from edgevlm.exporter import trt_plan
-    from edgevlm.exporter.precision_islands import island_nodes
+    from edgevlm.graphs import trt_plan
+    from edgevlm.graphs.precision_islands import island_nodes
 
     if plan.builder_mode != "weak" or "fp16" not in e.precision_flags:
         return []

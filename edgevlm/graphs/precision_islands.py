@@ -1,6 +1,6 @@
 """Which nodes of a graph must compute in fp32 when the rest runs in fp16: the "fp32 islands" of an fp16 graph.
 
-    >>> from edgevlm.exporter.precision_islands import fp32_islands, island_nodes
+    >>> from edgevlm.graphs.precision_islands import fp32_islands, island_nodes
     >>> islands = fp32_islands(model)        # {"rmsnorm": [[node, ...], ...], "layernorm": [...], "softmax": [...]}
     >>> names = island_nodes(model)          # every node name above, flattened, graph order
 
@@ -21,7 +21,7 @@ Patterns (torch.onnx exports of edgevlm's models; names are ONNX node names):
 * ``softmax``: ``Softmax`` / ``LogSoftmax`` nodes.
 
 Used by the fp16 conversion (``edgevlm.quant.apply``: ``node_block_list``), the TensorRT rule book
-(``edgevlm.exporter.trt_compat``: "fp32 islands in fp16 graphs") and the build plan (``edgevlm.exporter.trt_plan``:
+(``edgevlm.graphs.trt_compat``: "fp32 islands in fp16 graphs") and the build plan (``edgevlm.graphs.trt_plan``:
 per-layer fp32 precision for weakly typed builds, where TensorRT may otherwise pick fp16 for any layer).
 Only ``onnx`` protos are read; no weights are loaded.
 """

@@ -15,7 +15,7 @@ Components of a bundle::
          ->  logits         float32 [batch, 1, vocab]           (last position only)
              present.{i}.key / .value  float32 [batch, kv_heads, past_seq + seq, head_dim]
 
-    >>> from edgevlm.exporter.spec import decoder_spec, tolerances_for
+    >>> from edgevlm.graphs.spec import decoder_spec, tolerances_for
     >>> decoder_spec(cfg).input_names[:3]
     ['inputs_embeds', 'attention_mask', 'position_ids']
 """
@@ -234,15 +234,14 @@ FP16_TOLERANCES = ParityTolerances(
     logits=Tolerance(1e-1, relative=True, min_cosine=0.999),
     kv=Tolerance(5e-2, relative=True, min_cosine=0.999))
 
-_TOLERANCES = {"fp32": FP32_TOLERANCES, "fp16": FP16_TOLERANCES}
-
-
 def tolerances_for(precision: str) -> ParityTolerances:
-    """Default tolerances for a uniform precision; quantization recipes pass their own."""
-    if precision not in _TOLERANCES:
+    """Default tolerances for a uniform precision (``edgevlm.precisions.TOLERANCES``); recipes pass their own."""
+    from edgevlm.precisions import TOLERANCES
+
+    if precision not in TOLERANCES:
         raise ConfigError(f"no default parity tolerances for precision '{precision}'; known: "
-                          f"{', '.join(_TOLERANCES)} (pass a ParityTolerances explicitly)")
-    return _TOLERANCES[precision]
+                          f"{', '.join(TOLERANCES)} (pass a ParityTolerances explicitly)")
+    return TOLERANCES[precision]
 
 
 def cosine(a, b) -> float:
