@@ -68,7 +68,8 @@ DECODER_GRAPHS = ("auto", "gqa", "portable")
 #: Stage id -> label, in order (the CLI shows them as a progress bar).
 STAGES: dict[str, str] = {
     "model": "build / load model", "vision": "export vision", "decoder": "export decoder",
-    "embed": "embedding table", "tokenizer": "tokenizer", "reference": "PyTorch reference",
+    "reference_vision": "PyTorch reference (vision)", "embed": "embedding table", "tokenizer": "tokenizer",
+    "reference": "PyTorch reference (decoder)",
     "postprocess": "precision recipe", "parity": "parity (ONNX Runtime)", "tensorrt": "TensorRT checks",
     "manifest": "write manifest", "quantize": "quantize (calibrated)",
 }
@@ -313,6 +314,25 @@ def write_tokenizer(dest: Path, cfg: ModelConfig, *, source_dir: str | os.PathLi
             "vocab_size": n, "kind": "tokenizers", "special_token_ids": special, **entry}
 
 
+# ---- model memory -----------------------------------------------------------------------------------------------
+#: Random-init models at least this large are built in fp16 when the ORT decoder builder writes the decoder (it
+#: casts per tensor), as a released checkpoint is stored: mobilevlm-1.7b in 3.4 GB instead of 6.8 GB.
+LARGE_MODEL_PARAMS = 1_000_000_000
+
+
+def _is_large(cfg: ModelConfig) -> bool:
+    from edgevlm.model.vlm import count_parameters_meta
+
+    return count_parameters_meta(cfg)["total"] >= LARGE_MODEL_PARAMS
+
+
+def _drop_vision_weights(vlm) -> None:
+    """Free the vision tower and projector once vision.onnx and its reference exist (moved to the meta device)."""
+    vlm.vision_tower.to("meta")
+    vlm.mm_projector.to("meta")
+    release_memory()
+
+
 # ---- the export -------------------------------------------------------------------------------------------------
 @dataclass
 class _Stages:
@@ -480,23 +500,34 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     with BundleWriter(out, overwrite=overwrite) as w:
         root = w.root
 
-        # -- model
+        # -- model. With the ORT decoder builder (gqa) the language model stays in its stored dtype (a released
+        # fp16 checkpoint; random init of a model >= LARGE_MODEL_PARAMS is built in fp16 like one): the builder
+        # casts each weight to float32 as it writes it, the reference runs under float32_forward. The vision part
+        # is float32 (torch.onnx exports what it is given).
         def build():
             import torch
 
             if kind == "in-memory":
                 return model, cfg
+            keep = graph_kind == "gqa"
             if kind == "checkpoint":
                 from edgevlm.model import load_checkpoint
 
-                m, c = load_checkpoint(checkpoint)
+                m, c = load_checkpoint(checkpoint, dtype=None if keep else torch.float32)
                 if cfg is not None:
                     _check_same_architecture(cfg, c, Path(checkpoint))
-                return m.eval(), c
-            from edgevlm.model import build_model
+            else:
+                from edgevlm.model import build_model
 
-            torch.manual_seed(seed)
-            return build_model(cfg, seed=seed).eval(), cfg
+                torch.manual_seed(seed)
+                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if keep and _is_large(cfg) else
+                                   torch.float32), cfg
+            if keep:
+                m.vision_tower.float()
+                m.mm_projector.float()
+            else:
+                m.float()
+            return m.eval(), c
 
         vlm, mcfg = stages.run("model", build)
         owned = kind != "in-memory"
@@ -506,6 +537,13 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         from edgevlm.exporter import onnx_export as E
 
         vis = stages.run("vision", lambda: E.export_vision(vlm, root / "vision.onnx", opset=opset))
+        refs_vision = None
+        if parity:                                            # now, so the vision weights can go before the decoder
+            from edgevlm.exporter import parity as P
+
+            refs_vision = stages.run("reference_vision", lambda: P.vision_reference(vlm, batch=2, seed=seed))
+        if owned and graph_kind == "gqa":                   # the builder reads vlm.llm only
+            _drop_vision_weights(vlm)
         if graph_kind == "gqa":
             dec = stages.run("decoder", lambda: _export_gqa_decoder(vlm, root, mcfg))
         else:
@@ -522,8 +560,10 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             prompt_len = parity_prompt_len or P.DEFAULT_PROMPT_LEN
 
             def reference():
-                return (P.vision_reference(vlm, batch=2, seed=seed),
-                        P.decoder_reference(vlm, prompt_len=prompt_len, seed=seed))
+                from edgevlm.model.precision import float32_forward
+
+                with float32_forward(vlm.llm):               # fp16 storage, float32 math, one module at a time
+                    return refs_vision, P.decoder_reference(vlm, prompt_len=prompt_len, seed=seed)
 
             refs = stages.run("reference", reference)
         else:

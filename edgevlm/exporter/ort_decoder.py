@@ -314,8 +314,10 @@ def build_ort_decoder(llm: Any, out_dir: str | os.PathLike, *, precision: str = 
             _write_tokenizer_stub(hf_dir)
             model_obj = None
         else:
-            if next(llm.parameters()).dtype != torch.float32:
-                raise ConfigError("build_ort_decoder expects float32 weights; call llm.float() first")
+            held = next(llm.parameters()).dtype
+            if held != torch.float32 and not (precision == "fp32" and held in (torch.float16, torch.bfloat16)):
+                raise ConfigError(f"build_ort_decoder writes {precision} from float32 weights (or fp32 from fp16 / "
+                                  f"bf16 ones, cast per tensor as they are written); got {held}: call llm.float()")
             config = _prepare_hf_dir(llm, hf_dir, max_context, write_weights=not in_memory)
             model_obj = llm
         if config.model_type != "llama":

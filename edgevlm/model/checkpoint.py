@@ -259,10 +259,11 @@ def _materialize_buffers(model: MobileVLM) -> None:
         raise CheckpointError("tensors left unmaterialized after loading", missing=left)
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
                     name: str | None = None) -> tuple[MobileVLM, ModelConfig]:
     """Load a MobileVLM checkpoint directory. Every checkpoint tensor must be consumed and every model tensor
-    present with the right shape, else ``CheckpointError`` lists the offenders."""
+    present with the right shape, else ``CheckpointError`` lists the offenders. ``dtype=None`` keeps the stored
+    dtype (a released fp16 checkpoint stays fp16: half the memory; ``edgevlm.model.precision``)."""
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory '{ckpt}' does not exist; pass a directory with config.json and "

@@ -179,10 +179,22 @@ def select_token(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Gene
 
 
 def build_model(cfg: ModelConfig, seed: int | None = 0, dtype: torch.dtype = torch.float32) -> MobileVLM:
-    """A randomly initialised model (``--random-init``); seeded for reproducibility."""
+    """A randomly initialised model (``--random-init``); seeded for reproducibility. Built directly in ``dtype``
+    (parameters are created and initialised in it: a 7B model in fp16 never exists in float32)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return MobileVLM(cfg).to(dtype)
+    if dtype == torch.float32:
+        return MobileVLM(cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = MobileVLM(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.llm.model.rotary_emb = LlamaRotaryEmbedding(config=model.llm.config)   # inv_freq in float32, as loaded
+    return model
 
 
 def count_parameters_meta(cfg: ModelConfig) -> dict[str, int]:
