@@ -310,8 +310,23 @@ def _static_qdq(src: Path, dst: Path, reader: Any, *, op_types: tuple[str, ...],
 
 def _matmulnbits(src: Path, dst: Path, *, bits: int, block_size: int, quant_format: str,
                  accuracy_level: int | None, include: list[str] | None = None,
-                 exclude: list[str] | None = None) -> dict[str, Any]:
+                 exclude: list[str] | None = None, stream: bool = True) -> dict[str, Any]:
+    """MatMulNBits weight-only quantization. QOperator graphs go through the streaming pass (one weight in memory
+    at a time, ``edgevlm.quant.nbits_stream``; the same result as ORT's quantizer), anything it does not handle
+    through ``MatMulNBitsQuantizer`` on the loaded graph."""
     from onnxruntime.quantization import QuantFormat
+
+    if stream and quant_format == "QOperator":
+        from edgevlm.quant.nbits_stream import NotStreamable, quantize_matmulnbits_streaming
+
+        try:
+            _remove_graph(dst)
+            with _quiet():
+                return quantize_matmulnbits_streaming(src, dst, bits=bits, block_size=block_size,
+                                                      accuracy_level=accuracy_level, include=include,
+                                                      exclude=exclude or ())
+        except NotStreamable as exc:
+            log.info("%s: %s; quantizing the loaded graph instead", src.name, exc)
 
     MatMulNBitsQuantizer = _nbits_module().MatMulNBitsQuantizer
     model = _load(src)
