@@ -51,6 +51,11 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     tgt = X.resolve_target(target)
     comps = tgt.recipe(precision)                 # TargetError when the target lacks a precision
     if not is_quantized(comps):
+        if quantize_options:
+            from edgevlm.errors import ConfigError
+
+            raise ConfigError(f"{', '.join(sorted(quantize_options))} only apply to int8 / int4 recipes; precision "
+                              f"'{precision}' has no quantization stage")
         return X.export_bundle(model_name_or_cfg, out, precision=precision, target=tgt.name, dla=dla,
                                overwrite=overwrite, progress=progress, postprocess=float_hooks(), **kwargs)
     return _export_quantized(model_name_or_cfg, out, target=tgt, precision=precision, overwrite=overwrite,

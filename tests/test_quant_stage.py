@@ -146,3 +146,22 @@ def test_quantize_cli_refuses_a_quantized_source(tmp_path_factory, tmp_path):
 
         quantize_bundle(q, tmp_path / "again", "int4", report=False)
     assert not (tmp_path / "again").exists()
+
+
+def test_report_is_skipped_with_its_reason_when_the_fp32_graphs_do_not_fit(tmp_path_factory, tmp_path, monkeypatch):
+    """The held-out report runs the fp32 graphs in ONNX Runtime: where they would not fit (7B fp32 decoder on a
+    24 GiB machine) the quantized bundle is still written, the manifest says why the error was not measured."""
+    from edgevlm.bundle import read_bundle
+    from edgevlm.pipeline import quantize_bundle
+    from edgevlm.quant import apply as A
+    from tests.fixtures_bundles import tiny_bundle
+
+    src, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
+    monkeypatch.setattr(A, "REPORT_MEMORY_SHARE", 1e-9)
+    out = quantize_bundle(src, tmp_path / "q", "int4", report=True, heldout_samples=1, calibration_samples=1)
+    q = read_bundle(out).manifest["quantization"]
+    assert "errors" not in q and "GiB available" in q["errors_skipped"]
+    monkeypatch.setattr(A, "REPORT_MEMORY_SHARE", 0.6)
+    out = quantize_bundle(src, tmp_path / "q2", "int4", report=True, heldout_samples=1, calibration_samples=1)
+    q = read_bundle(out).manifest["quantization"]
+    assert "errors_skipped" not in q and q["errors"]["heldout_samples"] == 1

@@ -47,7 +47,8 @@ def default_out(model: str | None, checkpoint: str | None, random_init: bool, ta
 def export(model: str | None = None, checkpoint: str | None = None, random_init: bool = False,
            out: str | None = None, target: str = "cpu", precision: str = "fp32", opset: int = 20,
            overwrite: bool = False, skip_parity: bool = False, seed: int = 0, decoder_graph: str = "auto",
-           dla: bool = False, json_output: bool = False) -> int:
+           dla: bool = False, calibration: str | None = None, calibration_samples: int | None = None,
+           heldout_samples: int | None = None, json_output: bool = False) -> int:
     """Export a model to an ONNX bundle and validate it against PyTorch with ONNX Runtime.
 
     Writes vision.onnx (pixel values -> image embeddings), embed_tokens.npy (token embedding table),
@@ -81,6 +82,11 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
             fallback instead of the GPU (default: GPU only). Needs an fp16 or int8 vision precision. Most ViT ops
             (LayerNorm, GELU, attention matmuls) have no DLA layer and fall back to the GPU; the export lists them.
             Compare with the GPU-only build in `edgevlm bench` before keeping it.
+        calibration: int8 / int4 recipes: calibration images (a folder, a LLaVA .json, or "embedded", the default:
+            the generated set of calibration/embedded.toml).
+        calibration_samples: int8 / int4 recipes: how many calibration samples (default: calibration/embedded.toml's).
+        heldout_samples: int8 / int4 recipes: held-out samples of the quantization report, the measured error
+            against the fp32 graphs (default: calibration/embedded.toml's; each costs a few forward passes).
         json_output: print the result as one JSON line instead of a summary.
     """
     from edgevlm.errors import ConfigError
@@ -126,7 +132,11 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
 
         path = export_bundle(model, out_path, checkpoint=checkpoint, random_init=random_init, target=tgt,
                              precision=precision, opset=opset, overwrite=overwrite, parity=not skip_parity,
-                             seed=seed, decoder_graph=decoder_graph, progress=progress, dla=dla)
+                             seed=seed, decoder_graph=decoder_graph, progress=progress, dla=dla,
+                             quantize_options={k: v for k, v in (("calibration", calibration),
+                                                                 ("calibration_samples", calibration_samples),
+                                                                 ("heldout_samples", heldout_samples))
+                                               if v is not None})
 
     from edgevlm.bundle import read_bundle
 

@@ -233,8 +233,13 @@ def _export_gqa_decoder(vlm, root: Path, cfg: ModelConfig):
     # per decode step on mobilevlm-1.7b. Its speed effect is within run-to-run noise (benchmarks/ort_decoder_bench.py
     # kernel --fuse-gate-up, int4 block 128, 2 threads: 43.6 -> 42.3, 42.5 -> 41.3, 38.4 -> 39.5 ms per pass);
     # the committed runtime results (benchmarks/results/runtime_mobilevlm-1.7b.json) were measured with it.
+    # The builder concatenates gate and up eagerly (a second copy of those weights until it writes them): fused
+    # only while that copy stays under FUSE_COPY_MAX_BYTES (mobilevlm-1.7b: 1.1 GB fused; mobilevlm-v2-7b: 5.8 GB,
+    # two separate MatMulNBits instead, which the native kernel plans too).
+    c = cfg.llm
+    fused_copy = 2 * c.intermediate_size * c.hidden_size * c.num_layers * (2 if _held_reduced(vlm.llm) else 4)
     entry = build_ort_decoder(vlm.llm, root, precision="fp32", max_context=int(cfg.context_length),
-                              fuse_gate_up=True)
+                              fuse_gate_up=fused_copy <= FUSE_COPY_MAX_BYTES)
     return ExportedGraph(root / entry["file"], {"mask_constants_replaced": 0, "mask_value": None,
                                                 "builder_entry": entry})
 
@@ -318,6 +323,16 @@ def write_tokenizer(dest: Path, cfg: ModelConfig, *, source_dir: str | os.PathLi
 #: Random-init models at least this large are built in fp16 when the ORT decoder builder writes the decoder (it
 #: casts per tensor), as a released checkpoint is stored: mobilevlm-1.7b in 3.4 GB instead of 6.8 GB.
 LARGE_MODEL_PARAMS = 1_000_000_000
+
+
+#: largest eager copy of the gate + up weights the decoder builder may make to fuse them (see _export_gqa_decoder)
+FUSE_COPY_MAX_BYTES = 2 * 2**30
+
+
+def _held_reduced(module) -> bool:
+    from edgevlm.model.precision import is_reduced_precision
+
+    return is_reduced_precision(module)
 
 
 def _is_large(cfg: ModelConfig) -> bool:
@@ -562,8 +577,11 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             def reference():
                 from edgevlm.model.precision import float32_forward
 
+                # bounded: models >= LARGE_MODEL_PARAMS check one sequence (the decoder interface runs batch 1
+                # anyway: a batch-2 reference only re-checks PyTorch's batching, at 3x the reference time)
+                batches = (1,) if _is_large(mcfg) else P.DEFAULT_BATCHES
                 with float32_forward(vlm.llm):               # fp16 storage, float32 math, one module at a time
-                    return refs_vision, P.decoder_reference(vlm, prompt_len=prompt_len, seed=seed)
+                    return refs_vision, P.decoder_reference(vlm, prompt_len=prompt_len, seed=seed, batches=batches)
 
             refs = stages.run("reference", reference)
         else:

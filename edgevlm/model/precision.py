@@ -4,7 +4,7 @@ A released MobileVLM checkpoint is stored in fp16; holding it as float32 doubles
 6.8 GB; mobilevlm-v2-7b: 14 -> 28 GB, more than a 24 GiB workstation has). The exporter keeps the language model
 in its stored dtype: the ONNX Runtime decoder builder casts each weight to float32 as it writes it, and the PyTorch
 parity reference runs under ``float32_forward``: every module with weights gets them as float32 just before its
-forward and back just after (fp16 -> fp32 -> fp16 is exact), so the reference computes exactly what a float32 model
+forward; the stored tensor is put back just after, so the reference computes exactly what a float32 model
 with those weights computes while only one module's float32 copy exists at a time.
 
     >>> with float32_forward(vlm.llm):
@@ -44,19 +44,18 @@ def float32_forward(module: nn.Module) -> Iterator[nn.Module]:
     if not owners:
         yield module
         return
-    stored: dict[int, dict[str, torch.dtype]] = {}
+    stored: dict[int, dict[str, torch.Tensor]] = {}
 
     def up(m: nn.Module, *_args) -> None:
-        kinds = stored.setdefault(id(m), {})
+        keep = stored.setdefault(id(m), {})
         for name, p in m.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
-                kinds[name] = p.dtype
+                keep[name] = p.data                           # the stored tensor itself: restored, not re-cast
                 p.data = p.data.to(torch.float32)
 
     def down(m: nn.Module, *_args) -> None:
-        for name, dtype in stored.pop(id(m), {}).items():
-            p = getattr(m, name)
-            p.data = p.data.to(dtype)
+        for name, original in stored.pop(id(m), {}).items():
+            getattr(m, name).data = original
 
     handles = []
     try:

@@ -543,7 +543,11 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             "parity_tolerances": tol.to_dict(),
             "seconds": None,
         }
-        if report and not plan.is_noop and cset is not None and ctx is not None:
+        too_big = _report_does_not_fit(fp32["decoder"], fp32["vision"]) if report and not plan.is_noop else None
+        if too_big:
+            log.warning("quantization report skipped: %s", too_big)
+            quant["errors_skipped"] = too_big
+        elif report and not plan.is_noop and cset is not None and ctx is not None:
             from edgevlm.quant.report import heldout_errors
 
             quant["errors"] = heldout_errors(ctx, cset.heldout, fp32_vision=fp32["vision"],
@@ -734,6 +738,25 @@ def _sizes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, Any
     tb, ta = sum(before.values()), sum(after.values())
     out["total"] = {"before_bytes": int(tb), "after_bytes": int(ta), "ratio": round(ta / tb, 4) if tb else None}
     return out
+
+
+#: The quantization report runs the fp32 graphs in ONNX Runtime, which holds their weights in memory: it is skipped
+#: (with the reason in the manifest) when they would take more than this share of the memory available now.
+REPORT_MEMORY_SHARE = 0.6
+
+
+def _report_does_not_fit(fp32_decoder: Path, fp32_vision: Path) -> str | None:
+    """Why the held-out report cannot run here (its fp32 graphs exceed ``REPORT_MEMORY_SHARE`` of the available
+    memory: mobilevlm-v2-7b's fp32 decoder is 27 GB), else None."""
+    import psutil
+
+    need = graph_bytes(fp32_decoder) + graph_bytes(fp32_vision)
+    avail = psutil.virtual_memory().available
+    if need <= REPORT_MEMORY_SHARE * avail:
+        return None
+    return (f"the fp32 reference graphs take {need / 2**30:.1f} GiB and this machine has {avail / 2**30:.1f} GiB "
+            f"available (the report needs them in ONNX Runtime); measure the error on a larger machine with "
+            f"`edgevlm quantize FP32_BUNDLE --precision ...`, or compare answers with `edgevlm run`")
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:

@@ -107,16 +107,18 @@ def _sequence(dec: Any, embeds: np.ndarray, ctx: Any, tokens: Sequence[int] | No
 
 def _lockstep(ref: Any, cand: Any, ref_embeds: np.ndarray, cand_embeds: np.ndarray,
               ref_ctx: Any, cand_ctx: Any, teacher: list[int] | None, steps: int,
-              stats: ErrorStats, eos_id: int | None) -> list[int]:
+              stats: ErrorStats, eos_id: int | None, ref_run: tuple[list, list[int]] | None = None
+              ) -> tuple[list[int], tuple[list, list[int]]]:
     """Both decoders (they may be one object: each request is run to its end before the next) over the same tokens
     (``teacher``, or the reference's greedy ones) for up to ``steps`` decode steps; every position's logits go into
-    ``stats``. Returns the tokens fed."""
+    ``stats``. Returns the tokens fed and the reference's run, which a second call over the same reference inputs
+    passes as ``ref_run`` instead of running the fp32 decoder again."""
     n_steps = steps if teacher is None else min(steps, len(teacher) - 1)
-    ref_logits, fed = _sequence(ref, ref_embeds, ref_ctx, teacher, n_steps, eos_id)
+    ref_logits, fed = ref_run if ref_run is not None else _sequence(ref, ref_embeds, ref_ctx, teacher, n_steps, eos_id)
     cand_logits, _ = _sequence(cand, cand_embeds, cand_ctx, fed, len(fed), eos_id)
     for a, b in zip(ref_logits, cand_logits):
         stats.add(a, b, top1=True)
-    return fed
+    return fed, (ref_logits, fed)
 
 
 def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_decoder: Path, vision: Path,
@@ -159,11 +161,12 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
         ids = ctx.prompt_ids(item.question)
         teacher = list(ctx.continuation_ids(item.question, item.answer)) if item.answer is not None else None
         n = max(steps, len(teacher) - 1) if teacher is not None else steps
-        fed = _lockstep(d_ref, d_q, ref_ctx.splice(ids, img_ref), ctx.splice(ids, img_ref), ref_ctx, ctx, teacher,
-                        n, dstats, ctx.eos_id)
+        fed, ref_run = _lockstep(d_ref, d_q, ref_ctx.splice(ids, img_ref), ctx.splice(ids, img_ref), ref_ctx, ctx,
+                                 teacher, n, dstats, ctx.eos_id)
         tokens = teacher if teacher is not None else fed + [ctx.eos_id or 0]
+        # the fp32 side of the end-to-end check has the same inputs as above when teacher-forced: reuse its run
         _lockstep(d_ref, d_q, ref_ctx.splice(ids, img_ref), ctx.splice(ids, img_q), ref_ctx, ctx, tokens,
-                  n, estats, ctx.eos_id)
+                  n, estats, ctx.eos_id, ref_run=ref_run if teacher is not None else None)
     return {"vision": vstats.to_dict(), "decoder": dstats.to_dict(), "end_to_end": estats.to_dict(),
             "heldout_samples": len(items), "seconds": round(time.perf_counter() - t0, 3),
             "quantized_graphs_run_as": ("Q/DQ as float ops (the exact int8 arithmetic of the target's TensorRT "
