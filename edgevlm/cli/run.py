@@ -22,6 +22,14 @@ from typing import Any, Literal
 from edgevlm.cli import positional
 
 
+def _native_path(info: dict[str, Any]) -> str:
+    """`` (avx512-vnni, prebuilt, float16 KV)`` where the native kernel decoded: its ISA path and how it was built
+    (``native_info``); empty otherwise."""
+    parts = [str(info[k]) for k in ("isa", "build") if info.get(k)]
+    parts += [f"{info['kv_dtype']} KV"] if info.get("kv_dtype") else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _table(result: Any, session: Any) -> None:
     from rich import box
     from rich.table import Table
@@ -41,8 +49,7 @@ def _table(result: Any, session: Any) -> None:
     parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
     parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
                   f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token, "
-                  f"{t.decoder_backend}" + (f" ({session.native_info['kv_dtype']} KV)"
-                                            if session.native_info.get("kv_dtype") else ""))
+                  f"{t.decoder_backend}{_native_path(session.native_info)}")
     parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
     parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
     parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
@@ -157,7 +164,7 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
     if not stream:
         print(result.text)
     print(f"[{result.finish_reason}: {len(result.tokens)} tokens] vision: {session.vision_backend}, decoder: "
-          f"{session.decoder_backend}")
+          f"{session.decoder_backend}{_native_path(session.native_info)}")
     _table(result, session)
     for p in profiles:
         print(f"ORT profile: {p}")
