@@ -26,6 +26,9 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 NATIVE = "edgevlm/runtime/native"
+#: build_ext compiles with Python's own CFLAGS first (``-fwrapv`` among them, in CPython's builds); after them, this
+#: makes the variants' code the on-demand build's (signed overflow is undefined, as gcc assumes by default)
+UNDO_PYTHON_CFLAGS = ("-fno-wrapv",)
 
 
 def _variants_module():
@@ -47,7 +50,7 @@ class KernelVariant(Extension):
         sha = variants.source_sha(HERE / NATIVE / "decode.c")
         super().__init__(f"edgevlm.runtime.native.{variant.stem}", sources=[f"{NATIVE}/decode.c"],
                          define_macros=[("EVLM_SOURCE_SHA", f'"{sha}"')],
-                         extra_compile_args=[*variants.COMMON_CFLAGS, *variant.cflags],
+                         extra_compile_args=[*variants.COMMON_CFLAGS, *variant.cflags, *UNDO_PYTHON_CFLAGS],
                          extra_link_args=["-fopenmp"], libraries=list(variants.LIBRARIES), optional=True)
         self.variant = variant
 
