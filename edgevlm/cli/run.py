@@ -123,9 +123,9 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
             cannot run); tensorrt: the engines built by `edgevlm build-engine` (an error naming the package where
             tensorrt is not installed, or the fix where the engines belong to another GPU / TensorRT).
         native_decode: the older switch, used with --backend auto: auto (default): decode steps on edgevlm's
-            native int4/int8 kernel when the bundle has a native_decode plan and this CPU can build it (x86-64
-            with AVX-512 VNNI and a C compiler), else on ONNX Runtime; on: as --backend native; off: as
-            --backend ort.
+            native int4/int8 kernel when the bundle has a native_decode plan and this CPU runs it (x86-64 with
+            AVX-512 VNNI or AVX2 + FMA, ARM64 with the dot product; prebuilt at install, else compiled on demand),
+            else on ONNX Runtime; on: as --backend native; off: as --backend ort.
         native_kv: what the native kernel's attention reads: float16 (default; an fp16 copy of the KV cache, half
             the bytes per step) or float32 (ONNX Runtime's own buffers).
     """
