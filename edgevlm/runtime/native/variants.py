@@ -42,8 +42,8 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    # Intel Xeon since Cascade Lake, AMD Zen 4 / 5. Tuned for Zen 4 / Ice Lake-class cores: measured as fast as
-    # -march=native on the Zen 4 reference host (docs/runtime.md, "Build").
+    # Intel Xeon since Cascade Lake, AMD Zen 4 / 5. -mtune=generic measured as fast as -march=native on the Zen 4
+    # reference host (docs/runtime.md, "The prebuilt AVX-512 variant keeps the speed of -march=native").
     Variant("avx512-vnni", "x86_64",
             ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c", "-mtune=generic"),
             ("avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c")),
