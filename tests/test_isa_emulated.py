@@ -6,7 +6,8 @@ fail on another (int8 saturation without VNNI, alignment-dependent summation ord
 the ISA run again under ``qemu-x86_64 -cpu EPYC-Milan`` (Debian's qemu-user: it emulates CPUID and AVX2 / FMA, no
 AVX-512), with ``EDGEVLM_CPU_MASK=avx512`` so that edgevlm's own dispatch (which reads /proc/cpuinfo, passed
 through from the host) agrees. Marked ``isa``: not in the default suite (emulation is ~5x slower); ``.ci/run``
-runs it with ``make test-isa`` after installing qemu-user.
+runs it with ``make test-isa`` after installing qemu-user. The native kernel's ARM64 path runs under qemu-aarch64 in
+tests/test_native_arm.py (marked ``isa`` too).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ISA_TESTS = [
     "tests/test_quant.py::test_report_errors_are_small_for_int8",
     "tests/test_quant.py::test_int8_vision_accuracy_holds_on_this_cpu",
     "tests/test_native.py",
+    # setup.py's prebuilt AVX2 variant (explicit -mavx2 -mfma -mf16c, built here) runs on the AVX2-only CPU
+    "tests/test_native_build.py::test_prebuilt_variant_loads_without_a_compiler",
     "tests/test_checkpoint.py",
 ]
 

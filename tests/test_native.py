@@ -22,8 +22,8 @@ _Q: dict[str, object] = {}
 
 
 def _fallback_checked(tmp_path_factory=None) -> None:
-    """The kernel tests run where the kernel runs. Elsewhere (an AVX2-only or ARM CPU, no compiler,
-    ``EDGEVLM_CPU_MASK``) they assert what holds there instead, then skip with the reason (listed by ``-ra``):
+    """The kernel tests run where the kernel runs. Elsewhere (a CPU with none of its paths, no prebuilt variant and
+    no compiler, ``EDGEVLM_CPU_MASK``) they assert what holds there instead, then skip with the reason (``-ra``):
     ``availability()`` names a reason true of this machine, ``load()`` raises it, and a session on a plan-carrying
     bundle decodes with ONNX Runtime and says why while ``native_decode='on'`` refuses."""
     reason = availability()
@@ -33,12 +33,16 @@ def _fallback_checked(tmp_path_factory=None) -> None:
 
     flags = build.cpu_flags()
     if "lacks" in reason:
-        missing = [f for f in build.ISA_FLAGS["avx2"] if f not in flags]
+        path = "neon-dotprod" if build._machine() == "aarch64" else "avx2"
+        missing = [f for f in build.ISA_FLAGS[path] if f not in flags]
         assert missing and f"lacks {', '.join(missing)}" in reason
     elif "compiler" in reason:
         assert build.isa_path(flags) is not None and build.find_compiler() is None
+        assert build.prebuilt_variant(flags) is None
+    elif build.BUILD_ENV in reason:
+        assert build.build_mode() == "prebuilt" and build.prebuilt_variant(flags) is None
     else:
-        assert "x86-64 Linux only" in reason and build.platform.machine().lower() not in ("x86_64", "amd64")
+        assert "x86-64 and ARM64 Linux only" in reason and build._machine() is None
     with pytest.raises(NativeUnavailable, match=reason.split(" (")[0]):
         build.load()
     if tmp_path_factory is not None:
@@ -252,7 +256,8 @@ def test_native_decode_gives_onnxruntimes_tokens(tmp_path_factory, precision, ke
     nat = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="on")
     ort = Session.from_bundle(path, threads=2, hash_stamps=None, native_decode="off")
     assert nat.decode_backend == "native" and ort.decode_backend == "onnxruntime"
-    assert nat.native_info["isa"] == isa_path() and isa_path() in ("avx512-vnni", "avx2")
+    assert nat.native_info["isa"] == isa_path() and isa_path() in ("avx512-vnni", "avx2", "neon-dotprod")
+    assert nat.native_info["build"] in ("prebuilt", "compiled on demand")
     if kernel_path == "avx2":
         assert nat.native_info["isa"] == "avx2"
     img = make_image(3)
@@ -358,8 +363,15 @@ def test_availability_names_what_is_missing(monkeypatch, tmp_path, tmp_path_fact
     assert s.decode_backend == "onnxruntime" and "no C compiler" in s.native_info["reason"]
     with pytest.raises(NativeUnavailable, match="native_decode='on' but no C compiler"):
         Session.from_bundle(path, threads=1, hash_stamps=None, native_decode="on")
+    # ARM64: the NEON + dot product path, or a refusal naming the missing flag
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
-    assert "x86-64 Linux only" in build.availability()
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"fp", "asimd", "atomics", "asimddp"})
+    assert build.isa_path() == "neon-dotprod" and "-mno-avx512f" not in build.cflags()
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"fp", "asimd", "atomics"})
+    assert build.isa_path() is None
+    assert "lacks asimddp (the native decode kernel needs ARM64 NEON with the dot product" in build.availability()
+    monkeypatch.setattr(build.platform, "machine", lambda: "riscv64")
+    assert "x86-64 and ARM64 Linux only (this is Linux riscv64)" in build.availability()
 
 
 def test_cpu_mask_hides_flags_from_the_runtimes_dispatch(monkeypatch, tmp_path_factory):

@@ -62,7 +62,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info", "build", "dist")
     for name in ("edgevlm", "export", "calibration"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, src / name)
     _pip("wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"), cwd=src)
     (wheel,) = sorted((root / "dist").glob("edgevlm-*.whl"))
@@ -79,8 +79,8 @@ def _env(target: Path, cache: Path) -> dict[str, str]:
     return env
 
 
-def _edgevlm(target: Path, *argv: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = _env(target, cache)
+def _edgevlm(target: Path, *argv: str, cwd: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**_env(target, cache), **extra_env}
     p = subprocess.run([sys.executable, "-S", "-c", PRELUDE, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=300)
     origin = [line for line in p.stderr.splitlines() if line.startswith("EDGEVLM_FILE=")]
@@ -109,24 +109,58 @@ def test_wheel_carries_the_device_data(installed, tmp_path):
     assert "edgevlm/_data/calibration/embedded.toml" in names
     for c in sorted((REPO / "edgevlm" / "runtime" / "native").glob("*.c")):
         assert f"edgevlm/runtime/native/{c.name}" in names
-    # the installed package finds its own copies (not the source tree's); the native kernel builds from its source
+    # the installed package finds its own copies (not the source tree's)
     code = textwrap.dedent("""
         from edgevlm.targets import TARGETS_DIR
         from edgevlm.resources import data_dir
         from edgevlm.runtime.native import build
         print(TARGETS_DIR); print(data_dir("calibration")); print(build.SOURCE)
-        if build.availability() is None:
-            build.load()
-            print("BUILT=" + str(build.library_path()))
     """)
     p = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=_env(target, tmp_path / "cache"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.split()
-    for line in lines[:3]:
+    for line in p.stdout.split():
         assert Path(line).is_relative_to(target) and Path(line).exists(), p.stdout
-    for line in lines[3:]:
-        assert Path(line.removeprefix("BUILT=")).is_relative_to(tmp_path / "cache"), p.stdout
+
+
+def _variants_here() -> list[str]:
+    """The prebuilt kernel variants a wheel built on this machine carries (setup.py; none without a compiler)."""
+    from edgevlm.runtime.native import build, variants
+
+    if build._machine() is None or build.find_compiler() is None:
+        return []
+    return [v.filename for v in variants.variants_for(build.platform.machine())]
+
+
+def test_wheel_carries_the_prebuilt_kernel_and_loads_it_without_compiling(installed, tmp_path):
+    """The wheel is a platform wheel with one native-kernel library per variant for this machine, and the installed
+    package loads the one this CPU runs with no compiler at all (CC points nowhere, on-demand builds refused)."""
+    from edgevlm.runtime.native import availability
+
+    wheel, target = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("edgevlm/runtime/native/") and
+                     n.endswith(".so"))
+    assert shipped == sorted(_variants_here()), shipped
+    if not shipped:
+        pytest.skip("no C compiler here: the wheel carries no prebuilt kernel (checked that it has none)")
+    assert not wheel.name.endswith("-none-any.whl"), wheel.name
+    if availability() is not None:
+        pytest.skip(f"the native kernel cannot run on this CPU ({availability()})")
+    code = textwrap.dedent("""
+        from edgevlm.runtime.native import build
+        k = build.load_kernel()
+        print(k.build); print(k.isa); print(k.path)
+    """)
+    env = {**_env(target, tmp_path / "cache"), "CC": str(tmp_path / "no-such-cc"), "EDGEVLM_NATIVE_BUILD": "prebuilt"}
+    p = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    kind, isa, path = p.stdout.split()
+    from edgevlm.runtime.native import isa_path
+
+    assert kind == "prebuilt" and isa == isa_path() and Path(path).is_relative_to(target), p.stdout
+    assert not (tmp_path / "cache" / "native").exists()
 
 
 def test_targets_and_plan_from_the_wheel(installed, tmp_path):
@@ -139,6 +173,23 @@ def test_targets_and_plan_from_the_wheel(installed, tmp_path):
                  "int4", cwd=tmp_path, cache=tmp_path / "cache")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mobilevlm-1.7b on jetson-orin-nano-8gb" in p.stdout and "kv_cache" in p.stdout
+
+
+def test_run_a_quantized_bundle_from_the_wheel_on_its_prebuilt_kernel(installed, tmp_path_factory, tmp_path):
+    from edgevlm.runtime.native import availability, isa_path
+    from test_native import _quantized
+
+    if not _variants_here() or availability() is not None:
+        pytest.skip("no prebuilt native kernel for this machine")
+    _, target = installed
+    bundle = _quantized(tmp_path_factory, "int4")
+    img = write_png(tmp_path / "img.png")
+    p = _edgevlm(target, "run", str(bundle), "--image", str(img), "--prompt", QUESTION, "--max-new-tokens", "4",
+                 "--threads", "1", "--json-output", cwd=tmp_path, cache=tmp_path / "cache",
+                 CC=str(tmp_path / "no-such-cc"), EDGEVLM_NATIVE_BUILD="prebuilt")
+    assert p.returncode == 0, f"edgevlm run from the wheel failed:\n{p.stderr[-3000:]}"
+    info = json.loads(p.stdout.strip().splitlines()[-1])["load_info"]["native_decode"]
+    assert (info["backend"], info["build"], info["isa"]) == ("native", "prebuilt", isa_path()), info
 
 
 def test_run_a_bundle_from_the_wheel(installed, tmp_path_factory, tmp_path):

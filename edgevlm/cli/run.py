@@ -22,6 +22,14 @@ from typing import Any, Literal
 from edgevlm.cli import positional
 
 
+def _native_path(info: dict[str, Any]) -> str:
+    """`` (avx512-vnni, prebuilt, float16 KV)`` where the native kernel decoded: its ISA path and how it was built
+    (``native_info``); empty otherwise."""
+    parts = [str(info[k]) for k in ("isa", "build") if info.get(k)]
+    parts += [f"{info['kv_dtype']} KV"] if info.get("kv_dtype") else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _table(result: Any, session: Any) -> None:
     from rich import box
     from rich.table import Table
@@ -41,8 +49,7 @@ def _table(result: Any, session: Any) -> None:
     parts.add_row("ttft", f"{t.ttft_ms:.1f}", "request start -> first token")
     parts.add_row("decode", f"{t.decode_ms:.1f}", f"{t.decode_steps} steps, {t.decode_tok_s:.1f} tok/s, p50 "
                   f"{t.decode_token_ms_p50:.2f} / p95 {t.decode_token_ms_p95:.2f} ms per token, "
-                  f"{t.decoder_backend}" + (f" ({session.native_info['kv_dtype']} KV)"
-                                            if session.native_info.get("kv_dtype") else ""))
+                  f"{t.decoder_backend}{_native_path(session.native_info)}")
     parts.add_row("sampling", f"{t.sampling_ms:.2f}", f"{t.generated_tokens} tokens")
     parts.add_row("detokenize", f"{t.detokenize_ms:.2f}", "incremental decode + stop strings")
     parts.add_row("other", f"{t.other_ms:.2f}", "not in a measured part")
@@ -116,9 +123,9 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
             cannot run); tensorrt: the engines built by `edgevlm build-engine` (an error naming the package where
             tensorrt is not installed, or the fix where the engines belong to another GPU / TensorRT).
         native_decode: the older switch, used with --backend auto: auto (default): decode steps on edgevlm's
-            native int4/int8 kernel when the bundle has a native_decode plan and this CPU can build it (x86-64
-            with AVX-512 VNNI and a C compiler), else on ONNX Runtime; on: as --backend native; off: as
-            --backend ort.
+            native int4/int8 kernel when the bundle has a native_decode plan and this CPU runs it (x86-64 with
+            AVX-512 VNNI or AVX2 + FMA, ARM64 with the dot product; prebuilt at install, else compiled on demand),
+            else on ONNX Runtime; on: as --backend native; off: as --backend ort.
         native_kv: what the native kernel's attention reads: float16 (default; an fp16 copy of the KV cache, half
             the bytes per step) or float32 (ONNX Runtime's own buffers).
     """
@@ -157,7 +164,7 @@ def run(bundle: str, image: str, prompt: str, max_new_tokens: int = 128, tempera
     if not stream:
         print(result.text)
     print(f"[{result.finish_reason}: {len(result.tokens)} tokens] vision: {session.vision_backend}, decoder: "
-          f"{session.decoder_backend}")
+          f"{session.decoder_backend}{_native_path(session.native_info)}")
     _table(result, session)
     for p in profiles:
         print(f"ORT profile: {p}")

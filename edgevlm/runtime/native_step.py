@@ -92,7 +92,7 @@ class _NativeSetup:
             self.info["reason"] = str(self._error)
             log.warning("native decode unavailable, decoding with ONNX Runtime: %s", self._error)
             return None
-        self.info.update(backend="native", isa=self._result.isa, kv_dtype=self.kv_dtype,
+        self.info.update(backend="native", isa=self._result.isa, build=self._result.build, kv_dtype=self.kv_dtype,
                          weight_bytes=self._result.weight_bytes, huge_page_bytes=self._result.huge_page_bytes)
         return self._result
 

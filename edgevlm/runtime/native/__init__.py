@@ -1,7 +1,8 @@
-"""Native decode for quantized CPU bundles: one C kernel (``decode.c``, AVX-512 VNNI or AVX2 + FMA, and OpenMP)
-that runs a whole decode step over the decoder's MatMulNBits weights in place and shares the KV buffers with ONNX
-Runtime, which still runs the prefill. ``build`` compiles and caches it per CPU; ``engine.NativeDecoder`` drives it
-from the manifest's ``native_decode`` plan. See docs/runtime.md ("Native decode").
+"""Native decode for quantized CPU bundles: one C kernel (``decode.c``: AVX-512 VNNI, AVX2 + FMA, or ARM64 NEON +
+dot product, and OpenMP) that runs a whole decode step over the decoder's MatMulNBits weights in place and shares the
+KV buffers with ONNX Runtime, which still runs the prefill. ``variants`` lists the libraries ``setup.py`` prebuilds;
+``build`` loads the one this CPU runs (else compiles the kernel on demand, cached); ``engine.NativeDecoder`` drives
+it from the manifest's ``native_decode`` plan. See docs/runtime.md ("Native decode").
 
 Never imports torch or onnx.
 """

@@ -24,27 +24,45 @@
  * fp32 (batch 1). Requirements checked by the Python side: 4-bit blk % 128 == 0, 8-bit blk % 64 == 0,
  * head_dim % 16 == 0.
  *
- * Built by edgevlm/runtime/native/build.py with -O3 -march=native -fopenmp; loaded with ctypes.
+ * Built ahead of time into one shared library per instruction set (setup.py: AVX-512 VNNI and AVX2 + FMA + F16C
+ * on x86-64, NEON + dot product on ARM64; edgevlm/runtime/native/variants.py has the flags), or on demand by
+ * edgevlm/runtime/native/build.py with -O3 -march=native -fopenmp; loaded with ctypes, which picks the variant by the
+ * CPU's flags at run time.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
-/* Which code path: chosen at compile time by the target's ISA macros (build.py compiles with -march=native on the
- * machine that runs the kernel; with -mno-avx512f where edgevlm's dispatch hides AVX-512). The AVX-512 VNNI path
- * is the reference; the AVX2 + FMA path computes the same integer dot products with vpmaddubsw + vpmaddwd (no
- * saturation: 4-bit weights are 0..15, 8-bit weights are re-centred to -128..127 and multiplied with the sign trick)
- * and differs from it only in float summation order. evlm_isa() says which one was compiled. */
+/* Which code path: chosen at compile time by the target's ISA macros (explicit -m flags for the prebuilt variants,
+ * -march=native for the on-demand build; with -mno-avx512f where edgevlm's dispatch hides AVX-512). The AVX-512
+ * VNNI path is the reference; the AVX2 + FMA path computes the same integer dot products with vpmaddubsw + vpmaddwd
+ * (no saturation: 4-bit weights are 0..15, 8-bit weights are re-centred to -128..127 and multiplied with the sign
+ * trick); the ARM64 path computes them with NEON sdot (vdotq_s32, signed x signed: the 4-bit nibbles 0..15 are
+ * already signed bytes, 8-bit weights are re-centred to -128..127 as on the AVX2 path). The paths differ only in
+ * float summation order. evlm_isa() says which one was compiled. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define EVLM_AVX512 1
 #define EVLM_ISA 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define EVLM_AVX512 0
 #define EVLM_ISA 2
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define EVLM_ISA 3
 #else
-#error "the native decode kernel needs AVX-512 VNNI (avx512f, avx512bw, avx512_vnni) or AVX2 + FMA + F16C"
+#error "the native decode kernel needs AVX-512 VNNI, AVX2 + FMA + F16C, or ARM64 NEON + dot product (armv8.2-a+dotprod)"
+#endif
+#define EVLM_AVX512 (EVLM_ISA == 1)
+#define EVLM_AVX2 (EVLM_ISA == 2)
+#define EVLM_NEON (EVLM_ISA == 3)
+
+/* The sha256 of this file (its first 16 hex digits), defined by whoever compiles it (setup.py, build.py): the loader
+ * refuses a prebuilt library whose source is not the decode.c beside it (an editable install edited since). */
+#ifndef EVLM_SOURCE_SHA
+#define EVLM_SOURCE_SHA "unknown"
 #endif
 
 #ifndef EVLM_PREFETCH
@@ -143,7 +161,7 @@ static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float 
         xc[b] = xs[b] * (float)_mm512_reduce_add_epi32(sum);
     }
 }
-#else
+#elif EVLM_AVX2
 static inline float hmax8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -212,6 +230,50 @@ static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float 
         xc[b] = xs[b] * (float)hsum8i(sum);
     }
 }
+#elif EVLM_NEON
+/* NEON: vld2q splits a block's even and odd elements (the 4-bit layout), vcvtnq rounds to nearest even like lrintf,
+ * vqmovn saturates like _mm512_cvtsepi32_epi8. */
+static inline int8x8_t narrow8(int32x4_t a, int32x4_t b) {
+    return vqmovn_s16(vcombine_s16(vqmovn_s32(a), vqmovn_s32(b)));
+}
+
+static void quant_x(const float *x, int K, int blk, int bits, int8_t *xq, float *xs, float *xc) {
+    const int nb = (K + blk - 1) / blk;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + (size_t)b * blk;
+        int8_t *q = xq + (size_t)b * blk;
+        if ((b + 1) * blk > K) {
+            quant_block_scalar(xb, K - b * blk, blk, bits, q, xs + b, xc + b);
+            continue;
+        }
+        float32x4_t mx = vdupq_n_f32(0.f);
+        for (int i = 0; i < blk; i += 4) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + i)));
+        const float amax = vmaxvq_f32(mx);
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32x4_t sum = vdupq_n_s32(0);
+        if (bits == 4) {
+            for (int i = 0; i < blk; i += 16) {
+                float32x4x2_t a = vld2q_f32(xb + i), c = vld2q_f32(xb + i + 8);     /* [even, odd] of 8 each */
+                int32x4_t e0 = vcvtnq_s32_f32(vmulq_n_f32(a.val[0], inv));
+                int32x4_t e1 = vcvtnq_s32_f32(vmulq_n_f32(c.val[0], inv));
+                int32x4_t o0 = vcvtnq_s32_f32(vmulq_n_f32(a.val[1], inv));
+                int32x4_t o1 = vcvtnq_s32_f32(vmulq_n_f32(c.val[1], inv));
+                vst1_s8(q + i / 2, narrow8(e0, e1));
+                vst1_s8(q + blk / 2 + i / 2, narrow8(o0, o1));
+                sum = vaddq_s32(sum, vaddq_s32(vaddq_s32(e0, e1), vaddq_s32(o0, o1)));
+            }
+        } else {
+            for (int i = 0; i < blk; i += 8) {
+                int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + i), inv));
+                int32x4_t q1 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + i + 4), inv));
+                vst1_s8(q + i, narrow8(q0, q1));
+                sum = vaddq_s32(sum, vaddq_s32(q0, q1));
+            }
+        }
+        xs[b] = amax / 127.f;
+        xc[b] = xs[b] * (float)vaddvq_s32(sum);
+    }
+}
 #endif
 
 static inline float zero_point(const evlm_linear *w, int n, int b, int nb) {
@@ -275,7 +337,7 @@ static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, c
         }
     }
 }
-#else
+#elif EVLM_AVX2
 /* AVX2: vpmaddubsw (u8 x s8, pairs summed into a saturating int16) + vpmaddwd by ones (-> int32). 4-bit: the
  * nibbles are 0..15, |x_q| <= 127, a pair is at most 3810 (and two pairs 7620): exact. 8-bit: w - 128 is taken as
  * s8 and multiplied as |w - 128| (u8, <= 128) by sign(w - 128) * x_q (|.| <= 127): a pair is at most 32512 < 32767,
@@ -346,6 +408,69 @@ static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, c
                 corr += sw[b] * xc[b] * (zero_point(w, n, b, nb) - 128.f);
             }
             y[n] = hsum8(acc) - corr;
+        }
+    }
+}
+#elif EVLM_NEON
+/* NEON + dot product: sdot (vdotq_s32) adds four s8 x s8 products into each int32 lane, exactly. 4-bit: the nibbles
+ * 0..15 are non-negative signed bytes. 8-bit: w - 128 (the top bit flipped) is a signed byte, and the dropped
+ * 128 * sum(x_q) enters the zero-point term as on the AVX2 path: (zp - 128) instead of zp. */
+static void gemv_rows(const evlm_linear *w, const int8_t *xq, const float *xs, const float *xc, float *y, int n0,
+                      int n1) {
+    const int nb = (w->K + w->blk - 1) / w->blk;
+    const int blk = w->blk;
+    const uint8x16_t m4 = vdupq_n_u8(0x0F), bias = vdupq_n_u8(0x80);
+    if (w->bits == 4) {
+        const size_t rowbytes = (size_t)nb * blk / 2;
+        const int chunks = blk / 128;
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *row = w->B + (size_t)n * rowbytes;
+            const float *sw = w->scales + (size_t)n * nb;
+            float32x4_t acc = vdupq_n_f32(0.f);
+            float corr = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *q = xq + (size_t)b * blk;
+                int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
+                for (int c = 0; c < chunks; c++) {
+                    const uint8_t *p = row + (size_t)b * (blk / 2) + c * 64;
+                    const int8_t *ql = q + c * 64, *qh = q + blk / 2 + c * 64;
+                    __builtin_prefetch(p + EVLM_PREFETCH, 0, 3);
+                    for (int j = 0; j < 64; j += 16) {
+                        const uint8x16_t v = vld1q_u8(p + j);
+                        lo = vdotq_s32(lo, vreinterpretq_s8_u8(vandq_u8(v, m4)), vld1q_s8(ql + j));
+                        hi = vdotq_s32(hi, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vld1q_s8(qh + j));
+                    }
+                }
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(vaddq_s32(lo, hi)), sw[b] * xs[b]);
+                corr += sw[b] * xc[b] * zero_point(w, n, b, nb);
+            }
+            y[n] = vaddvq_f32(acc) - corr;
+        }
+    } else {
+        const size_t rowbytes = (size_t)nb * blk;
+        const int chunks = blk / 64;
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *row = w->B + (size_t)n * rowbytes;
+            const float *sw = w->scales + (size_t)n * nb;
+            float32x4_t acc = vdupq_n_f32(0.f);
+            float corr = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *q = xq + (size_t)b * blk;
+                int32x4_t a0 = vdupq_n_s32(0), a1 = vdupq_n_s32(0);
+                for (int c = 0; c < chunks; c++) {
+                    const uint8_t *p = row + (size_t)b * blk + c * 64;
+                    const int8_t *qc = q + c * 64;
+                    __builtin_prefetch(p + EVLM_PREFETCH, 0, 3);
+                    for (int j = 0; j < 64; j += 32) {
+                        a0 = vdotq_s32(a0, vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + j), bias)), vld1q_s8(qc + j));
+                        a1 = vdotq_s32(a1, vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + j + 16), bias)),
+                                       vld1q_s8(qc + j + 16));
+                    }
+                }
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(vaddq_s32(a0, a1)), sw[b] * xs[b]);
+                corr += sw[b] * xc[b] * (zero_point(w, n, b, nb) - 128.f);
+            }
+            y[n] = vaddvq_f32(acc) - corr;
         }
     }
 }
@@ -498,7 +623,7 @@ static void attend(const float *q, const void *K, const void *V, int f16, int T,
     else
         for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
 }
-#else
+#elif EVLM_AVX2
 /* ---- small fp32 pieces (AVX2 + FMA + F16C): the same arithmetic, 8 lanes ---------------------------------- */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-88.f));
@@ -590,6 +715,97 @@ static void attend(const float *q, const void *K, const void *V, int f16, int T,
     else
         for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
 }
+#elif EVLM_NEON
+/* ---- small fp32 pieces (NEON): the same arithmetic, 4 lanes; fp16 <-> fp32 with fcvtl / fcvtn (round to nearest
+ * even, like F16C and numpy) ------------------------------------------------------------------------------------ */
+static inline float32x4_t exp4(float32x4_t x) {
+    x = vmaxq_f32(vminq_f32(x, vdupq_n_f32(88.f)), vdupq_n_f32(-88.f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_n_f32(x, n, 0.693145751953125f);                    /* x - n ln2 (two parts) */
+    r = vfmsq_n_f32(r, n, 1.428606765330187e-06f);
+    float32x4_t p = vdupq_n_f32(1.f / 5040.f);
+    p = vfmaq_f32(vdupq_n_f32(1.f / 720.f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.f / 120.f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.f / 24.f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.f / 6.f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.f), p, r);
+    /* 2^n for n in [-127, 127] from the exponent field (n = -127 gives 0, as on the AVX2 path) */
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    float32x4_t ss = vdupq_n_f32(0.f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) ss = vfmaq_f32(ss, vld1q_f32(x + i), vld1q_f32(x + i));
+    float s = vaddvq_f32(ss);
+    for (; i < n; i++) s += x[i] * x[i];
+    const float r = 1.f / sqrtf(s / n + eps);
+    for (i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+static void rope(float *v, const float *c, const float *s, int half) {
+    for (int i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c[i] - x2 * s[i];
+        v[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+static inline float32x4_t kv_load(const void *row, int i, int f16) {
+    return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)row + i)))
+               : vld1q_f32((const float *)row + i);
+}
+
+static inline float dot16(const float *a, const void *b, int n, int f16) {      /* n % 16 == 0 */
+    float32x4_t a0 = vdupq_n_f32(0.f), a1 = a0, a2 = a0, a3 = a0;
+    for (int i = 0; i < n; i += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(a + i), kv_load(b, i, f16));
+        a1 = vfmaq_f32(a1, vld1q_f32(a + i + 4), kv_load(b, i + 4, f16));
+        a2 = vfmaq_f32(a2, vld1q_f32(a + i + 8), kv_load(b, i + 8, f16));
+        a3 = vfmaq_f32(a3, vld1q_f32(a + i + 12), kv_load(b, i + 12, f16));
+    }
+    return vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+}
+
+static inline void axpy16(float a, const void *x, float *y, int n, int f16) {
+    for (int i = 0; i < n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), kv_load(x, i, f16), a));
+}
+
+static void to_fp16(const float *x, uint16_t *out, int n) {            /* n % 4 == 0 */
+    for (int i = 0; i < n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+}
+
+static void attend(const float *q, const void *K, const void *V, int f16, int T, int hd, float scale, float *sc,
+                   float *out) {
+    const size_t row = (size_t)hd * (f16 ? 2 : 4);
+    float mx = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        sc[t] = dot16(q, (const char *)K + t * row, hd, f16) * scale;
+        mx = sc[t] > mx ? sc[t] : mx;
+    }
+    const float32x4_t vmx = vdupq_n_f32(mx);
+    float32x4_t vsum = vdupq_n_f32(0.f);
+    int t = 0;
+    for (; t + 4 <= T; t += 4) {
+        float32x4_t e = exp4(vsubq_f32(vld1q_f32(sc + t), vmx));
+        vst1q_f32(sc + t, e);
+        vsum = vaddq_f32(vsum, e);
+    }
+    float sum = vaddvq_f32(vsum);
+    for (; t < T; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    const float inv = 1.f / sum;
+    if (f16)
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 1);
+    else
+        for (t = 0; t < T; t++) axpy16(sc[t] * inv, (const char *)V + t * row, out, hd, 0);
+}
 #endif
 
 /* One decode step. x: the new token's embedding [hidden]; pos: tokens already in the KV cache (the new token's
@@ -660,12 +876,18 @@ int evlm_decode_step(const evlm_model *m, const float *x, int pos, float *logits
                     __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(
                         _mm512_setzero_ps(), g))));
                     _mm512_storeu_ps(m->act + i, _mm512_mul_ps(sg, _mm512_loadu_ps(m->gu + I + i)));
-#else
+#elif EVLM_AVX2
                     for (int j = i; j < i + 16; j += 8) {
                         __m256 g = _mm256_loadu_ps(m->gu + j);
                         __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(
                             _mm256_setzero_ps(), g))));
                         _mm256_storeu_ps(m->act + j, _mm256_mul_ps(sg, _mm256_loadu_ps(m->gu + I + j)));
+                    }
+#elif EVLM_NEON
+                    for (int j = i; j < i + 16; j += 4) {
+                        float32x4_t g = vld1q_f32(m->gu + j);
+                        float32x4_t sg = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.f), exp4(vnegq_f32(g))));
+                        vst1q_f32(m->act + j, vmulq_f32(sg, vld1q_f32(m->gu + I + j)));
                     }
 #endif
                 } else {
@@ -732,7 +954,7 @@ uint64_t evlm_read_stream(const uint8_t *p, size_t n, int threads) {
         }
         for (; i < hi; i += 64) a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
         total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
-#else
+#elif EVLM_AVX2
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         size_t i = lo;
         for (; i + 128 <= hi; i += 128) {
@@ -745,12 +967,26 @@ uint64_t evlm_read_stream(const uint8_t *p, size_t n, int threads) {
         __m256i s4 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
         __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
         total += (uint64_t)_mm_cvtsi128_si64(s2) + (uint64_t)_mm_extract_epi64(s2, 1);
+#elif EVLM_NEON
+        uint64x2_t a0 = vdupq_n_u64(0), a1 = a0, a2 = a0, a3 = a0;
+        size_t i = lo;
+        for (; i + 64 <= hi; i += 64) {
+            a0 = vaddq_u64(a0, vld1q_u64((const uint64_t *)(p + i)));
+            a1 = vaddq_u64(a1, vld1q_u64((const uint64_t *)(p + i + 16)));
+            a2 = vaddq_u64(a2, vld1q_u64((const uint64_t *)(p + i + 32)));
+            a3 = vaddq_u64(a3, vld1q_u64((const uint64_t *)(p + i + 48)));
+        }
+        total += vaddvq_u64(vaddq_u64(vaddq_u64(a0, a1), vaddq_u64(a2, a3)));
 #endif
     }
     return total;
 }
 
-int evlm_abi_version(void) { return 3; }
+/* 4: the structs of 3, plus evlm_source_sha and ISA code 3 */
+int evlm_abi_version(void) { return 4; }
 
-/* The compiled code path: 1 = AVX-512 VNNI, 2 = AVX2 + FMA (see EVLM_ISA). */
+/* The compiled code path: 1 = AVX-512 VNNI, 2 = AVX2 + FMA + F16C, 3 = ARM64 NEON + dot product (see EVLM_ISA). */
 int evlm_isa(void) { return EVLM_ISA; }
+
+/* The sha256 prefix of the source this library was compiled from (EVLM_SOURCE_SHA). */
+const char *evlm_source_sha(void) { return EVLM_SOURCE_SHA; }

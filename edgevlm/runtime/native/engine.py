@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgevlm.errors import BundleError
-from edgevlm.runtime.native.build import NativeUnavailable, load, loaded_isa
+from edgevlm.runtime.native.build import NativeUnavailable, load_kernel
 
 __all__ = ["NativeDecoder", "plan_reason", "SUPPORTED_PLAN_VERSION", "KV_DTYPES"]
 
@@ -243,8 +243,11 @@ class NativeDecoder:
         if reason:
             raise NativeUnavailable(reason)
         self.kv_dtype = kv_dtype
-        self.lib = load()
-        self.isa = loaded_isa(self.lib)                  # the compiled code path: "avx512-vnni" or "avx2"
+        kernel = load_kernel()
+        self.lib = kernel.lib
+        self.isa = kernel.isa                            # the code path: "avx512-vnni", "avx2" or "neon-dotprod"
+        self.build = kernel.build                        # "prebuilt" or "compiled on demand"
+        self.library = kernel.path
         self.lib.evlm_decode_step.argtypes = [ctypes.POINTER(_Model), _P, ctypes.c_int, _P]
         self.lib.evlm_decode_step.restype = ctypes.c_int
         self.lib.evlm_kv_sync.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
