@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     "instead of random weights")
     ap.add_argument("--make-checkpoint", default=None, metavar="DIR",
                     help="first write a released-format checkpoint of --model with random weights (fp16 safetensors, "
-                         "shards of 2 GB like the release) to DIR, unless DIR already has one; not timed")
+                         "shards of 2 GB like the release, a stand-in tokenizer.json) to DIR, unless DIR already has "
+                         "one; not timed")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/export_<model>.json")
     args = ap.parse_args(argv)
 
@@ -123,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         from edgevlm.model.vlm import build_model
 
         print(f"[export_full] writing a random {args.model} checkpoint to {args.make_checkpoint} ...", file=sys.stderr)
-        save_checkpoint(build_model(get_model_config(args.model), seed=0), args.make_checkpoint,
-                        dtype=torch.float16, max_shard_size="2GB")
+        from edgevlm.exporter.bundle_export import write_tokenizer
+
+        cfg = get_model_config(args.model)
+        save_checkpoint(build_model(cfg, seed=0), args.make_checkpoint, dtype=torch.float16, max_shard_size="2GB")
+        write_tokenizer(Path(args.make_checkpoint), cfg, source_dir=None)    # a stand-in BPE (no weights download)
         import gc
 
         gc.collect()
