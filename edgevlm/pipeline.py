@@ -94,6 +94,7 @@ def _export_quantized(model_name_or_cfg, out, *, target, precision, overwrite: b
     try:
         fp32 = X.export_bundle(model_name_or_cfg, scratch / "fp32", target=tgt.name, precision="fp32",
                                overwrite=False, progress=progress, check_memory=False, **kwargs)
+        X.release_memory()                     # the PyTorch model is gone: hand its pages back before quantizing
         stages.run("quantize", lambda: quantize_bundle(fp32, out, precision, target=tgt.name, overwrite=overwrite,
                                                        **options))
     finally:

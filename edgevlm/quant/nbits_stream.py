@@ -6,8 +6,9 @@ weights, and for each ``MatMul`` with a constant weight reads that weight alone 
 range: no mapping, so the file pages do not count as this process's memory), quantizes it with ORT's own node
 quantizer (``DefaultWeightOnlyQuantizer.quantize``: the same C++ kernel, node, names and attributes as
 ``MatMulNBitsQuantizer``), appends the packed weight and scales to the output's external data file and drops the
-float copy. Every other initializer is copied across the same way. Peak memory: the graph structure plus one
-weight and its quantized form. The result is byte-for-byte the graph ``MatMulNBitsQuantizer(...).process()``
+float copy. Each weight is quantized inside a scratch graph of its own (protobuf keeps the bytes of a message in its
+parent's arena until the parent is freed: data set on the big graph would accumulate). Every other initializer is
+copied across the same way. Peak memory: the graph structure plus one weight and its quantized form. The result is byte-for-byte the graph ``MatMulNBitsQuantizer(...).process()``
 writes (tests/test_nbits_stream.py compares them).
 
     >>> quantize_matmulnbits_streaming(Path("fp32/decoder.onnx"), Path("int4/decoder.onnx"), bits=4,
@@ -148,22 +149,29 @@ def quantize_matmulnbits_streaming(src: Path, dst: Path, *, bits: int, block_siz
             if node.name not in target_names:
                 new_nodes.append(node)
                 continue
+            # The weight goes into a graph of its own: protobuf keeps the bytes of every message in its parent's
+            # arena until the parent is freed, so data set on (or added to) the big graph would never be released.
             w = inits[node.input[1]]
+            scratch = onnx.GraphProto()
+            wq = scratch.initializer.add()
+            wq.CopyFrom(w)
             if w.data_location == TensorProto.EXTERNAL:          # this weight's bytes, for the quantizer only
-                w.raw_data = reader.read(w)
-                del w.external_data[:]
-                w.data_location = TensorProto.DEFAULT
-            before = len(graph.initializer)
-            out = quantizer.quantize(node, [graph])
-            added = list(graph.initializer)[before:]
+                wq.raw_data = reader.read(w)
+                del wq.external_data[:]
+                wq.data_location = TensorProto.DEFAULT
+            out = quantizer.quantize(node, [scratch])
             if len(out) == 1 and out[0] is node:                  # not quantized (e.g. not 2-D): keep it
                 new_nodes.append(node)
                 continue
-            graph.initializer.remove(w)                            # the float copy goes
+            for q in list(scratch.initializer)[1:]:               # packed weight, scales: written, then linked
+                if q.ByteSize() > _INLINE_MAX:
+                    writer.externalize(q, _raw_bytes(q))
+                graph.initializer.add().CopyFrom(q)
+            del scratch, wq
+            for vi in [v for v in graph.input if v.name == w.name]:   # (old IRs list initializers as inputs)
+                graph.input.remove(vi)
+            graph.initializer.remove(w)                            # the float weight goes (it held no data)
             del inits[w.name]
-            for t in added:
-                if t.ByteSize() > _INLINE_MAX:
-                    writer.externalize(t, _raw_bytes(t))
             new_nodes.extend(out)
             done += 1
         for t in graph.initializer:                                 # everything else, copied across
