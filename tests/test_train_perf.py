@@ -293,9 +293,13 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".edgevlm-output"}
 
 
-def test_threaded_synthetic_writer_and_image_cache_match_serial(tmp_path):
+def test_parallel_synthetic_writer_and_image_cache_match_serial(tmp_path, monkeypatch):
+    from edgevlm.train import synthetic
+
+    monkeypatch.setattr(synthetic, "MIN_PARALLEL", 0)
     one = write_dataset(tmp_path / "one", train=24, val=0, test=4, image_size=64, progress=False, workers=1)
-    four = write_dataset(tmp_path / "four", train=24, val=0, test=4, image_size=64, progress=False, workers=4)
+    # 24 samples, 2 workers: three chunks of 8 drawn by spawned processes (the test split of 4 stays serial)
+    four = write_dataset(tmp_path / "four", train=24, val=0, test=4, image_size=64, progress=False, workers=2)
     assert _tree_digest(one) == _tree_digest(four)
     paths = [r.image_path for r in load_dataset(one / "train.json")] * 3       # > 64 paths: the threaded branch
     cfg = preprocess_config(get_model_config(MODEL))

@@ -165,7 +165,7 @@ class ImageCache:
 
         from tqdm.auto import tqdm
 
-        from edgevlm.train.synthetic import default_workers
+        from edgevlm.train.synthetic import usable_cores
 
         self.cfg = cfg
         self.index: dict[str, int] = {}
@@ -176,15 +176,16 @@ class ImageCache:
                 self.index[key] = len(unique)
                 unique.append(key)
         s = cfg.image_size
-        self.canvases = torch.empty((len(unique), s, s, 3), dtype=torch.uint8)
+        # Rows are copied by numpy: torch's intra-op thread pool made each ~300 KB row copy slow on a busy machine.
+        canvases = np.empty((len(unique), s, s, 3), dtype=np.uint8)
 
         def load(i: int) -> None:
             try:
-                self.canvases[i] = torch.from_numpy(image_canvas(unique[i], cfg))
+                canvases[i] = image_canvas(unique[i], cfg)
             except ImageError as exc:
                 raise DataError(f"training image unusable: {exc}") from exc
 
-        workers = default_workers() if workers is None else max(1, workers)
+        workers = min(8, usable_cores()) if workers is None else max(1, workers)
         with tqdm(total=len(unique), desc="preprocessing images", unit="img", disable=not progress,
                   leave=False) as bar:
             if workers == 1 or len(unique) < 64:
@@ -195,6 +196,7 @@ class ImageCache:
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images") as pool:
                     for _ in pool.map(load, range(len(unique))):      # the first error is raised here
                         bar.update(1)
+        self.canvases = torch.from_numpy(canvases)                          # [N, S, S, 3] uint8, shared memory
         self.normalize = Normalizer(cfg)
 
     def __len__(self) -> int:

@@ -43,7 +43,7 @@ import shutil
 import time
 import zlib
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -448,38 +448,59 @@ def generate_samples(n: int, split: str = "train", seed: int = 0, *, start: int 
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
-def default_workers() -> int:
-    """Threads that draw and encode images: the cores this process may use, at most 8."""
+def usable_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Processes that draw and encode images: the usable cores up to 8, or 1 (this process) below 4 cores, where
+    starting processes gains little and loses to any other load (measured on a shared 2-core machine)."""
+    cores = usable_cores()
+    return min(8, cores) if cores >= 4 else 1
+
+
+#: Fewer samples than this are drawn in this process (starting worker processes costs ~0.5 s).
+MIN_PARALLEL = 256
+
+
+def _draw_and_save_range(start: int, stop: int, split: str, seed: int, folder: str, knobs: dict[str, Any]
+                         ) -> list[Sample]:
+    """Samples ``start .. stop-1``, each saved as ``folder/<image_name>`` (PNG, lossless), ``image = None``."""
+    out = []
+    for i in range(start, stop):
+        sample = make_sample(i, split, seed, **knobs)
+        sample.image.save(Path(folder) / sample.image_name, format="PNG", compress_level=1)
+        sample.image = None  # type: ignore[assignment]   # saved: keep the text, drop the pixels
+        out.append(sample)
+    return out
 
 
 def _draw_and_save(n: int, split: str, seed: int, folder: Path, workers: int, **knobs: Any) -> Iterator[Sample]:
-    """Samples ``0 .. n-1`` of ``split`` in index order, each saved as ``folder/<image_name>`` (PNG, lossless)
-    and returned with ``image = None``. With ``workers`` > 1 a thread pool draws and encodes ahead, at most
-    ``4 * workers`` samples in flight; closing the generator waits for them."""
-    def job(i: int) -> Sample:
-        sample = make_sample(i, split, seed, **knobs)
-        sample.image.save(folder / sample.image_name, format="PNG", compress_level=1)
-        sample.image = None  # type: ignore[assignment]   # saved: keep the text, drop the pixels
-        return sample
-
-    if workers <= 1 or n < 2:
-        for i in range(n):
-            yield job(i)
+    """Samples ``0 .. n-1`` of ``split`` in index order, saved and returned with ``image = None`` (see
+    ``_draw_and_save_range``). With ``workers`` > 1 and enough samples, a pool of spawned processes draws and
+    encodes chunks ahead (Pillow's PNG encoder holds the GIL, so threads would not run in parallel), at most
+    ``2 * workers`` chunks in flight; closing the generator waits for the running ones."""
+    chunk = max(8, min(64, n // (4 * max(workers, 1))))
+    if workers <= 1 or n < max(MIN_PARALLEL, 2 * chunk):
+        yield from _draw_and_save_range(0, n, split, seed, str(folder), knobs)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth") as pool:
+    import multiprocessing
+
+    # spawn, not fork: the caller may hold threads (torch's) that a forked child would inherit in a broken state.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: deque = deque()
+        starts = iter(range(0, n, chunk))
         try:
-            for i in range(n):
-                pending.append(pool.submit(job, i))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
+            for s in starts:
+                pending.append(pool.submit(_draw_and_save_range, s, min(s + chunk, n), split, seed, str(folder),
+                                           knobs))
+                if len(pending) >= 2 * workers:
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         finally:
             for f in pending:
                 f.cancel()
@@ -507,9 +528,9 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
     ``out`` and renamed into place at the end; on any error nothing is left behind. An existing ``out`` is replaced
     (with ``overwrite``) only if it is a dataset this function wrote (``edgevlm.outputs``). Returns ``out``.
 
-    Images are drawn and PNG-encoded by ``workers`` threads (default: the usable cores, at most 8; numpy and
-    Pillow's encoder release the GIL); samples are pure functions of their index, so the output does not depend
-    on ``workers``.
+    Images are drawn and PNG-encoded by ``workers`` processes (default: ``default_workers()``; splits under
+    ``MIN_PARALLEL`` samples are drawn in this process); samples are pure functions of their index, so the output
+    does not depend on ``workers``.
     """
     out = Path(out)
     workers = default_workers() if workers is None else max(1, int(workers))
