@@ -17,7 +17,9 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
           tokenizer: str | None = None, max_samples: int | None = None, eval_split: str | None = None,
           eval_samples: int | None = None, save_stage_checkpoints: bool = False,
           device: Literal["auto", "cpu", "cuda"] | None = None, overwrite: bool = False,
-          progress: bool = True) -> int:
+          shard: Literal["ddp", "fsdp"] | None = None, group_by_length: int | None = None,
+          pad_multiple: int | None = None, workers: int | None = None, profile: bool = False,
+          profile_steps: int | None = None, peak_tflops: float | None = None, progress: bool = True) -> int:
     """Train a MobileVLM with the two-stage recipe (plus a tower stage for random-init presets).
 
     Stages (presets; a recipe TOML lists them as [[stages]] tables, run in order):
@@ -39,7 +41,13 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
     on the training split. Bad data fails before anything is written.
 
     DDP: torchrun --standalone --nproc-per-node 2 -m edgevlm train ... (gloo on CPU, nccl on CUDA); the global
-    --batch-size is split across ranks; rank 0 writes.
+    --batch-size is split across ranks; rank 0 writes. FSDP2 (parameters, gradients and AdamW states sharded
+    across ranks, for models that do not fit DDP): add --shard fsdp. docs/training.md has a per-GPU memory table.
+
+    Speed: batches are grouped by length and padded to a multiple of --pad-multiple tokens (few distinct shapes);
+    DataLoader workers collate them (pinned memory on CUDA); AdamW is fused on CUDA. train_log.json reports per
+    stage the steady-state step time, tokens/s, model FLOPs per token and MFU (GPUs with a known bf16 peak);
+    --profile writes a torch.profiler trace and a top-20 operator table of a few steady-state steps.
 
     Examples:
       edgevlm train --config configs/train/demo.toml --out runs/demo
@@ -78,8 +86,21 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
         device: auto (CUDA when available), cpu or cuda.
         overwrite: reuse OUT when it holds an earlier `edgevlm train` run (its checkpoint, tokenizer and logs are
             replaced); a non-empty folder that train did not write is refused.
+        shard: under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: each rank holds 1/N of the
+            parameters, gradients and optimizer states).
+        group_by_length: sort runs of N global batches by length before cutting batches (0 = plain shuffle).
+        pad_multiple: pad each micro-batch so its LLM sequence is a multiple of this (default 64 on CUDA, 8 on CPU).
+        workers: DataLoader worker processes collating batches (default 2 on CUDA, 0 on CPU).
+        profile: write OUT/profile/<stage>.trace.json (torch.profiler, chrome trace) and .top20.txt.
+        profile_steps: steady-state steps profiled per stage.
+        peak_tflops: the GPU's dense bf16 peak, for MFU on GPUs missing from the built-in table.
         progress: show progress bars.
     """
+    import os
+
+    # Padded batches of a few lengths reuse freed blocks better with expandable segments (read at the first CUDA
+    # allocation; a value the user set wins).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from edgevlm.train.evaluate import format_result
     from edgevlm.train.recipe import train as run
 
@@ -90,15 +111,21 @@ def train(config: str | None = None, model: str | None = None, init: str | None 
                  lora_dropout=lora_dropout, train_vision_tower=train_vision_tower or None, bf16=bf16, seed=seed,
                  threads=threads, tokenizer=tokenizer, max_samples=max_samples, eval_split=eval_split,
                  eval_samples=eval_samples, save_stage_checkpoints=save_stage_checkpoints or None, device=device,
-                 overwrite=overwrite or None, progress=progress)
+                 overwrite=overwrite or None, shard=shard, group_by_length=group_by_length,
+                 pad_multiple=pad_multiple, workers=workers, profile=profile or None, profile_steps=profile_steps,
+                 peak_tflops=peak_tflops, progress=progress)
     if result.checkpoint is None:          # DDP rank > 0
         return 0
     t = result.timings
     print(f"checkpoint: {result.checkpoint}")
     print(f"train log:  {result.log_path}")
     for s in result.log["stages"]:
+        sp = s["speed"]
+        mfu = f", MFU {sp['mfu']:.1%}" if sp.get("mfu") is not None else ""
         print(f"stage {s['name']:<9} {s['steps']:>5} steps  {s['seconds']:7.1f} s  loss {s['first_loss']:.4f} -> "
-              f"{s['final_loss']:.4f}")
+              f"{s['final_loss']:.4f}  ({sp['step_s_median']:.3f} s/step, {sp['tokens_per_s']:,.0f} tokens/s{mfu})")
+        if s.get("profile"):
+            print(f"  profile: {s['profile']['trace']} , {s['profile']['top20']}")
     print(f"time: {t['total_s']:.1f} s (data {t.get('data_s', 0):.1f}, tokenizer {t.get('tokenizer_s', 0):.1f}, "
           f"train {t['train_s']:.1f}, save {t['save_s']:.1f})" + (f" + eval {t['eval_s']:.1f} s" if 'eval_s' in t
                                                                    else ""))

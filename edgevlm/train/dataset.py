@@ -140,17 +140,32 @@ class Normalizer:
         self.mean = torch.tensor(np.asarray(cfg.mean, np.float32))
         self.std = torch.tensor(np.asarray(cfg.std, np.float32))
 
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
     def __call__(self, canvases: torch.Tensor) -> torch.Tensor:
-        x = canvases.to(torch.float32) * self.scale                         # [B, S, S, 3]
-        x = (x - self.mean) / self.std
+        """On the canvases' device (the training loop normalizes on the GPU)."""
+        dev = canvases.device
+        if dev not in self._on:
+            self._on[dev] = tuple(t.to(dev) for t in (self.scale, self.mean, self.std))
+        scale, mean, std = self._on[dev]
+        x = canvases.to(torch.float32) * scale                              # [B, S, S, 3]
+        x = (x - mean) / std
         return x.permute(0, 3, 1, 2).contiguous()                           # [B, 3, S, S]
 
 
 class ImageCache:
-    """Every distinct image of a record list, decoded and resized once: ``canvases [N, S, S, 3]`` uint8."""
+    """Every distinct image of a record list, decoded and resized once: ``canvases [N, S, S, 3]`` uint8.
 
-    def __init__(self, paths: Sequence[str | Path], cfg: PreprocessConfig, progress: bool = False) -> None:
+    ``workers`` threads decode and resize (default: the usable cores, at most 8; Pillow releases the GIL while it
+    decodes and resamples); each canvas depends on its file only, so the cache does not depend on ``workers``."""
+
+    def __init__(self, paths: Sequence[str | Path], cfg: PreprocessConfig, progress: bool = False,
+                 workers: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
+
+        from edgevlm.train.synthetic import usable_cores
 
         self.cfg = cfg
         self.index: dict[str, int] = {}
@@ -161,13 +176,27 @@ class ImageCache:
                 self.index[key] = len(unique)
                 unique.append(key)
         s = cfg.image_size
-        self.canvases = torch.empty((len(unique), s, s, 3), dtype=torch.uint8)
-        for i, p in enumerate(tqdm(unique, desc="preprocessing images", unit="img", disable=not progress,
-                                   leave=False)):
+        # Rows are copied by numpy: torch's intra-op thread pool made each ~300 KB row copy slow on a busy machine.
+        canvases = np.empty((len(unique), s, s, 3), dtype=np.uint8)
+
+        def load(i: int) -> None:
             try:
-                self.canvases[i] = torch.from_numpy(image_canvas(p, cfg))
+                canvases[i] = image_canvas(unique[i], cfg)
             except ImageError as exc:
                 raise DataError(f"training image unusable: {exc}") from exc
+
+        workers = min(8, usable_cores()) if workers is None else max(1, workers)
+        with tqdm(total=len(unique), desc="preprocessing images", unit="img", disable=not progress,
+                  leave=False) as bar:
+            if workers == 1 or len(unique) < 64:
+                for i in range(len(unique)):
+                    load(i)
+                    bar.update(1)
+            else:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images") as pool:
+                    for _ in pool.map(load, range(len(unique))):      # the first error is raised here
+                        bar.update(1)
+        self.canvases = torch.from_numpy(canvases)                          # [N, S, S, 3] uint8, shared memory
         self.normalize = Normalizer(cfg)
 
     def __len__(self) -> int:
@@ -208,11 +237,19 @@ class VLMDataset(Dataset):
         return {"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels),
                 "pixel_values": self.images.pixel_values([self.image_rows[i]])[0]}
 
-    def collate(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
-        """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, ``pixel_values [B,3,S,S]``."""
+    @property
+    def lengths(self) -> list[int]:
+        """Text tokens per example (the image placeholder counted once)."""
+        return [len(e.input_ids) for e in self.examples]
+
+    def collate(self, indices: Iterable[int], pad_to: int | None = None,
+                raw_pixels: bool = False) -> dict[str, torch.Tensor]:
+        """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` ``[B, T]`` (``T`` = the longest row, or
+        ``pad_to`` when larger), ``pixel_values [B,3,S,S]`` float32, or with ``raw_pixels`` the uint8 ``canvases
+        [B,S,S,3]`` (to normalize on the training device)."""
         idx = list(indices)
         exs = [self.examples[i] for i in idx]
-        t = max(len(e.input_ids) for e in exs)
+        t = max(max(len(e.input_ids) for e in exs), pad_to or 0)
         ids = torch.full((len(exs), t), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(exs), t), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(exs), t), dtype=torch.long)
@@ -221,8 +258,10 @@ class VLMDataset(Dataset):
             ids[row, :n] = torch.tensor(e.input_ids)
             labels[row, :n] = torch.tensor(e.labels)
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "pixel_values": self.images.pixel_values([self.image_rows[i] for i in idx])}
+        rows = [self.image_rows[i] for i in idx]
+        pixels = {"canvases": self.images.canvases[rows]} if raw_pixels else \
+            {"pixel_values": self.images.pixel_values(rows)}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, **pixels}
 
 
 __all__ = ["Example", "VLMDataset", "ImageCache", "Normalizer", "encode_conversation", "encode_plain",

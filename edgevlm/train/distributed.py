@@ -10,7 +10,8 @@ The process group uses ``gloo`` on CPU and ``nccl`` on CUDA (one GPU per local r
 builds the model with the same seed; the global batch is split evenly (per-rank micro-batch = global batch /
 (world size x gradient accumulation)); ``DistributedDataParallel`` averages gradients; only rank 0 writes files,
 logs and shows a progress bar. Without ``WORLD_SIZE`` > 1 every helper here is a no-op, so the same code path runs
-single-process.
+single-process. ``--shard fsdp`` shards parameters, gradients and optimizer states instead of replicating them
+(FSDP2, ``sharding.py``); the process group and the batches are the same.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def wrap(module: torch.nn.Module, info: DistInfo, find_unused_parameters: bool =
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
+               find_unused_parameters=find_unused_parameters, broadcast_buffers=False,
+               gradient_as_bucket_view=True)    # .grad views into the all-reduce buckets: no second gradient copy
 
 
 def default_threads(info: DistInfo) -> int:

@@ -31,18 +31,28 @@ clipping (1.0), a separate learning rate for the projector (V2's ``mm_projector_
 CPU/GPU supports it *and* it is measurably faster (``bf16 = "auto"``), optional LoRA on the LLM's linear layers
 (``lora_r > 0``; merged into the weights at the end of the stage, so checkpoints keep MobileVLM's format). The loss
 is the sum of token cross-entropies over the *global* batch divided by its number of supervised tokens, so
-gradient accumulation and DDP (any world size) give the same update as one big batch.
+gradient accumulation, DDP and FSDP (any world size) give the same update as one big batch. Precision: the weights
+are fp32 masters (as are gradients and AdamW's moments); bf16 autocast only casts what each op reads; AdamW is
+fused on CUDA, foreach elsewhere.
+
+Speed (docs/training.md): global batches grouped by length and micro-batches padded to a few bucketed lengths
+(``batching.py``), collated by DataLoader workers into pinned memory and normalized on the device, a mask-free
+causal forward for right-padded batches (SDPA's flash kernel), FSDP2 under torchrun with ``shard = "fsdp"``
+(``sharding.py``). ``train_log.json`` reports per stage the warm-up and steady-state step times, tokens/s, model
+FLOPs per token and MFU (``perf.py``, ``flops.py``); ``profile = true`` writes a torch.profiler trace.
 
 Outputs in ``out``: ``checkpoint/`` (MobileVLM HF format with the tokenizer), ``tokenizer/``, ``train_log.json``
-(config, environment, per-step loss / lr / elapsed, per-stage summaries, final evaluation), ``eval.json``
-(predictions), and ``data/`` when the synthetic set was generated. Data, tokenizer and images are validated before
+(config, environment, per-step loss / lr / tokens / step time, per-stage summaries with speed, final evaluation),
+``eval.json`` (predictions), ``profile/`` with ``profile = true``, and ``data/`` when the synthetic set was
+generated. Data, tokenizer and images are validated before
 anything is written: bad data raises ``DataError`` and leaves no output directory behind.
 
     >>> from edgevlm.train.recipe import train
     >>> result = train("configs/train/demo.toml", out="runs/demo")          # flags as keyword overrides
     >>> result.checkpoint, result.eval["accuracy"], result.timings["train_s"]
 
-Command line: ``edgevlm train --config configs/train/demo.toml --out runs/demo``; DDP: see ``distributed.py``.
+Command line: ``edgevlm train --config configs/train/demo.toml --out runs/demo``; DDP: see ``distributed.py``;
+FSDP: ``sharding.py``.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ import warnings
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +220,15 @@ class TrainConfig:
     save_stage_checkpoints: bool = False
     device: str = "auto"
     progress: bool = True
+    # -- speed (batching.py, perf.py, sharding.py)
+    shard: str = "ddp"                        # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
+    group_by_length: int = 8                  # sort runs of N global batches by length (0 = plain shuffle)
+    pad_multiple: int | None = None           # LLM sequence padded to a multiple of this; None = 64 CUDA, 8 CPU
+    workers: int | None = None                # DataLoader worker processes; None = 2 on CUDA, 0 on CPU
+    timing_warmup_steps: int = 5              # steps per stage left out of the steady-state speed figures
+    peak_tflops: float | None = None          # dense bf16 peak per GPU for MFU (None = the table in flops.py)
+    profile: bool = False                     # torch.profiler trace of a few steady-state steps per stage
+    profile_steps: int = 3
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, StageConfig) else StageConfig.from_dict(s) for s in self.stages]
@@ -235,6 +254,14 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
+        from edgevlm.train.sharding import check_mode
+
+        check_mode(self.shard)
+        if self.group_by_length < 0 or (self.pad_multiple is not None and self.pad_multiple < 1) or \
+                (self.workers is not None and self.workers < 0) or self.timing_warmup_steps < 0 or \
+                self.profile_steps < 1 or (self.peak_tflops is not None and self.peak_tflops <= 0):
+            raise ConfigError("group_by_length, workers and timing_warmup_steps must be >= 0; pad_multiple and "
+                              "profile_steps >= 1; peak_tflops > 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -496,11 +523,15 @@ class LossModule(nn.Module):
         return p
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+                labels: torch.Tensor, prefix: int | None = None, right_padded: bool = False) -> torch.Tensor:
+        """Summed cross-entropy. ``prefix``: the shared prefix length when the caller computed it on the host
+        (``shared_prefix_length`` on the CPU copy of the batch: no device sync); ``right_padded``: every row's
+        padding is at its end, so the LLM runs with a plain causal mask (real tokens never attend to the padding
+        after them; padded positions carry no loss) and SDPA can take its flash kernel."""
         vlm = self.vlm
         llama = vlm.llm.model
         image_embeds = vlm.encode_images(pixel_values)                          # [B, V, D]
-        p = self.shared_prefix_length(input_ids, attention_mask, labels)
+        p = self.shared_prefix_length(input_ids, attention_mask, labels) if prefix is None else prefix
         if p:
             from transformers import DynamicCache
 
@@ -515,12 +546,12 @@ class LossModule(nn.Module):
             for i, layer in enumerate(cache.layers):                           # keys/values [1, H, p, hd]
                 shared.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), i)
             s = vlm.splice(input_ids[:, p:], image_embeds, attention_mask[:, p:], labels[:, p:])
-            mask = torch.cat([s.attention_mask.new_ones((b, p)), s.attention_mask], dim=1)
+            mask = None if right_padded else torch.cat([s.attention_mask.new_ones((b, p)), s.attention_mask], dim=1)
             hidden = llama(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=s.position_ids + p,
                            **with_cache(shared), use_cache=True).last_hidden_state   # [B, T' - p, D]
         else:
             s = vlm.splice(input_ids, image_embeds, attention_mask, labels)
-            hidden = llama(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+            hidden = llama(inputs_embeds=s.inputs_embeds, attention_mask=None if right_padded else s.attention_mask,
                            position_ids=s.position_ids, use_cache=False).last_hidden_state   # [B, T', D]
         targets = s.labels[:, 1:]                                               # [B, T'-1]
         sel = targets != IGNORE_INDEX
@@ -556,7 +587,15 @@ def build_optimizer(model: Any, stage: StageConfig, cfg: TrainConfig, projector:
         lr = (stage.projector_lr or stage.lr) if is_proj else stage.lr
         param_groups.append({"params": ps, "lr": lr, "weight_decay": wd if decay else 0.0,
                              "name": ("projector" if is_proj else "main") + ("" if decay else "_no_decay")})
-    return torch.optim.AdamW(param_groups, lr=stage.lr, betas=cfg.betas, eps=cfg.adam_eps, foreach=True)
+    return torch.optim.AdamW(param_groups, lr=stage.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                             **optimizer_kernel(param_groups))
+
+
+def optimizer_kernel(param_groups: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    """AdamW's implementation: ``fused`` (one kernel for all parameters) when every parameter is on a CUDA device,
+    ``foreach`` (batched per-op kernels) elsewhere. Both give the plain AdamW update on fp32 master weights."""
+    devices = {p.device.type for g in param_groups for p in g["params"]}
+    return {"fused": True} if devices == {"cuda"} else {"foreach": True}
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
@@ -602,55 +641,40 @@ def _out_is_free(out: Path, overwrite: bool) -> None:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
-def _batches(n: int, micro: int, accum: int, info: ddp.DistInfo, seed: int) -> tuple[int, Iterator]:
-    """(optimizer steps per epoch, endless iterator of (epoch, [micro-batch index lists])). Uses
-    ``DistributedSampler`` (shuffled with ``seed + epoch``, last partial batch dropped); rank r gets every
-    W-th index of the epoch's permutation, so the union over ranks of a step is the single-process global batch."""
-    from torch.utils.data import DistributedSampler
-
-    class _Len:
-        def __len__(self) -> int:
-            return n
-
-    sampler = DistributedSampler(_Len(), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    per_epoch = len(sampler) // (micro * accum)
-
-    def it() -> Iterator:
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            idx = list(sampler)
-            for s in range(per_epoch):
-                base = s * accum * micro
-                yield epoch, [idx[base + k * micro: base + (k + 1) * micro] for k in range(accum)]
-            epoch += 1
-    return per_epoch, it()
-
-
-def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, dataset: Any, info: ddp.DistInfo,
-               use_bf16: bool, t_start: float, step_log: list[dict[str, Any]], global_step: int) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+def _stage_module(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, dataset: Any, info: ddp.DistInfo
+                  ) -> tuple[nn.Module, Any, dict[str, Any], tuple[str, ...]]:
+    """(the stage's loss module over ``model``, its LoRA handle or None, parameter report, trained parts)."""
     parts = tuple(stage.train) + (("vision",) if cfg.train_vision_tower and "vision" not in stage.train else ())
     set_trainable(model, parts)
     lora = None
     if stage.lora_r:
         torch.manual_seed(cfg.seed + 7919 * (si + 1))
         lora = add_lora(model, stage)        # the base LLM weights freeze; only the adapters train
-    report = parameter_report(model)
+    report: dict[str, Any] = parameter_report(model)
     if lora is not None:
         report["llm"]["lora_adapters"] = sum(p.numel() for n, p in model.llm.named_parameters()
                                              if p.requires_grad and "lora_" in n)
-    labels_stage = stage.template == LABELS_TEMPLATE
-    if labels_stage:                          # tower pre-training: heads built (seeded) before the optimizer
+    if stage.template == LABELS_TEMPLATE:     # tower pre-training: heads built (seeded) before the optimizer
         torch.manual_seed(cfg.seed + 7919 * (si + 1))
-        module: nn.Module = TowerLoss(model, dataset.labels).to(info.device)
+        heads_dev = torch.device("cpu") if cfg.shard == "fsdp" and info.enabled else info.device
+        module: nn.Module = TowerLoss(model, dataset.labels).to(heads_dev)
         report["heads"] = {"trainable": sum(p.numel() for p in module.heads.parameters()),
                            "total": sum(p.numel() for p in module.heads.parameters())}
     else:
         module = LossModule(model)
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    return module, lora, report, parts
+
+
+def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, dataset: Any, info: ddp.DistInfo,
+               use_bf16: bool, t_start: float, step_log: list[dict[str, Any]], global_step: int,
+               out: Path) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from edgevlm.train import batching, perf, sharding
+    from edgevlm.train.flops import FlopModel, peak_tflops
+
+    module, lora, report, parts = _stage_module(si, stage, cfg, model, dataset, info)
+    labels_stage = stage.template == LABELS_TEMPLATE
     if info.is_main:
         desc = ", ".join(f"{k} {v['trainable']:,}/{v['total']:,}" for k, v in report.items())
         log.info("stage %d/%d '%s' (%s template): trainable parameters %s%s", si + 1, len(cfg.stages), stage.name,
@@ -660,38 +684,78 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
     if batch % (world * accum):
         raise ConfigError(f"stage '{stage.name}': batch_size {batch} is not divisible by world size {world} x "
                           f"grad_accum {accum}; choose a multiple of {world * accum}")
-    micro = batch // (world * accum)
-    per_epoch, batches = _batches(len(dataset), micro, accum, info, cfg.seed + 1000 * si)
+    sampler = batching.GlobalBatches(len(dataset), batch, world, info.rank, accum, cfg.seed + 1000 * si,
+                                     lengths=getattr(dataset, "lengths", None), group_by_length=cfg.group_by_length)
+    micro, per_epoch = sampler.micro, sampler.per_epoch
     if per_epoch == 0:
         raise ConfigError(f"stage '{stage.name}': the global batch ({batch}) is larger than the training set "
                           f"({len(dataset)} examples); lower batch_size")
     total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
-    opt = build_optimizer(module, stage, cfg, projector=model.mm_projector)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, stage.warmup, stage.min_lr_ratio))
-    wrapped = ddp.wrap(module, info)
-    model.train()
     dev = info.device
+    cuda = dev.type == "cuda"
+    fsdp = cfg.shard == "fsdp" and info.enabled
+    if fsdp:                                  # a sharded copy trains; `module` keeps the plain weights (rank 0)
+        if isinstance(module, LossModule):
+            # The shared prefix's keys/values reach the main pass through the KV cache, not through a decoder
+            # layer's output, so FSDP2 would not re-gather a layer's weights for the prefix's backward.
+            module.share_prefix = False
+        trained = sharding.shard_copy(module, info, bf16=use_bf16)
+        wrapped = trained
+    else:
+        trained = module
+        wrapped = ddp.wrap(module, info)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
+    opt = build_optimizer(trained, stage, cfg, projector=trained.vlm.mm_projector)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, stage.warmup, stage.min_lr_ratio))
+    # -- data: collated off the training thread (workers), pinned, copied asynchronously, normalized on device
+    visual = model.cfg.visual_tokens
+    pad_multiple = cfg.pad_multiple or (64 if cuda else 8)
+    workers = cfg.workers if cfg.workers is not None else (2 if cuda else 0)
+    loader = batching.make_loader(dataset, sampler, workers=workers, pin_memory=cuda, pad_multiple=pad_multiple,
+                                  extra=visual - 1)
+    batches = iter(loader)
+    normalize = dataset.images.normalize
+    # -- speed accounting
+    heads = sum(len(a) for a in dataset.labels.answers.values()) if labels_stage else 0
+    fm = FlopModel.for_stage(model.cfg, parts, lora_params=report["llm"].get("lora_adapters", 0),
+                             head_outputs=heads)
+    peak, peak_source = peak_tflops(torch.cuda.get_device_name(dev) if cuda else None, cfg.peak_tflops)
+    prof = None
+    if cfg.profile and info.is_main:
+        start = min(cfg.timing_warmup_steps, max(total - cfg.profile_steps, 0))
+        prof = perf.StepProfiler(out / "profile", f"{si + 1}-{stage.name}", start,
+                                 min(cfg.profile_steps, total - start), cuda)
+    trained.train()
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     bar = tqdm(total=total, desc=f"stage {si + 1}/{len(cfg.stages)} {stage.name}", unit="step",
                disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
     t0 = time.perf_counter()
     losses: list[float] = []
+    speed: dict[str, list] = {"step_s": [], "tokens": [], "supervised": [], "samples": [], "flops": [], "shapes": []}
     samples = 0
     epoch = 0
     for step in range(total):
-        epoch, groups = next(batches)
-        mbs = [{k: v.to(dev) for k, v in dataset.collate(g).items()} for g in groups]
-        n_tok = torch.tensor([float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in mbs))], device=dev)
-        # (labels stage: the count of labelled answers, so the loss is the mean cross-entropy per answer)
-        n_tok = ddp.all_reduce_sum(n_tok, info)
-        denom = max(float(n_tok.item()), 1.0)
+        t_step = time.perf_counter()
+        epoch = step // per_epoch
+        host = [next(batches) for _ in range(accum)]                # this rank's micro-batches, on the host
+        counts = [batching.batch_counts(mb, visual, IGNORE_INDEX) for mb in host]
+        prefixes = [0 if labels_stage else module.shared_prefix_length(mb["input_ids"], mb["attention_mask"],
+                                                                       mb["labels"]) for mb in host]
+        flops = sum(fm.step_flops(c["rows"], c["supervised"], c["images"], p) for c, p in zip(counts, prefixes))
+        mbs = [batching.to_device(mb, dev, normalize) for mb in host]
+        # (labels stage: `supervised` counts labelled answers, so the loss is the mean cross-entropy per answer)
+        sums = [float(sum(c["supervised"] for c in counts)), float(sum(sum(c["rows"]) for c in counts)), flops]
+        if info.enabled:                      # the global batch's counts (single process: no device round trip)
+            sums = ddp.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=dev), info).tolist()
+        n_sup, n_tokens, step_flops = sums
+        denom = max(n_sup, 1.0)
         loss_sum = torch.zeros(1, device=dev)
         for k, mb in enumerate(mbs):
-            sync = contextlib.nullcontext() if (k == len(mbs) - 1 or not info.enabled) else wrapped.no_sync()
-            with sync:
+            with sharding.no_sync(wrapped, info, last=k == len(mbs) - 1):
                 with autocast():
                     ce = wrapped(mb["pixel_values"], mb["labels"]) if labels_stage else \
-                        wrapped(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], mb["labels"])
+                        wrapped(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], mb["labels"],
+                                prefix=prefixes[k], right_padded=True)
                 (ce * (world / denom)).backward()
             loss_sum += ce.detach().float()
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -699,36 +763,47 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss = float(ddp.all_reduce_sum(loss_sum, info).item()) / denom
+        step_s = time.perf_counter() - t_step
         if not math.isfinite(loss):
             raise TrainingError(f"stage '{stage.name}' step {step}: the loss is {loss}; lower the learning rate "
                                 f"(now {stage.lr:g}) or turn bf16 off")
+        if prof is not None:
+            prof.step()
         losses.append(loss)
         samples += batch
+        for key, value in (("step_s", step_s), ("tokens", n_tokens), ("supervised", n_sup), ("samples", batch),
+                           ("flops", step_flops), ("shapes", tuple(c["shape"] for c in counts))):
+            speed[key].append(value)
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
         lr_main = lrs.get("main", lrs.get("main_no_decay", next(iter(lrs.values()))))
         lr_proj = lrs.get("projector", lrs.get("projector_no_decay"))
         entry = {"step": global_step + step + 1, "stage": stage.name, "stage_step": step + 1, "epoch": epoch,
                  "loss": round(loss, 6), "lr": lr_main, "elapsed_s": round(time.perf_counter() - t_start, 3),
-                 "tokens": int(n_tok.item())}
+                 "tokens": int(n_sup), "llm_tokens": int(n_tokens), "step_s": round(step_s, 5)}
         if lr_proj is not None and lr_proj != lr_main:
             entry["projector_lr"] = lr_proj
         if gnorm is not None:
-            entry["grad_norm"] = round(float(gnorm), 5)
+            entry["grad_norm"] = round(sharding.local_float(gnorm), 5)
         step_log.append(entry)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_main:.2e}", refresh=False)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
-    if lora is not None:
-        merge_lora(model, lora)
+    profiled = prof.close() if prof is not None else None
+    del batches, loader                       # stops the DataLoader workers
     head_acc = None
     if labels_stage:                          # what the tower learned, read by its heads (training examples)
-        model.eval()
+        trained.eval()
         rows = list(range(min(len(dataset), 512)))
         mb = {k: v.to(dev) for k, v in dataset.collate(rows).items()}
-        with autocast():
-            head_acc = module.accuracy(mb["pixel_values"], mb["labels"])
-    del wrapped, module
+        with autocast(), sharding.unsharded(trained):
+            head_acc = trained.accuracy(mb["pixel_values"], mb["labels"])
+    if fsdp:
+        sharding.gather_into(trained, module, info)          # rank 0's plain model gets the trained weights
+    if lora is not None:
+        merge_lora(model, lora)
+    opt_kind = "fused" if opt.defaults.get("fused") else "foreach"
+    del wrapped, trained, module, opt
     tail = losses[-max(1, min(20, len(losses) // 5)):]
     summary = {"name": stage.name, "train": list(parts), "template": stage.template, "steps": total,
                "epochs": round(total / per_epoch, 3), "steps_per_epoch": per_epoch, "examples": len(dataset),
@@ -736,12 +811,24 @@ def _run_stage(si: int, stage: StageConfig, cfg: TrainConfig, model: Any, datase
                "lora_r": stage.lora_r, "parameters": report, "seconds": round(seconds, 2),
                "samples_per_s": round(samples / max(seconds, 1e-9), 1), "first_loss": losses[0],
                "final_loss": sum(tail) / len(tail), "micro_batch": micro, "grad_accum": accum,
-               "global_batch": batch, "dataset": dataset.stats}
+               "global_batch": batch, "dataset": dataset.stats,
+               "speed": perf.stage_throughput(speed["step_s"], speed["tokens"], speed["supervised"],
+                                              speed["samples"], speed["flops"], cfg.timing_warmup_steps, peak,
+                                              peak_source, world, speed["shapes"]),
+               "execution": {"parallel": ("fsdp" if fsdp else "ddp") if info.enabled else "single",
+                             "optimizer": f"AdamW ({opt_kind})",
+                             "pad_multiple": pad_multiple, "group_by_length": cfg.group_by_length,
+                             "loader_workers": workers, "pin_memory": cuda}}
+    if profiled:
+        summary["profile"] = profiled
     if head_acc is not None:
         summary["head_accuracy_train"] = {k: round(v, 4) for k, v in head_acc.items()}
     if info.is_main:
-        log.info("stage '%s' done: %d steps in %.1f s (%.0f samples/s), loss %.4f -> %.4f%s", stage.name, total,
-                 seconds, summary["samples_per_s"], summary["first_loss"], summary["final_loss"],
+        sp = summary["speed"]
+        log.info("stage '%s' done: %d steps in %.1f s (%.0f samples/s), loss %.4f -> %.4f; steady state %.3f s/step, "
+                 "%.0f tokens/s%s%s", stage.name, total, seconds, summary["samples_per_s"], summary["first_loss"],
+                 summary["final_loss"], sp["step_s_median"], sp["tokens_per_s"],
+                 f", MFU {sp['mfu']:.1%}" if sp["mfu"] is not None else "",
                  "" if head_acc is None else "; head accuracy (train) " +
                  ", ".join(f"{k} {v:.1%}" for k, v in head_acc.items()))
     return summary
@@ -899,7 +986,10 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
         model, model_cfg = load_checkpoint(cfg.init)
     else:
         model = build_model(model_cfg, seed=cfg.seed)
-    model.to(info.device)
+    fsdp = cfg.shard == "fsdp" and info.enabled
+    if cfg.shard == "fsdp" and not info.enabled and info.is_main:
+        log.warning("shard = 'fsdp' needs several processes (torchrun --nproc-per-node N); training in one process")
+    model.to("cpu" if fsdp else info.device)  # FSDP: the plain model stays on the host, shards go to the device
     use_bf16, bf16_reason = resolve_bf16(cfg.bf16, info.device, model_cfg.llm.hidden_size,
                                          model_cfg.llm.intermediate_size)
     if info.enabled:   # every rank must take the same decision
@@ -927,7 +1017,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
                  "eval_records": len(eval_records) if eval_records else 0,
                  "templates": {k: v.stats for k, v in datasets.items()}},
         "tokenizer": {"origin": tok_origin, "vocab_size": tokenizer.get_vocab_size()},
-        "precision": {"bf16": use_bf16, "reason": bf16_reason},
+        "precision": {"bf16": use_bf16, "reason": bf16_reason, "master_weights": "float32",
+                      "autocast": "bfloat16" if use_bf16 else None,
+                      "fsdp_param_dtype": "bfloat16" if fsdp and use_bf16 and info.device.type == "cuda" else None},
         "stages": [], "steps": [], "eval": None, "timings": timings,
     }
     log_path = out / "train_log.json"
@@ -941,7 +1033,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     global_step = 0
     for si, stage in enumerate(cfg.stages):
         summary = _run_stage(si, stage, cfg, model, datasets[stage.template], info, use_bf16, t_start,
-                             run_log["steps"], global_step)
+                             run_log["steps"], global_step, out)
         global_step += summary["steps"]
         run_log["stages"].append(summary)
         if info.is_main:
@@ -964,6 +1056,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainResult:
     # -- evaluation (rank 0, outside total_s)
     result_eval = None
     if eval_records and info.is_main:
+        model.to(info.device)                 # (FSDP kept it on the host)
         t = time.perf_counter()
         result_eval = evaluate_records(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
                                        max_new_tokens=cfg.eval_max_new_tokens, images=eval_images,

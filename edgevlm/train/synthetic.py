@@ -35,12 +35,15 @@ A sample depends only on its split, index, seed and the knobs, never on how many
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -290,9 +293,11 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, float, Image.
     base = np.asarray(BACKGROUNDS[name], np.float32)
     half = (size + 1) // 2                                                      # 2x2-pixel grey grain: hue stays
     noise = rng.normal(0.0, std, (half, half, 1)).astype(np.float32)           # put and PNGs stay small (~5 KB)
-    noise = noise.repeat(2, axis=0).repeat(2, axis=1)[:size, :size]
-    arr = np.clip(base + noise, 0, 255).astype(np.uint8)                       # [S, S, 3]
-    return name, std, Image.fromarray(arr, "RGB")
+    # Coloured at grain resolution, then each grain cell repeated 2x2 (the same pixels as repeating the noise
+    # first, with a quarter of the float work).
+    cell = np.clip(base + noise, 0, 255).astype(np.uint8)                      # [S/2, S/2, 3]
+    arr = np.broadcast_to(cell[:, None, :, None], (half, 2, half, 2, 3)).reshape(2 * half, 2 * half, 3)
+    return name, std, Image.fromarray(np.ascontiguousarray(arr[:size, :size]), "RGB")   # [S, S, 3]
 
 
 def _place(rng: np.random.Generator, kind: str, color: str, size_name: str, position: str,
@@ -443,6 +448,64 @@ def generate_samples(n: int, split: str = "train", seed: int = 0, *, start: int 
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Processes that draw and encode images: the usable cores up to 8, or 1 (this process) below 4 cores, where
+    starting processes gains little and loses to any other load (measured on a shared 2-core machine)."""
+    cores = usable_cores()
+    return min(8, cores) if cores >= 4 else 1
+
+
+#: Fewer samples than this are drawn in this process (starting worker processes costs ~0.5 s).
+MIN_PARALLEL = 256
+
+
+def _draw_and_save_range(start: int, stop: int, split: str, seed: int, folder: str, knobs: dict[str, Any]
+                         ) -> list[Sample]:
+    """Samples ``start .. stop-1``, each saved as ``folder/<image_name>`` (PNG, lossless), ``image = None``."""
+    out = []
+    for i in range(start, stop):
+        sample = make_sample(i, split, seed, **knobs)
+        sample.image.save(Path(folder) / sample.image_name, format="PNG", compress_level=1)
+        sample.image = None  # type: ignore[assignment]   # saved: keep the text, drop the pixels
+        out.append(sample)
+    return out
+
+
+def _draw_and_save(n: int, split: str, seed: int, folder: Path, workers: int, **knobs: Any) -> Iterator[Sample]:
+    """Samples ``0 .. n-1`` of ``split`` in index order, saved and returned with ``image = None`` (see
+    ``_draw_and_save_range``). With ``workers`` > 1 and enough samples, a pool of spawned processes draws and
+    encodes chunks ahead (Pillow's PNG encoder holds the GIL, so threads would not run in parallel), at most
+    ``2 * workers`` chunks in flight; closing the generator waits for the running ones."""
+    chunk = max(8, min(64, n // (4 * max(workers, 1))))
+    if workers <= 1 or n < max(MIN_PARALLEL, 2 * chunk):
+        yield from _draw_and_save_range(0, n, split, seed, str(folder), knobs)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the caller may hold threads (torch's) that a forked child would inherit in a broken state.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        starts = iter(range(0, n, chunk))
+        try:
+            for s in starts:
+                pending.append(pool.submit(_draw_and_save_range, s, min(s + chunk, n), split, seed, str(folder),
+                                           knobs))
+                if len(pending) >= 2 * workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def _check_sizes(splits: dict[str, int]) -> None:
     for name, n in splits.items():
         if not isinstance(n, int) or n < 0:
@@ -454,7 +517,8 @@ def _check_sizes(splits: dict[str, int]) -> None:
 def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: int = DEFAULT_SPLITS["val"],
                   test: int = DEFAULT_SPLITS["test"], seed: int = 0, *, image_size: int = DEFAULT_IMAGE_SIZE,
                   grid: int = DEFAULT_GRID, glyphs: bool = False, multi_turn: bool = False,
-                  tokenizer_vocab: int | None = None, overwrite: bool = False, progress: bool | None = None) -> Path:
+                  tokenizer_vocab: int | None = None, overwrite: bool = False, progress: bool | None = None,
+                  workers: int | None = None) -> Path:
     """Write the dataset in LLaVA format, atomically.
 
     Layout: ``out/images/{split}_{i:06d}.png``, ``out/{split}.json`` (one list per split, empty splits skipped),
@@ -463,8 +527,13 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
     image, so exact match is reported per question type). Everything is built in a temporary directory beside
     ``out`` and renamed into place at the end; on any error nothing is left behind. An existing ``out`` is replaced
     (with ``overwrite``) only if it is a dataset this function wrote (``edgevlm.outputs``). Returns ``out``.
+
+    Images are drawn and PNG-encoded by ``workers`` processes (default: ``default_workers()``; splits under
+    ``MIN_PARALLEL`` samples are drawn in this process); samples are pure functions of their index, so the output
+    does not depend on ``workers``.
     """
     out = Path(out)
+    workers = default_workers() if workers is None else max(1, int(workers))
     splits = {"train": train, "val": val, "test": test}
     _check_sizes(splits)
     if image_size < 32:
@@ -487,15 +556,15 @@ def write_dataset(out: str | Path, train: int = DEFAULT_SPLITS["train"], val: in
                 if n == 0:
                     continue
                 records, counts = [], Counter()
-                for sample in iter_samples(n, split, seed, multi_turn=multi_turn and split == "train", **knobs):
-                    rel = f"images/{sample.image_name}"
-                    sample.image.save(tmp / rel, format="PNG", compress_level=1)
-                    records.append(sample.to_llava(rel))
-                    counts.update((q.question_type, q.answer) for q in sample.qa)
-                    if split == "train" and tokenizer_vocab:
-                        sample.image = None  # type: ignore[assignment]   # keep the text, drop the pixels
-                        text_only.append(sample)
-                    bar.update(1)
+                drawn = _draw_and_save(n, split, seed, tmp / "images", workers,
+                                       multi_turn=multi_turn and split == "train", **knobs)
+                with contextlib.closing(drawn):           # on an error, pending writes end before the cleanup
+                    for sample in drawn:                  # in index order; sample.image is None (saved)
+                        records.append(sample.to_llava(f"images/{sample.image_name}"))
+                        counts.update((q.question_type, q.answer) for q in sample.qa)
+                        if split == "train" and tokenizer_vocab:
+                            text_only.append(sample)
+                        bar.update(1)
                 (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
                 per_type: dict[str, dict[str, int]] = {}
                 for (qt, ans), c in sorted(counts.items()):

@@ -142,10 +142,14 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.image_rows)
 
-    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: Sequence[int], raw_pixels: bool = False) -> dict[str, torch.Tensor]:
+        """``pixel_values [B, 3, S, S]`` float32 (or with ``raw_pixels`` the uint8 ``canvases [B, S, S, 3]``) and
+        ``labels [B, T]``."""
         idx = list(indices)
-        return {"pixel_values": self.images.pixel_values([self.image_rows[i] for i in idx]),
-                "labels": self.labels.matrix[idx]}
+        rows = [self.image_rows[i] for i in idx]
+        pixels = {"canvases": self.images.canvases[rows]} if raw_pixels else \
+            {"pixel_values": self.images.pixel_values(rows)}
+        return {**pixels, "labels": self.labels.matrix[idx]}
 
 
 __all__ = ["AttributeLabels", "AttributeHeads", "TowerLoss", "LabelledImages", "LABELS_TEMPLATE",
