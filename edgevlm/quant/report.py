@@ -105,22 +105,6 @@ def _sequence(dec: Any, embeds: np.ndarray, ctx: Any, tokens: Sequence[int] | No
     return logits, fed
 
 
-def _lockstep(ref: Any, cand: Any, ref_embeds: np.ndarray, cand_embeds: np.ndarray,
-              ref_ctx: Any, cand_ctx: Any, teacher: list[int] | None, steps: int,
-              stats: ErrorStats, eos_id: int | None, ref_run: tuple[list, list[int]] | None = None
-              ) -> tuple[list[int], tuple[list, list[int]]]:
-    """Both decoders (they may be one object: each request is run to its end before the next) over the same tokens
-    (``teacher``, or the reference's greedy ones) for up to ``steps`` decode steps; every position's logits go into
-    ``stats``. Returns the tokens fed and the reference's run, which a second call over the same reference inputs
-    passes as ``ref_run`` instead of running the fp32 decoder again."""
-    n_steps = steps if teacher is None else min(steps, len(teacher) - 1)
-    ref_logits, fed = ref_run if ref_run is not None else _sequence(ref, ref_embeds, ref_ctx, teacher, n_steps, eos_id)
-    cand_logits, _ = _sequence(cand, cand_embeds, cand_ctx, fed, len(fed), eos_id)
-    for a, b in zip(ref_logits, cand_logits):
-        stats.add(a, b, top1=True)
-    return fed, (ref_logits, fed)
-
-
 def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_decoder: Path, vision: Path,
                    decoder: Path, decode_steps: int = 4, threads: int | None = None,
                    ref_embed_table: np.ndarray | None = None, emulate_qdq: bool = False) -> dict[str, Any]:
@@ -139,34 +123,57 @@ def heldout_errors(ctx: Any, items: Sequence[Any], *, fp32_vision: Path, fp32_de
     t0 = time.perf_counter()
     ref_ctx = dataclasses.replace(ctx, embed_table=ref_embed_table) if ref_embed_table is not None else ctx
     same_vision = Path(fp32_vision) == Path(vision)
-    same_decoder = Path(fp32_decoder) == Path(decoder)
+    vstats, dstats, estats = ErrorStats(), ErrorStats(), ErrorStats()
+    # In three passes, so only one decoder's weights are in memory at a time (mobilevlm-1.7b: the fp32 decoder
+    # alone is 5.6 GB in ONNX Runtime): vision (both graphs), then the fp32 decoder over every item (logits kept:
+    # a few [vocab] rows per item), then the quantized decoder fed the same tokens.
     v_ref = ort_session(fp32_vision, threads)
     v_q = v_ref if same_vision else ort_session(vision, threads, emulate_qdq=emulate_qdq)
-    # decoders through the decoder interface (an unquantized decoder is one decoder, run for both sides in turn)
-    longest = max(len(ctx.prompt_ids(it.question)) for it in items) + ctx.visual_tokens
-    answer = max((len(ctx.continuation_ids(it.question, it.answer)) for it in items if it.answer is not None),
-                 default=0)
-    capacity = longest + max(int(decode_steps), answer) + 1
-    d_ref = graph_decoder(fp32_decoder, threads, max_context=capacity)
-    d_q = d_ref if same_decoder else graph_decoder(decoder, threads, emulate_qdq=emulate_qdq, max_context=capacity)
     vin = v_ref.get_inputs()[0].name
-    vstats, dstats, estats = ErrorStats(), ErrorStats(), ErrorStats()
-    # decode steps in the report: the whole teacher-forced answer (short) or ``decode_steps`` greedy tokens
-    steps = max(1, int(decode_steps))
+    images = []
     for item in items:
         px = ctx.pixel_values(item.image)
         img_ref = np.asarray(v_ref.run(None, {vin: px})[0], np.float32)
         img_q = img_ref if same_vision else np.asarray(v_q.run(None, {vin: px})[0], np.float32)
         vstats.add(img_ref, img_q)
-        ids = ctx.prompt_ids(item.question)
-        teacher = list(ctx.continuation_ids(item.question, item.answer)) if item.answer is not None else None
-        n = max(steps, len(teacher) - 1) if teacher is not None else steps
-        fed, ref_run = _lockstep(d_ref, d_q, ref_ctx.splice(ids, img_ref), ctx.splice(ids, img_ref), ref_ctx, ctx,
-                                 teacher, n, dstats, ctx.eos_id)
-        tokens = teacher if teacher is not None else fed + [ctx.eos_id or 0]
-        # the fp32 side of the end-to-end check has the same inputs as above when teacher-forced: reuse its run
-        _lockstep(d_ref, d_q, ref_ctx.splice(ids, img_ref), ctx.splice(ids, img_q), ref_ctx, ctx, tokens,
-                  n, estats, ctx.eos_id, ref_run=ref_run if teacher is not None else None)
+        images.append((img_ref, img_q))
+    del v_ref, v_q
+    longest = max(len(ctx.prompt_ids(it.question)) for it in items) + ctx.visual_tokens
+    answer = max((len(ctx.continuation_ids(it.question, it.answer)) for it in items if it.answer is not None),
+                 default=0)
+    capacity = longest + max(int(decode_steps), answer) + 1
+    # decode steps in the report: the whole teacher-forced answer (short) or ``decode_steps`` greedy tokens
+    steps = max(1, int(decode_steps))
+    plans = []                                   # per item: prompt ids, the two reference runs
+    d_ref = graph_decoder(fp32_decoder, threads, max_context=capacity)
+    try:
+        for item, (img_ref, _) in zip(items, images):
+            ids = ctx.prompt_ids(item.question)
+            teacher = list(ctx.continuation_ids(item.question, item.answer)) if item.answer is not None else None
+            n = max(steps, len(teacher) - 1) if teacher is not None else steps
+            embeds = ref_ctx.splice(ids, img_ref)
+            decoder_run = _sequence(d_ref, embeds, ref_ctx, teacher, n if teacher is None else
+                                    min(n, len(teacher) - 1), ctx.eos_id)
+            if teacher is not None:              # the end-to-end reference has the same inputs: the same run
+                e2e_run = decoder_run
+            else:
+                tokens = decoder_run[1] + [ctx.eos_id or 0]
+                e2e_run = _sequence(d_ref, embeds, ref_ctx, tokens, min(n, len(tokens) - 1), ctx.eos_id)
+            plans.append((ids, decoder_run, e2e_run))
+    finally:
+        d_ref.close()
+    del d_ref
+    d_q = graph_decoder(decoder, threads, emulate_qdq=emulate_qdq, max_context=capacity)
+    try:
+        for (ids, (ref_logits, fed), (e2e_logits, e2e_fed)), (img_ref, img_q) in zip(plans, images):
+            cand, _ = _sequence(d_q, ctx.splice(ids, img_ref), ctx, fed, len(fed), ctx.eos_id)
+            for a, b in zip(ref_logits, cand):
+                dstats.add(a, b, top1=True)
+            cand, _ = _sequence(d_q, ctx.splice(ids, img_q), ctx, e2e_fed, len(e2e_fed), ctx.eos_id)
+            for a, b in zip(e2e_logits, cand):
+                estats.add(a, b, top1=True)
+    finally:
+        d_q.close()
     return {"vision": vstats.to_dict(), "decoder": dstats.to_dict(), "end_to_end": estats.to_dict(),
             "heldout_samples": len(items), "seconds": round(time.perf_counter() - t0, 3),
             "quantized_graphs_run_as": ("Q/DQ as float ops (the exact int8 arithmetic of the target's TensorRT "
