@@ -153,6 +153,35 @@ def _quant_x(x: np.ndarray, blk: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127)).astype(np.float32)
 
 
+def _gemv_case(rng, bits: int, blk: int, K: int, N: int, with_zp: bool):
+    """Random MatMulNBits weights ``[N, K]`` (``bits`` 4 / 8, blocks of ``blk``, optional zero points) and an input:
+    ``(case, want, dense)``: the kernel's inputs (``B`` packed, ``scales``, ``zp`` bytes or None, ``x``, dims), the
+    exact quantized result (int8 activations per block) and the dequantized fp32 weights (also used by the ARM64
+    harness tests, tests/test_native_arm.py)."""
+    nb = -(-K // blk)
+    top = 15 if bits == 4 else 255
+    codes = rng.integers(0, top + 1, (N, nb, blk))
+    scales = rng.uniform(0.01, 0.1, (N, nb)).astype(np.float32)
+    zbytes = None
+    if with_zp:
+        zps = rng.integers(0, top + 1, (N, nb))
+        if bits == 4:
+            zpad = np.zeros((N, 2 * ((nb + 1) // 2)), np.uint8)
+            zpad[:, :nb] = zps
+            zbytes = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8)
+        else:
+            zbytes = zps.astype(np.uint8)
+    else:
+        zps = np.full((N, nb), 8 if bits == 4 else 128)
+    x = rng.standard_normal(K).astype(np.float32)
+    qx, sx = _quant_x(x, blk, nb)
+    w = (codes - zps[..., None]).astype(np.float64)                       # [N, nb, blk]
+    want = (np.einsum("nbk,bk->nb", w, qx.astype(np.float64)) * scales * sx[None, :]).sum(axis=1)
+    dense = ((codes - zps[..., None]) * scales[..., None]).reshape(N, -1)[:, :K]
+    return ({"B": _pack(codes, bits), "scales": scales, "zp": zbytes, "x": x, "N": N, "K": K, "blk": blk,
+             "bits": bits}, want, dense)
+
+
 @pytest.mark.parametrize("bits,blk,K,with_zp", [(4, 128, 200, False), (4, 256, 512, True), (4, 128, 64, True),
                                                 (8, 64, 200, False), (8, 128, 256, True)])
 def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp, kernel_path):
@@ -164,21 +193,8 @@ def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp, kernel_path):
     assert build.loaded_isa(lib) == build.isa_path()
     rng = np.random.default_rng(bits * 1000 + blk + K)
     N, nb = 37, -(-K // blk)
-    top = 15 if bits == 4 else 255
-    codes = rng.integers(0, top + 1, (N, nb, blk))
-    scales = rng.uniform(0.01, 0.1, (N, nb)).astype(np.float32)
-    if with_zp:
-        zps = rng.integers(0, top + 1, (N, nb))
-        if bits == 4:
-            zpad = np.zeros((N, 2 * ((nb + 1) // 2)), np.uint8)
-            zpad[:, :nb] = zps
-            zbytes = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8)
-        else:
-            zbytes = zps.astype(np.uint8)
-    else:
-        zps, zbytes = np.full((N, nb), 8 if bits == 4 else 128), None
-    B = np.ascontiguousarray(_pack(codes, bits))
-    x = rng.standard_normal(K).astype(np.float32)
+    case, want, dense = _gemv_case(rng, bits, blk, K, N, with_zp)
+    B, scales, zbytes, x = np.ascontiguousarray(case["B"]), case["scales"], case["zp"], case["x"]
     lin = _Linear(B.ctypes.data, scales.ctypes.data, zbytes.ctypes.data if zbytes is not None else None, N, K, blk,
                   bits)
     y = np.zeros(N, np.float32)
@@ -187,12 +203,8 @@ def test_gemv_is_the_matmulnbits_arithmetic(bits, blk, K, with_zp, kernel_path):
     lib.evlm_gemv(ctypes.byref(lin), x.ctypes.data, y.ctypes.data, xq.ctypes.data, xs.ctypes.data, xc.ctypes.data,
                   2)
     # exactly the quantized arithmetic (int8 activations per block)
-    qx, sx = _quant_x(x, blk, nb)
-    w = (codes - zps[..., None]).astype(np.float64)                       # [N, nb, blk]
-    want = np.einsum("nbk,bk->nb", w, qx.astype(np.float64)) * scales * sx[None, :]
-    np.testing.assert_allclose(y, want.sum(axis=1), rtol=1e-4, atol=1e-3 * np.abs(want.sum(axis=1)).max())
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
     # and close to the fp32 product of the dequantized weights
-    dense = ((codes - zps[..., None]) * scales[..., None]).reshape(N, -1)[:, :K]
     ref = dense @ x
     assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
 
@@ -354,6 +366,7 @@ def test_availability_names_what_is_missing(monkeypatch, tmp_path, tmp_path_fact
     monkeypatch.delenv(build.MARCH_ENV)
     monkeypatch.setattr(build, "find_compiler", lambda: None)
     monkeypatch.setattr(build, "library_path", lambda: tmp_path / "absent.so")
+    monkeypatch.setattr(build, "prebuilt_variant", lambda *a, **k: None)    # an install without prebuilt variants
     assert "no C compiler found" in build.availability()
     with pytest.raises(NativeUnavailable, match="no C compiler"):
         build.load()

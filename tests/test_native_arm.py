@@ -22,7 +22,7 @@ import pytest
 
 import native_harness as nh
 from fixtures_bundles import QUESTION, make_image
-from test_native import _pack, _quant_x, _quantized
+from test_native import _gemv_case, _quantized
 
 from edgevlm.runtime import cpuinfo
 from edgevlm.runtime.native import build
@@ -63,36 +63,12 @@ def harness(request):
     return request.getfixturevalue(f"{request.param}_harness")
 
 
-def _gemv_case(rng, bits, blk, K, N, with_zp):
-    nb = -(-K // blk)
-    top = 15 if bits == 4 else 255
-    codes = rng.integers(0, top + 1, (N, nb, blk))
-    scales = rng.uniform(0.01, 0.1, (N, nb)).astype(np.float32)
-    zbytes = None
-    if with_zp:
-        zps = rng.integers(0, top + 1, (N, nb))
-        if bits == 4:
-            zpad = np.zeros((N, 2 * ((nb + 1) // 2)), np.uint8)
-            zpad[:, :nb] = zps
-            zbytes = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8)
-        else:
-            zbytes = zps.astype(np.uint8)
-    else:
-        zps = np.full((N, nb), 8 if bits == 4 else 128)
-    x = rng.standard_normal(K).astype(np.float32)
-    qx, sx = _quant_x(x, blk, nb)
-    want = (np.einsum("nbk,bk->nb", (codes - zps[..., None]).astype(np.float64), qx.astype(np.float64))
-            * scales * sx[None, :]).sum(axis=1)
-    return {"B": _pack(codes, bits), "scales": scales, "zp": zbytes, "x": x, "N": N, "K": K, "blk": blk,
-            "bits": bits}, want
-
-
 def test_harness_gemv_is_the_matmulnbits_arithmetic(harness, tmp_path):
     prefix, exe, isa = harness
     rng = np.random.default_rng(19)
     shapes = [(4, 128, 200, 37, False), (4, 256, 512, 37, True), (4, 128, 64, 37, True), (8, 64, 200, 37, False),
               (8, 128, 256, 37, True), (4, 128, 512, 3001, False), (8, 128, 1024, 517, True)]
-    cases, wants = zip(*(_gemv_case(rng, *s) for s in shapes))
+    cases, wants, _ = zip(*(_gemv_case(rng, *s) for s in shapes))
     spec = nh.write_gemv(tmp_path, cases, threads=3)
     assert nh.run(prefix, exe, spec, tmp_path / "y.bin") == isa
     for y, want, c in zip(nh.read_gemv(tmp_path / "y.bin", [c["N"] for c in cases]), wants, cases):

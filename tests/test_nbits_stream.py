@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -57,7 +59,10 @@ def test_streamed_graph_runs_and_matches_in_onnxruntime(tmp_path_factory, tmp_pa
     from tests.fixtures_bundles import tiny_bundle
 
     bundle, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnetv2")
-    src = bundle / "decoder.onnx"
+    (tmp_path / "src").mkdir()                 # a private copy: other tests hard-link the shared bundle's files,
+    for name in ("decoder.onnx", "decoder.onnx.data"):          # which onnx.load (the loaded-graph path) refuses
+        shutil.copy(bundle / name, tmp_path / "src" / name)
+    src = tmp_path / "src" / "decoder.onnx"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     quantize_matmulnbits_streaming(src, tmp_path / "a" / "decoder.onnx", bits=4, block_size=32, accuracy_level=4)
