@@ -9,7 +9,7 @@ is deleted afterwards (it is GBs) unless ``--keep``.
     .venv/bin/python benchmarks/export_full.py                         # ~minutes, <= 12 GiB peak RSS (goal)
     .venv/bin/python benchmarks/export_full.py --model mobilevlm-v2-1.7b --no-write
     # a released-format checkpoint (fp16 safetensors, random weights) written first, then int4 for the CPU:
-    .venv/bin/python benchmarks/export_full.py --make-checkpoint /tmp/ckpt-1.7b --checkpoint /tmp/ckpt-1.7b \
+    .venv/bin/python benchmarks/export_full.py --make-checkpoint CKPT --checkpoint CKPT \
         --precision int4
 
 Goal (brief, issue 4): <= 10 minutes and <= 12 GiB peak RSS on the project's 2-core CPU machine.
