@@ -23,15 +23,16 @@ __all__ = ["quantize", "COMMANDS"]
 @positional("bundle")
 def quantize(bundle: str, precision: str = "int4", out: str | None = None, target: str | None = None,
              calibration: str | None = None, calib_method: Literal["minmax", "entropy", "percentile"] = "minmax",
-             calibration_samples: int | None = None, heldout_samples: int | None = None, no_report: bool = False,
+             calibration_samples: int | None = None, heldout_samples: int | None = None, report: bool = True,
              block_size: int = 128, overwrite: bool = False, json_output: bool = False) -> int:
     """Quantize a float32 bundle into a new bundle (int8 / int4 recipes, per component).
 
     Reads BUNDLE's fp32 graphs, writes the quantized graphs, the fp16 embedding table and a manifest with the
     recipe, the calibration set and the quantization report (error against the fp32 graphs on held-out inputs)
-    into --out, atomically. Files the recipe does not change (tokenizer, an unchanged graph) are hard-linked from
-    BUNDLE, not copied, where both are on one file system. For TensorRT targets the engine build plan of the
-    quantized graphs is written too.
+    into --out, atomically. The graphs and the embedding table are read from BUNDLE and written once (an unchanged
+    graph is copied: ONNX refuses hard-linked external data); other files (the tokenizer) are hard links where
+    both folders are on one file system. For TensorRT targets the engine build plan of the quantized graphs is
+    written too.
 
     Args:
         bundle: a float32 bundle (`edgevlm export --precision fp32`).
@@ -44,7 +45,8 @@ def quantize(bundle: str, precision: str = "int4", out: str | None = None, targe
         calib_method: static-QDQ calibration method.
         calibration_samples: how many calibration samples (default: calibration/embedded.toml's).
         heldout_samples: held-out samples of the quantization report (default: calibration/embedded.toml's).
-        no_report: skip the quantization report (faster; the manifest then has no measured error).
+        report: measure the error against the fp32 graphs on the held-out set (--no-report: faster, and the
+            manifest then has no measured error).
         block_size: int4 block size (TensorRT targets: 64 or 128).
         overwrite: replace an existing bundle at --out.
         json_output: print the result as one JSON line.
@@ -59,7 +61,7 @@ def quantize(bundle: str, precision: str = "int4", out: str | None = None, targe
     console.print(f"quantizing [bold]{src}[/] to [bold]{precision}[/] -> {dest}")
     path = quantize_bundle(src, dest, precision, target=target, calibration=calibration, calib_method=calib_method,
                            calibration_samples=calibration_samples, heldout_samples=heldout_samples,
-                           report=not no_report, show=not json_output, block_size=block_size, overwrite=overwrite,
+                           report=report, show=not json_output, block_size=block_size, overwrite=overwrite,
                            console=console)
     b = read_bundle(path, verify_hashes=False)
     q = b.manifest.get("quantization") or {}
