@@ -135,7 +135,7 @@ def test_arm_harness_runs_the_dot_product(arm_harness, tmp_path):
     if "a64fx" not in models:
         pytest.skip("this qemu-aarch64 models no A64FX (an ARMv8.2 CPU without the dot product)")
     rng = np.random.default_rng(3)
-    case, _ = _gemv_case(rng, 4, 128, 256, 8, False)
+    case, _, _ = _gemv_case(rng, 4, 128, 256, 8, False)
     spec = nh.write_gemv(tmp_path, [case], threads=1)
     p = subprocess.run([prefix[0], "-cpu", "a64fx", *prefix[3:], str(exe), str(spec), str(tmp_path / "y.bin")],
                        capture_output=True, text=True, timeout=120)
