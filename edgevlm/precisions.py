@@ -40,8 +40,6 @@ COMPONENTS = ("vision", "embedding", "decoder", "lm_head")
 
 #: precisions the quantization stage writes (bundle -> bundle, ``edgevlm quantize``)
 QUANTIZED = ("int8", "int4", "fp8")
-#: precisions the export stage writes directly (fp16 through the conversion hook ``edgevlm.pipeline`` passes it)
-EXPORTED = ("fp32", "fp16")
 
 #: How the token-embedding table is stored per embedding precision (the runtime gathers rows from a ``.npy``).
 EMBED_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -136,7 +134,7 @@ def presets_for(tensorrt: bool) -> dict[str, dict[str, str]]:
     return TENSORRT_PRESETS if tensorrt else PRECISION_PRESETS
 
 
-__all__ = ["PRECISIONS", "COMPONENTS", "QUANTIZED", "EXPORTED", "EMBED_DTYPES", "DESCRIPTIONS", "PRECISION_PRESETS",
+__all__ = ["PRECISIONS", "COMPONENTS", "QUANTIZED", "EMBED_DTYPES", "DESCRIPTIONS", "PRECISION_PRESETS",
            "PRESET_ORDER", "TENSORRT_PRESETS", "ORT_BUILDER_PRECISIONS", "TENSORRT_WEAK_FLAGS", "TENSORRT_FLAG_ORDER",
            "TENSORRT_BUILDER_FLAGS", "DLA_PRECISIONS", "TOLERANCES", "is_quantized",
            "tolerances_for", "presets_for", "INT8_VISION_TOLERANCE", "INT8_LOGITS_TOLERANCE", "INT4_LOGITS_TOLERANCE",

@@ -236,8 +236,10 @@ def _export_gqa_decoder(vlm, root: Path, cfg: ModelConfig):
     # The builder concatenates gate and up eagerly (a second copy of those weights until it writes them): fused
     # only while that copy stays under FUSE_COPY_MAX_BYTES (mobilevlm-1.7b: 1.1 GB fused; mobilevlm-v2-7b: 5.8 GB,
     # two separate MatMulNBits instead, which the native kernel plans too).
+    from edgevlm.model.precision import is_reduced_precision
+
     c = cfg.llm
-    fused_copy = 2 * c.intermediate_size * c.hidden_size * c.num_layers * (2 if _held_reduced(vlm.llm) else 4)
+    fused_copy = 2 * c.intermediate_size * c.hidden_size * c.num_layers * (2 if is_reduced_precision(vlm.llm) else 4)
     entry = build_ort_decoder(vlm.llm, root, precision="fp32", max_context=int(cfg.context_length),
                               fuse_gate_up=fused_copy <= FUSE_COPY_MAX_BYTES)
     return ExportedGraph(root / entry["file"], {"mask_constants_replaced": 0, "mask_value": None,
@@ -327,12 +329,6 @@ LARGE_MODEL_PARAMS = 1_000_000_000
 
 #: largest eager copy of the gate + up weights the decoder builder may make to fuse them (see _export_gqa_decoder)
 FUSE_COPY_MAX_BYTES = 2 * 2**30
-
-
-def _held_reduced(module) -> bool:
-    from edgevlm.model.precision import is_reduced_precision
-
-    return is_reduced_precision(module)
 
 
 def _is_large(cfg: ModelConfig) -> bool:
@@ -535,8 +531,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                 from edgevlm.model import build_model
 
                 torch.manual_seed(seed)
-                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if keep and _is_large(cfg) else
-                                   torch.float32), cfg
+                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if keep and large else torch.float32), cfg
             if keep:
                 m.vision_tower.float()
                 m.mm_projector.float()
@@ -544,7 +539,9 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
                 m.float()
             return m.eval(), c
 
+        large = _is_large(cfg) if cfg is not None else False       # random init always has cfg
         vlm, mcfg = stages.run("model", build)
+        large = _is_large(mcfg) if cfg is None else large
         owned = kind != "in-memory"
         if plan is None:
             plan = memory_plan(mcfg, tgt, recipe, graph_kind, check=check_memory)
@@ -579,7 +576,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
 
                 # bounded: models >= LARGE_MODEL_PARAMS check one sequence (the decoder interface runs batch 1
                 # anyway: a batch-2 reference only re-checks PyTorch's batching, at 3x the reference time)
-                batches = (1,) if _is_large(mcfg) else P.DEFAULT_BATCHES
+                batches = (1,) if large else P.DEFAULT_BATCHES
                 with float32_forward(vlm.llm):               # fp16 storage, float32 math, one module at a time
                     return refs_vision, P.decoder_reference(vlm, prompt_len=prompt_len, seed=seed, batches=batches)
 
