@@ -21,11 +21,11 @@ SMALL = {"calibration_samples": 3, "heldout_samples": 2, "decode_steps": 2}
 # (precision, target, extra options): every recipe and format the exporter can be asked for.
 RECIPES = [
     ("fp32", "cpu", {}),
-    ("int8", "cpu", {}),                                             # int8 QDQ vision + MatMulNBits 8-bit decoder
+    ("int8", "cpu", {}),                                             # dynamic int8 vision + MatMulNBits 8-bit decoder
     ("int8", "cpu", {"int8_decoder": "dynamic"}),                    # quantize_dynamic decoder
     ("int8", "cpu", {"int8_decoder": "qdq", "calib_method": "entropy"}),
-    ("int4", "cpu", {}),                                             # int8 vision + MatMulNBits int4
-    ("int4", "cpu", {"calib_method": "percentile"}),
+    ("int4", "cpu", {}),                                             # dynamic int8 vision + MatMulNBits int4
+    ("int4", "cpu", {"int8_vision": "static", "calib_method": "percentile"}),   # calibrated QDQ vision on CPU
     ("int4,lm_head=int8", "cpu", {}),
     ("int4,lm_head=fp32", "cpu", {}),
     ("int4", "cpu", {"int4_format": "qdq"}),                         # the TensorRT form also runs on ORT CPU
@@ -199,14 +199,17 @@ def test_int8_weights_are_7_bit_where_the_cpu_kernels_saturate(target, reduce_ra
         assert plan_quantization("int8", target, int8_decoder="dynamic").decoder.params["reduce_range"] is reduce_range
 
 
-def test_int8_vision_accuracy_holds_on_this_cpu(fp32_bundle, tmp_path_factory):
+@pytest.mark.parametrize("opts", [{}, {"int8_vision": "static", "calib_method": "percentile"}],
+                         ids=["dynamic", "static"])
+def test_int8_vision_accuracy_holds_on_this_cpu(fp32_bundle, tmp_path_factory, opts):
     """The default CPU target (cpu = cpu-x86-avx2, 7-bit weights) keeps the 0.99 bar on any x86 CPU, with or
-    without VNNI (run it under `qemu-x86_64 -cpu EPYC-Milan` to see an AVX2-only CPU on a VNNI machine); the
-    report records how the quantized graphs ran."""
-    out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
+    without VNNI (run it under `qemu-x86_64 -cpu EPYC-Milan` to see an AVX2-only CPU on a VNNI machine), for the
+    dynamic (default) and the calibrated static int8 vision; the report records how the quantized graphs ran."""
+    out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", opts)
     m = json.loads((out / "manifest.json").read_text())
     q = m["quantization"]
     assert m["components"]["vision"]["recipe"]["reduce_range"] is True
+    assert m["components"]["vision"]["recipe"]["method"] == ("static-qdq" if opts else "dynamic")
     assert q["errors"]["vision"]["cosine_min"] > 0.99
     assert q["errors"]["quantized_graphs_run_as"].startswith("ONNX Runtime's CPU kernels")
     trt = json.loads((_quantized(fp32_bundle, tmp_path_factory, "int8", "jetson-orin", {}) / "manifest.json")
@@ -232,7 +235,8 @@ def test_apply_precision_on_a_partial_manifest(fp32_bundle, tmp_path):
     comps = partial["components"]
     assert comps["decoder"]["precision"] == "int4" and comps["decoder"]["contrib_ops"] is True
     assert comps["decoder"]["recipe"]["block_size"] == 128 and comps["decoder"]["recipe"]["accuracy_level"] == 4
-    assert comps["vision"]["recipe"]["calib_method"] == "minmax" and comps["vision"]["opset"] == 20
+    assert comps["vision"]["recipe"]["method"] == "dynamic" and comps["vision"]["opset"] == 20
+    assert "calibration" not in comps["vision"]["recipe"]                # dynamic: nothing calibrated
     assert comps["embed"]["dtype"] == "float16"
     assert "com.microsoft::MatMulNBits" in comps["decoder"]["op_histogram"]
     assert partial["quantization"]["errors"]["end_to_end"]["positions"] >= SMALL["heldout_samples"]
@@ -352,6 +356,31 @@ def test_a_failed_quantization_leaves_the_fp32_export(fp32_bundle, tmp_path, mon
     assert not (root / A.SCRATCH_DIR).exists()
 
 
+def test_cpu_int8_vision_is_dynamic_unless_asked(fp32_bundle, tmp_path_factory):
+    """CPU targets quantize the vision tower dynamically (no calibration pass, int8 weights, per-image activation
+    scales: DynamicQuantizeLinear + MatMulInteger); ``int8_vision="static"`` gives the calibrated Q/DQ graph, and
+    TensorRT targets refuse dynamic (TensorRT rejects MatMulInteger)."""
+    from edgevlm.errors import QuantizationError
+    from edgevlm.quant.recipes import plan_quantization
+
+    out = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {})
+    m, nodes = _nodes(out / "vision.onnx")
+    ops = {n.op_type for n in nodes}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "QuantizeLinear" not in ops
+    inits = {i.name for i in m.graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in nodes)    # every weight MatMul quantized
+    rec = json.loads((out / "manifest.json").read_text())["components"]["vision"]["recipe"]
+    assert rec["method"] == "dynamic" and rec["nodes_quantized"] == sum(n.op_type == "MatMulInteger" for n in nodes)
+    static = _quantized(fp32_bundle, tmp_path_factory, "int4", "cpu", {"int8_vision": "static",
+                                                                        "calib_method": "percentile"})
+    assert "QuantizeLinear" in {n.op_type for n in _nodes(static / "vision.onnx")[1]}
+    assert plan_quantization("int8", "jetson-orin").vision.method == "static-qdq"
+    with pytest.raises(QuantizationError, match="int8_vision='static'"):
+        plan_quantization("int8", "jetson-orin", int8_vision="dynamic")
+    with pytest.raises(QuantizationError, match="unknown"):
+        plan_quantization("int8", "cpu", int8_vision="fast")
+
+
 @pytest.mark.parametrize("precision,head", [("int8", "w8a8"), ("int4,lm_head=int8", "w8a8"), ("int4", "float")])
 def test_tensorrt_lm_head_is_w8a8_or_float(fp32_bundle, tmp_path_factory, precision, head):
     """TensorRT has no weight-only INT8 (its weight-only mode is INT4): an int8 LM head is W8A8 static QDQ (activation
@@ -398,3 +427,22 @@ def test_session_warns_when_an_8_bit_int8_graph_meets_a_cpu_without_vnni(fp32_bu
 
     s = Session.from_bundle(vnni, threads=1, hash_stamps=None, native_decode="off")
     assert (s.int8_warning is not None) == int8_saturates()
+
+
+def test_large_models_get_the_smaller_held_out_set(fp32_bundle, tmp_path, monkeypatch):
+    """A float32 decoder of >= LARGE_MODEL_PARAMS parameters gets calibration/embedded.toml's heldout_samples_large
+    items in the report by default (each costs float32 passes of both graphs); an explicit count still wins."""
+    from edgevlm.graphs import spec as S
+    from edgevlm.quant.apply import quantize_bundle
+    from edgevlm.quant.calibration import CalibrationSpec
+
+    large = CalibrationSpec.load().heldout_samples_large
+    assert 1 <= large < CalibrationSpec.load().heldout_samples
+    dec_bytes = sum(p.stat().st_size for p in fp32_bundle.glob("decoder.onnx*"))
+    monkeypatch.setattr(S, "LARGE_MODEL_PARAMS", dec_bytes // 4)          # this tiny decoder now counts as large
+    out = quantize_bundle(fp32_bundle, tmp_path / "q", "int4", target="cpu", show=False, calibration_samples=2)
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["errors"]["heldout_samples"] == large
+    assert q["calibration"]["calibration"]["kind"] == "none"              # the int4 CPU recipe calibrates nothing
+    out2 = quantize_bundle(fp32_bundle, tmp_path / "q2", "int4", target="cpu", show=False, heldout_samples=2)
+    assert json.loads((out2 / "manifest.json").read_text())["quantization"]["errors"]["heldout_samples"] == 2

@@ -48,7 +48,7 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
            out: str | None = None, target: str = "cpu", precision: str = "fp32", opset: int = 20,
            overwrite: bool = False, skip_parity: bool = False, seed: int = 0, decoder_graph: str = "auto",
            dla: bool = False, calibration: str | None = None, calibration_samples: int | None = None,
-           heldout_samples: int | None = None, json_output: bool = False) -> int:
+           heldout_samples: int | None = None, vision_int8: str | None = None, json_output: bool = False) -> int:
     """Export a model to an ONNX bundle and validate it against PyTorch with ONNX Runtime.
 
     Writes vision.onnx (pixel values -> image embeddings), embed_tokens.npy (token embedding table),
@@ -86,7 +86,11 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
             the generated set of calibration/embedded.toml).
         calibration_samples: int8 / int4 recipes: how many calibration samples (default: calibration/embedded.toml's).
         heldout_samples: int8 / int4 recipes: held-out samples of the quantization report, the measured error
-            against the fp32 graphs (default: calibration/embedded.toml's; each costs a few forward passes).
+            against the fp32 graphs (default: calibration/embedded.toml's, 16, or 4 for models of 1B parameters and
+            more; each costs float32 forward passes of both graphs).
+        vision_int8: int8 vision: auto (the default: dynamic on CPU targets, static on TensorRT), dynamic
+            (int8 weights, activation scales at run time; no calibration; ONNX Runtime CPU only) or static
+            (calibrated static QDQ).
         json_output: print the result as one JSON line instead of a summary.
     """
     from edgevlm.errors import ConfigError
@@ -135,7 +139,8 @@ def export(model: str | None = None, checkpoint: str | None = None, random_init:
                              seed=seed, decoder_graph=decoder_graph, progress=progress, dla=dla,
                              quantize_options={k: v for k, v in (("calibration", calibration),
                                                                  ("calibration_samples", calibration_samples),
-                                                                 ("heldout_samples", heldout_samples))
+                                                                 ("heldout_samples", heldout_samples),
+                                                                 ("int8_vision", vision_int8))
                                                if v is not None})
 
     from edgevlm.bundle import read_bundle

@@ -24,7 +24,8 @@ __all__ = ["quantize", "COMMANDS"]
 def quantize(bundle: str, precision: str = "int4", out: str | None = None, target: str | None = None,
              calibration: str | None = None, calib_method: Literal["minmax", "entropy", "percentile"] = "minmax",
              calibration_samples: int | None = None, heldout_samples: int | None = None, report: bool = True,
-             block_size: int = 128, overwrite: bool = False, json_output: bool = False) -> int:
+             vision_int8: Literal["auto", "dynamic", "static"] = "auto", block_size: int = 128,
+             overwrite: bool = False, json_output: bool = False) -> int:
     """Quantize a float32 bundle into a new bundle (int8 / int4 recipes, per component).
 
     Reads BUNDLE's fp32 graphs, writes the quantized graphs, the fp16 embedding table and a manifest with the
@@ -44,9 +45,13 @@ def quantize(bundle: str, precision: str = "int4", out: str | None = None, targe
             calibration/embedded.toml).
         calib_method: static-QDQ calibration method.
         calibration_samples: how many calibration samples (default: calibration/embedded.toml's).
-        heldout_samples: held-out samples of the quantization report (default: calibration/embedded.toml's).
+        heldout_samples: held-out samples of the quantization report (default: calibration/embedded.toml's: 16, or
+            4 for models of 1B parameters and more, where each costs float32 forward passes of both graphs).
         report: measure the error against the fp32 graphs on the held-out set (--no-report: faster, and the
             manifest then has no measured error).
+        vision_int8: how an int8 vision tower is quantized: auto (dynamic on CPU targets, static on TensorRT),
+            dynamic (int8 weights, activation scales computed per image at run time; no calibration; ONNX Runtime
+            CPU only; faster and closer to fp32 on CLIP-L than static) or static (calibrated static QDQ).
         block_size: int4 block size (TensorRT targets: 64 or 128).
         overwrite: replace an existing bundle at --out.
         json_output: print the result as one JSON line.
@@ -62,6 +67,7 @@ def quantize(bundle: str, precision: str = "int4", out: str | None = None, targe
     path = quantize_bundle(src, dest, precision, target=target, calibration=calibration, calib_method=calib_method,
                            calibration_samples=calibration_samples, heldout_samples=heldout_samples,
                            report=report, show=not json_output, block_size=block_size, overwrite=overwrite,
+                           int8_vision=vision_int8,
                            console=console)
     b = read_bundle(path, verify_hashes=False)
     q = b.manifest.get("quantization") or {}

@@ -324,7 +324,7 @@ def write_tokenizer(dest: Path, cfg: ModelConfig, *, source_dir: str | os.PathLi
 # ---- model memory -----------------------------------------------------------------------------------------------
 #: Random-init models at least this large are built in fp16 when the ORT decoder builder writes the decoder (it
 #: casts per tensor), as a released checkpoint is stored: mobilevlm-1.7b in 3.4 GB instead of 6.8 GB.
-LARGE_MODEL_PARAMS = 1_000_000_000
+LARGE_MODEL_PARAMS = S.LARGE_MODEL_PARAMS
 
 
 #: largest eager copy of the gate + up weights the decoder builder may make to fuse them (see _export_gqa_decoder)

@@ -30,6 +30,10 @@ from edgevlm.config import ModelConfig
 from edgevlm.errors import ConfigError
 
 DEFAULT_OPSET = 20
+#: Models at least this large (parameters) get the bounded checks of both stages: the export's parity checks one
+#: sequence, the quantization report a smaller held-out set (calibration/embedded.toml ``heldout_samples_large``),
+#: random init is built in fp16. A float32 graph stores 4 bytes per parameter.
+LARGE_MODEL_PARAMS = 1_000_000_000
 #: Highest opset the exporter accepts. 21 only for blocked INT4 DequantizeLinear (quantization recipes).
 MAX_OPSET = 21
 MIN_OPSET = 18                       # torchlib implementations start at 18 (lower would be version-converted)

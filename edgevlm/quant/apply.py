@@ -344,18 +344,22 @@ def _matmulnbits(src: Path, dst: Path, *, bits: int, block_size: int, quant_form
 
 
 def _dynamic(src: Path, dst: Path, *, per_channel: bool, work: Path, exclude: list[str] | None,
-             reduce_range: bool = False) -> dict[str, Any]:
+             reduce_range: bool = False, op_types: tuple[str, ...] = ("MatMul",)) -> dict[str, Any]:
+    """``quantize_dynamic`` (int8 weights, activation scales at run time) of ``op_types`` with constant weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = work / f"{src.stem}.dyn.onnx"
     with _quiet():
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], per_channel=per_channel,
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=list(op_types), per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          nodes_to_exclude=list(exclude or []),
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    save_graph(_load(out), dst)
+    model = _load(out)
+    save_graph(model, dst)
+    n = sum(1 for node in model.graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+    del model
     _remove_graph(out)
-    return {}
+    return {"nodes_quantized": n}
 
 
 # ---- the entry point --------------------------------------------------------------------------------------------
@@ -374,7 +378,8 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
                     recipe: Mapping[str, str] | str | R.QuantPlan, *, target: Any = None, calibration: Any = None,
                     calib_method: str = "minmax", report: bool = True, calibration_samples: int | None = None,
                     heldout_samples: int | None = None,
-                    decode_steps: int | None = None, int8_decoder: str = "auto", int4_format: str = "auto",
+                    decode_steps: int | None = None, int8_decoder: str = "auto", int8_vision: str = "auto",
+                    int4_format: str = "auto",
                     block_size: int = R.INT4_BLOCK_SIZE, accuracy_level: int = R.INT4_ACCURACY_LEVEL,
                     threads: int | None = None, show: bool = True, console: Any = None,
                     sources: Mapping[str, str | os.PathLike] | None = None) -> S.ParityTolerances:
@@ -393,7 +398,7 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
         calib_method: ``minmax`` | ``entropy`` | ``percentile`` (static QDQ).
         report: measure the error against fp32 on held-out inputs and store it in ``manifest["quantization"]``.
         calibration_samples / heldout_samples / decode_steps: override ``calibration/embedded.toml``.
-        int8_decoder, int4_format, block_size, accuracy_level: see ``recipes.plan_quantization``.
+        int8_decoder, int8_vision, int4_format, block_size, accuracy_level: see ``recipes.plan_quantization``.
         threads: ONNX Runtime intra-op threads for calibration and the report.
         show: print the report table (rich) when ``report`` is on.
         console: a ``rich.console.Console`` to print to (default: stderr).
@@ -416,8 +421,8 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
     if not root.is_dir():
         raise BundleError(f"bundle directory '{root}' does not exist")
     tgt = get_target(target if target is not None else "cpu")
-    plan = _resolve_plan(recipe, tgt, calib_method=calib_method, int8_decoder=int8_decoder, int4_format=int4_format,
-                         block_size=block_size, accuracy_level=accuracy_level)
+    plan = _resolve_plan(recipe, tgt, calib_method=calib_method, int8_decoder=int8_decoder, int8_vision=int8_vision,
+                         int4_format=int4_format, block_size=block_size, accuracy_level=accuracy_level)
     src_of = {k: Path(v) for k, v in (sources or {}).items()}
     paths = {name: root / _component_file(manifest, name) for name in GRAPHS}
     for name, p in paths.items():
@@ -458,7 +463,11 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
             if isinstance(calibration, CalibrationSet):
                 cset = calibration
             else:
-                cset = calibration_set(calibration, calibration_samples, heldout_samples=heldout_samples, spec=spec,
+                if heldout_samples is None and sizes_before["decoder"] >= 4 * S.LARGE_MODEL_PARAMS:
+                    heldout_samples = spec.heldout_samples_large      # a float32 decoder of >= 1B parameters
+                # nothing calibrated (dynamic int8 vision, weight-only decoder): one item; the held-out set counts
+                n_cal = calibration_samples if plan.needs_calibration else 1
+                cset = calibration_set(calibration, n_cal, heldout_samples=heldout_samples, spec=spec,
                                        image_size=(manifest.get("preprocess") or {}).get("image_size"))
             ctx = BundleContext.from_manifest(root, manifest)
         for name in GRAPHS:
@@ -486,6 +495,10 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
                                work=work, reduce_range=bool(vr.params.get("reduce_range", False)),
                                quantize_bias=bool(vr.params.get("quantize_bias", True)))
             info["calibration_samples"] = len(cset.items)
+        elif vr.method == "dynamic":
+            info = _dynamic(fp32["vision"], paths["vision"], per_channel=bool(vr.params.get("per_channel", True)),
+                            work=work, exclude=None, reduce_range=bool(vr.params.get("reduce_range", False)),
+                            op_types=R.WEIGHT_OPS_DYNAMIC)
         else:                                                     # pragma: no cover - plan_quantization guards
             raise QuantizationError(f"vision method '{vr.method}' unknown")
         if vr.fp16_after_quantization:                           # TensorRT >= 11: fp16 tensor types, islands fp32
@@ -538,7 +551,9 @@ def apply_precision(bundle_root: str | os.PathLike, manifest: dict[str, Any],
         tol = plan.tolerances()
         quant: dict[str, Any] = {
             "recipe": plan.to_dict(), "target": tgt.label, "calib_method": plan.calib_method,
-            "calibration": cset.info if cset is not None else None,
+            "calibration": (None if cset is None else cset.info if plan.needs_calibration else
+                            {**cset.info, "calibration": {"kind": "none", "num_samples": 0,
+                                                          "note": "no component of this recipe is calibrated"}}),
             "sizes": _sizes(sizes_before, sizes_after),
             "parity_tolerances": tol.to_dict(),
             "seconds": None,

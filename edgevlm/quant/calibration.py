@@ -51,7 +51,7 @@ EMBEDDED_SPEC = data_dir("calibration") / "embedded.toml"      # wheel: edgevlm/
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 _SPEC_KEYS = ("name", "generator", "generator_version", "split", "seed", "num_samples", "heldout_split",
-              "heldout_seed", "heldout_samples", "decode_steps", "image_size", "prompts")
+              "heldout_seed", "heldout_samples", "heldout_samples_large", "decode_steps", "image_size", "prompts")
 
 
 # ---- the embedded set's definition ------------------------------------------------------------------------------
@@ -65,6 +65,7 @@ class CalibrationSpec:
     heldout_split: str = "calibration-heldout"
     heldout_seed: int = 4321
     heldout_samples: int = 16
+    heldout_samples_large: int = 4
     decode_steps: int = 4
     image_size: int = 0
     prompts: tuple[str, ...] = ("What shape is shown?", "Describe the image.")
@@ -92,7 +93,7 @@ class CalibrationSpec:
                               f"overlap the data the model is trained and evaluated on)")
         if data.get("split") == data.get("heldout_split") and data.get("seed") == data.get("heldout_seed"):
             raise ConfigError(f"calibration spec {p}: the held-out set needs another split name or seed")
-        for key in ("num_samples", "heldout_samples", "decode_steps"):
+        for key in ("num_samples", "heldout_samples", "heldout_samples_large", "decode_steps"):
             if key in data and (not isinstance(data[key], int) or data[key] < (0 if key == "decode_steps" else 1)):
                 raise ConfigError(f"calibration spec {p}: {key} must be a positive integer, got {data[key]!r}")
         if "prompts" in data:

@@ -11,9 +11,12 @@ component   precision    method (ORT CPU target | TensorRT target)
 vision      fp32         as exported
 vision      fp16         ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (GPU only)
                          with the fp32 islands (LayerNorm, Softmax: ``precision_islands``) kept fp32 in the graph
-vision      int8         static QDQ: ``quant_pre_process`` then ``quantize_static`` (QuantFormat.QDQ, QInt8/QInt8,
+vision      int8         CPU: dynamic (``quantize_dynamic``: per-channel int8 MatMul/Gemm weights, activation scales
+                         computed per tensor at run time -> DynamicQuantizeMatMul; no calibration; see
+                         ``INT8_VISION_MODES``); TensorRT (or ``int8_vision="static"``): static QDQ
+                         (``quant_pre_process`` then ``quantize_static``, QuantFormat.QDQ, QInt8/QInt8,
                          ActivationSymmetric + WeightSymmetric, per-channel weights, minmax|entropy|percentile
-                         calibration on real preprocessed images); weight-bearing Conv/MatMul/Gemm only; 7-bit
+                         calibration on real preprocessed images; weight-bearing Conv/MatMul/Gemm only). Both: 7-bit
                          weights (``reduce_range``) on x86 CPU targets without VNNI (``int8_reduce_range``)
 vision      int4         refused: int4 weight-only is for decoder matmuls
 decoder     fp16         ``convert_float_to_float16(keep_io_types=True)`` (GPU targets; KV and logits stay float32),
@@ -74,6 +77,15 @@ from edgevlm.precisions import tolerances_for
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 #: How an int8 decoder is quantized: weight-only MatMulNBits (CPU), quantize_dynamic (CPU), W8A8 static QDQ (any).
 INT8_DECODER_MODES = ("weight-only", "dynamic", "qdq")
+#: How an int8 vision tower is quantized on ONNX Runtime CPU targets (``int8_vision``; ``auto``: ``dynamic`` on CPU,
+#: ``static`` on TensorRT, which rejects DynamicQuantizeLinear / MatMulInteger). ``dynamic`` is the CPU default:
+#: measured on mobilevlm-1.7b's CLIP-L/336 + LDP graph (AMD EPYC Zen 4, 2 threads, ORT 1.32; the machine shared
+#: with other jobs, all three in one run): fp32 4950 ms, static QDQ 3332 ms, dynamic 2136 ms per image; cosine
+#: against fp32 on 4 held-out images 0.9981 (static, 8 calibration images) vs 0.99984 (dynamic); quantizing took
+#: 17 s at 3.7 GiB peak (dynamic) vs 80-126 s at 9.6 GiB (static: pre-processing, 8-32 calibration passes through an
+#: unoptimized augmented graph, then the QDQ pass). Per-tensor static activation ranges have to cover every image;
+#: dynamic scales fit each image. (benchmarks/vision_int8.py re-measures this on any bundle.)
+INT8_VISION_MODES = ("dynamic", "static")
 #: Output form of int4 weight-only quantization: contrib MatMulNBits (ORT) or blocked INT4 DequantizeLinear (TensorRT).
 INT4_FORMATS = ("matmulnbits", "qdq")
 
@@ -102,6 +114,9 @@ INT4_ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations inside the kern
 INT8_BLOCK_SIZE = 128            # MatMulNBits bits=8 (weight-only int8 on ORT CPU; LM head GEMV 1.81 -> 1.54 ms)
 WEIGHT_OPS_VISION = ("Conv", "MatMul", "Gemm")
 WEIGHT_OPS_DECODER = ("MatMul", "Gemm")
+#: quantize_dynamic's op types (its ConvInteger is slower than float Conv on ORT CPU; the vision tower's convs are
+#: the patch embedding and the LDP projector's, a small share of its FLOPs).
+WEIGHT_OPS_DYNAMIC = ("MatMul", "Gemm")
 
 # Parity tolerances after quantization: ``edgevlm.precisions`` (TOLERANCES, tolerances_for).
 
@@ -301,7 +316,8 @@ def _check_rules(comps: Mapping[str, str], target) -> None:
 
 
 def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *, calib_method: str = "minmax",
-                      int8_decoder: str = "auto", int4_format: str = "auto", block_size: int = INT4_BLOCK_SIZE,
+                      int8_decoder: str = "auto", int8_vision: str = "auto", int4_format: str = "auto",
+                      block_size: int = INT4_BLOCK_SIZE,
                       accuracy_level: int = INT4_ACCURACY_LEVEL, per_channel: bool = True) -> QuantPlan:
     """Resolve ``precision`` for ``target`` into a ``QuantPlan``.
 
@@ -311,6 +327,8 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
         calib_method: ``minmax`` | ``entropy`` | ``percentile`` (static QDQ calibration, ``--calib-method``).
         int8_decoder: ``auto`` (CPU: weight-only MatMulNBits 8-bit; TensorRT: W8A8 QDQ), ``weight-only``,
             ``dynamic`` (``quantize_dynamic``; ORT CPU only) or ``qdq``.
+        int8_vision: ``auto`` (CPU: ``dynamic``; TensorRT: ``static``), ``dynamic`` (``quantize_dynamic``; ORT CPU
+            only) or ``static`` (calibrated static QDQ).
         int4_format: ``auto`` (CPU: ``matmulnbits``; TensorRT: ``qdq``), ``matmulnbits`` or ``qdq``.
         block_size: int4 (and 8-bit weight-only) block size along K (a power of two >= 16).
         accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute).
@@ -325,6 +343,8 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
     if int8_decoder not in ("auto", *INT8_DECODER_MODES):
         raise QuantizationError(f"int8 decoder mode '{int8_decoder}' unknown; use auto, "
                                 f"{', '.join(INT8_DECODER_MODES)}")
+    if int8_vision not in ("auto", *INT8_VISION_MODES):
+        raise QuantizationError(f"int8 vision mode '{int8_vision}' unknown; use auto, {', '.join(INT8_VISION_MODES)}")
     if int4_format not in ("auto", *INT4_FORMATS):
         raise QuantizationError(f"int4 format '{int4_format}' unknown; use auto, {', '.join(INT4_FORMATS)}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
@@ -353,13 +373,19 @@ def plan_quantization(precision: str | Mapping[str, str] | None, target=None, *,
                                 f"weight-only quantization supports block sizes "
                                 f"{' and '.join(map(str, TENSORRT_INT4_BLOCK_SIZES))}; use block_size="
                                 f"{INT4_BLOCK_SIZE} (the default) or 64")
+    if trt and int8_vision == "dynamic" and comps["vision"] == "int8":
+        raise QuantizationError(f"int8_vision='dynamic' on TensorRT target '{tgt.name}': quantize_dynamic emits "
+                                f"DynamicQuantizeLinear + MatMulInteger, which TensorRT rejects; use "
+                                f"int8_vision='static' (calibrated static QDQ), the TensorRT default")
     if int8_decoder == "auto":
         int8_decoder = "qdq" if trt else "weight-only"
+    if int8_vision == "auto":
+        int8_vision = "static" if trt else "dynamic"
     if int4_format == "auto":
         int4_format = "qdq" if trt else "matmulnbits"
 
     reduce_range = int8_reduce_range(tgt)
-    vision = _vision_recipe(comps["vision"], calib_method, per_channel, reduce_range)
+    vision = _vision_recipe(comps["vision"], calib_method, per_channel, reduce_range, int8_vision)
     decoder = _decoder_recipe(comps["decoder"], comps["lm_head"], int8_decoder=int8_decoder,
                               int4_format=int4_format, calib_method=calib_method, block_size=block_size,
                               accuracy_level=accuracy_level, per_channel=per_channel, reduce_range=reduce_range,
@@ -424,13 +450,21 @@ def _static_params(calib_method: str, per_channel: bool, op_types: tuple[str, ..
 
 
 def _vision_recipe(precision: str, calib_method: str, per_channel: bool,
-                   reduce_range: bool = False) -> ComponentRecipe:
+                   reduce_range: bool = False, int8_vision: str = "static") -> ComponentRecipe:
     if precision == "fp32":
         return ComponentRecipe("vision", "fp32", "none", {}, description="as exported (float32)")
     if precision == "fp16":
         return ComponentRecipe("vision", "fp16", "fp16-cast", _fp16_params(),
                                description="float16 weights and compute, float32 graph I/O, LayerNorm and Softmax "
                                            "fp32", float_types="fp16")
+    if precision == "int8" and int8_vision == "dynamic":
+        return ComponentRecipe("vision", "int8", "dynamic", {
+            "tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": per_channel,
+            "reduce_range": reduce_range, "op_types": list(WEIGHT_OPS_DYNAMIC), "symmetric": True,
+            "ops": "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime fuses them to DynamicQuantizeMatMul)"},
+            description="int8 dynamic quantization (per-channel " + ("7-bit weights for CPUs without VNNI"
+                                                                     if reduce_range else "weights")
+                        + ", activation scales per image at run time; no calibration; ONNX Runtime CPU only)")
     if precision == "int8":
         return ComponentRecipe("vision", "int8", "static-qdq", _static_params(calib_method, per_channel,
                                                                               WEIGHT_OPS_VISION, reduce_range),

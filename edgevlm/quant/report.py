@@ -204,8 +204,11 @@ def report_table(quant: Mapping[str, Any]):
     errors = quant.get("errors") or {}
     sizes = quant.get("sizes") or {}
     held = errors.get("heldout_samples")
+    calib = (quant.get("calibration") or {}).get("calibration") or {}
     title = (f"quantization {recipe.get('name', '?')} for {quant.get('target', '?')}: error vs fp32"
-             + (f" on {held} held-out images" if held else "") + f" (calibration {quant.get('calib_method', '?')})")
+             + (f" on {held} held-out images" if held else "")
+             + (" (nothing calibrated)" if calib.get("kind") == "none"
+                else f" (calibration {quant.get('calib_method', '?')})"))
     t = Table(title=title, title_justify="left", pad_edge=False)
     for col, just in (("part", "left"), ("recipe", "left"), ("cos mean/min", "right"), ("max|d|", "right"),
                       ("mean|d|", "right"), ("top-1", "right"), ("size", "right")):

@@ -25,13 +25,13 @@ __all__ = ["OrtVisionEncoder", "open_vision", "int8_saturation_warning"]
 
 
 def int8_saturation_warning(entry: dict[str, Any], device_type: str) -> str | None:
-    """A warning when ``entry``'s int8 Q/DQ graph will lose accuracy on this CPU: quantized with full 8-bit weights
+    """A warning when ``entry``'s int8 graph (static Q/DQ or dynamic) will lose accuracy on this CPU: quantized with full 8-bit weights
     (for a VNNI CPU or a GPU) and run here by ONNX Runtime's x86 u8s8 kernels, whose ``vpmaddubsw`` saturates
     without VNNI (``edgevlm.quant.recipes.int8_reduce_range``). Logged once per load; None when all is well."""
     from edgevlm.runtime.cpuinfo import int8_saturates
 
     recipe = entry.get("recipe") or {}
-    if device_type != "cpu" or recipe.get("method") != "static-qdq" or recipe.get("reduce_range") \
+    if device_type != "cpu" or recipe.get("method") not in ("static-qdq", "dynamic") or recipe.get("reduce_range") \
             or not int8_saturates():
         return None
     msg = ("the int8 vision graph was quantized with 8-bit weights (for a VNNI CPU or a GPU), and this CPU has no "
