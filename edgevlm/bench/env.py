@@ -278,9 +278,11 @@ def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[str, flo
             "array_gib": gib, "repeats": repeats}
 
 
-def gemm_rates(threads: int, m: int, k: int, n: int, repeats: int = 3) -> dict[str, float]:
+def gemm_rates(threads: int, m: int, k: int, n: int, repeats: int = 3, int8: bool = False) -> dict[str, float]:
     """GFLOP/s of an ``[m, k] x [k, n]`` float32 product: numpy (its BLAS, its own thread count) and ONNX Runtime's
-    MatMul with ``threads`` intra-op threads (when ``onnx`` is installed to build the one-node graph). Best of N."""
+    MatMul with ``threads`` intra-op threads (when ``onnx`` is installed to build the one-node graph). Best of N.
+    ``int8``: also ``ort_int8_dynamic_gops``, the same product quantized by ``quantize_dynamic`` (int8 per-channel
+    weights, activations quantized at run time: ONNX Runtime's DynamicQuantizeMatMul, VNNI / AVX2 / NEON kernels)."""
     flops = 2.0 * m * k * n
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
@@ -312,6 +314,20 @@ def gemm_rates(threads: int, m: int, k: int, n: int, repeats: int = 3) -> dict[s
         so.log_severity_level = 3
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         out["ort_fp32_gflops"] = best(lambda: sess.run(None, {"a": a}))
+        if int8:
+            import tempfile
+
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with tempfile.TemporaryDirectory() as tmp:          # the vision tower's int8 op: DynamicQuantizeMatMul
+                src, dst = os.path.join(tmp, "f.onnx"), os.path.join(tmp, "q.onnx")
+                import onnx
+
+                onnx.save(model, src)
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                                 extra_options={"MatMulConstBOnly": True})
+                qsess = ort.InferenceSession(dst, so, providers=["CPUExecutionProvider"])
+            out["ort_int8_dynamic_gops"] = best(lambda: qsess.run(None, {"a": a}))
     except ImportError:
         pass
     return out
