@@ -553,7 +553,10 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
         if parity:                                            # now, so the vision weights can go before the decoder
             from edgevlm.exporter import parity as P
 
-            refs_vision = stages.run("reference_vision", lambda: P.vision_reference(vlm, batch=2, seed=seed))
+            # bounded like the decoder's below: models >= LARGE_MODEL_PARAMS check one image (the runtime encodes
+            # one at a time; a second image only re-checks batching, at a CLIP-L pass in PyTorch and one in ORT)
+            refs_vision = stages.run("reference_vision",
+                                     lambda: P.vision_reference(vlm, batch=1 if large else 2, seed=seed))
         if owned and graph_kind == "gqa":                   # the builder reads vlm.llm only
             _drop_vision_weights(vlm)
         if graph_kind == "gqa":

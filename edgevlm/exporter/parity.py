@@ -8,8 +8,8 @@ max of the two, not the sum):
 
 Checks (each records max |diff|, cosine, the applied limit and pass/fail):
 
-* vision: random pixel values, batch 2 -> ``image_embeds``.
-* decoder, per batch size (1 and 2): prefill of ``prompt_len`` random embeddings from an empty cache
+* vision: random pixel values, batch 2 (batch 1 for models of >= 1B parameters) -> ``image_embeds``.
+* decoder, per batch size (1 and 2; 1 alone for models of >= 1B parameters): prefill of ``prompt_len`` random embeddings from an empty cache
   (``prefill_b{B}``, logits + the valid rows of the KV cache), then ``decode_steps`` single-token steps
   (``decode_b{B}_step{k}``) on ONNX Runtime's *own* KV cache from the previous step (so the KV round trip is
   exercised), the next token being PyTorch's greedy choice; the KV cache after the last step is compared too
