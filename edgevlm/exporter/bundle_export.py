@@ -511,32 +511,30 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     with BundleWriter(out, overwrite=overwrite) as w:
         root = w.root
 
-        # -- model. With the ORT decoder builder (gqa) the language model stays in its stored dtype (a released
-        # fp16 checkpoint; random init of a model >= LARGE_MODEL_PARAMS is built in fp16 like one): the builder
-        # casts each weight to float32 as it writes it, the reference runs under float32_forward. The vision part
-        # is float32 (torch.onnx exports what it is given).
+        # -- model. The language model stays in its stored dtype (a released fp16 checkpoint; random init of a
+        # model >= LARGE_MODEL_PARAMS is built in fp16 like one): the ORT decoder builder (gqa) casts each weight to
+        # float32 as it writes it, the portable export traces float32 stand-ins and writes each weight cast from
+        # the model's tensor (onnx_export._float32_stand_ins); the reference runs under float32_forward. No float32
+        # copy of the language model exists (mobilevlm-v2-7b: 14 GB held, not 28). The vision part is float32
+        # (torch.onnx exports what it is given; 0.3B parameters).
         def build():
             import torch
 
             if kind == "in-memory":
                 return model, cfg
-            keep = graph_kind == "gqa"
             if kind == "checkpoint":
                 from edgevlm.model import load_checkpoint
 
-                m, c = load_checkpoint(checkpoint, dtype=None if keep else torch.float32)
+                m, c = load_checkpoint(checkpoint, dtype=None)
                 if cfg is not None:
                     _check_same_architecture(cfg, c, Path(checkpoint))
             else:
                 from edgevlm.model import build_model
 
                 torch.manual_seed(seed)
-                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if keep and large else torch.float32), cfg
-            if keep:
-                m.vision_tower.float()
-                m.mm_projector.float()
-            else:
-                m.float()
+                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if large else torch.float32), cfg
+            m.vision_tower.float()
+            m.mm_projector.float()
             return m.eval(), c
 
         large = _is_large(cfg) if cfg is not None else False       # random init always has cfg
@@ -554,7 +552,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             from edgevlm.exporter import parity as P
 
             refs_vision = stages.run("reference_vision", lambda: P.vision_reference(vlm, batch=2, seed=seed))
-        if owned and graph_kind == "gqa":                   # the builder reads vlm.llm only
+        if owned:                                             # the decoder stages read vlm.llm only
             _drop_vision_weights(vlm)
         if graph_kind == "gqa":
             dec = stages.run("decoder", lambda: _export_gqa_decoder(vlm, root, mcfg))
