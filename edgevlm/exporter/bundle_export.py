@@ -12,8 +12,14 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
     tokenizer    the checkpoint's tokenizer, or a stand-in trained on the synthetic data (random init)
     reference    PyTorch outputs for the parity inputs; then the PyTorch model is freed (peak RSS = max, not sum)
     postprocess  float precisions other than fp32 (fp16): the conversion hook the caller passes rewrites the
-                 saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s); quantized precisions are
-                 the quantization stage's (``edgevlm.quant``, composed by ``edgevlm.pipeline``)
+                 saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s, which streams: the weights are
+                 never loaded); quantized precisions are the quantization stage's (``edgevlm.quant``, composed by
+                 ``edgevlm.pipeline``)
+
+Memory: the language model stays in its stored dtype (fp16 for a released checkpoint, and for random init of a model
+>= ``LARGE_MODEL_PARAMS``); both decoder graphs write each weight cast to float32 as they save it, the vision weights
+are freed once vision.onnx and its reference exist, and the PyTorch model is freed before the graphs are converted
+or loaded by ONNX Runtime. mobilevlm-v2-7b to an fp16 TensorRT bundle: the fp16 model plus one weight at a time.
     parity       ONNX Runtime CPU vs the PyTorch reference; ``ExportMismatch`` beyond tolerance
     tensorrt     TensorRT targets only: standard-ops / opset / Q-DQ / finite-mask check of every graph, engine build plan
                  (build_plan.json + build_engines.sh; GPU only unless ``dla=True`` / ``--dla``); the memory plan

@@ -14,8 +14,15 @@ precision), for the float parts of int8/int4 Q/DQ graphs (``edgevlm.quant.apply`
 re-quantized with the new scale), so no scale turns subnormal or zero in fp16 (TensorRT refuses non-positive
 scales).
 
+``convert_fp16_file`` (the exporter's fp16 hook) converts a saved graph with external data without loading its
+weights (``stream_fp16_file``): ``convert_fp16`` runs on the graph with empty stand-ins for the external
+initializers, then each weight is read with ``pread``, cast (``to_float16``: the converter's clamping) or copied,
+and written over the float32 data file where that is safe. mobilevlm-v2-7b's 26 GB float32 decoder converts in a
+few hundred MB of memory; the result is tensor-identical to the loaded-graph conversion (tests/test_fp16_stream.py).
+
     >>> model, info = convert_fp16(onnx.load("decoder.onnx"), source="decoder.onnx", block=["/lm_head/MatMul"])
     >>> info["fp32_islands"]         # {"count": 14, "kinds": {"rmsnorm": 5, "softmax": 2, ...}, "where": ...}
+    >>> convert_fp16_file("bundle/decoder.onnx")      # in place, streamed: {"streamed": True, "fp32_islands": ...}
 """
 
 from __future__ import annotations
