@@ -126,7 +126,8 @@ def test_streamed_cast_clamps_like_the_converter_and_keeps_island_weights_fp32(t
     x = {"x": np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32)}
     import onnxruntime as ort
 
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0] for p in (loaded, streamed))
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0]
+            for p in (loaded, streamed))
     assert np.array_equal(a, b, equal_nan=True)
 
 

@@ -15,17 +15,17 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
                  saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s, which streams: the weights are
                  never loaded); quantized precisions are the quantization stage's (``edgevlm.quant``, composed by
                  ``edgevlm.pipeline``)
-
-Memory: the language model stays in its stored dtype (fp16 for a released checkpoint, and for random init of a model
->= ``LARGE_MODEL_PARAMS``); both decoder graphs write each weight cast to float32 as they save it, the vision weights
-are freed once vision.onnx and its reference exist, and the PyTorch model is freed before the graphs are converted
-or loaded by ONNX Runtime. mobilevlm-v2-7b to an fp16 TensorRT bundle: the fp16 model plus one weight at a time.
     parity       ONNX Runtime CPU vs the PyTorch reference; ``ExportMismatch`` beyond tolerance
     tensorrt     TensorRT targets only: standard-ops / opset / Q-DQ / finite-mask check of every graph, engine build plan
                  (build_plan.json + build_engines.sh; GPU only unless ``dla=True`` / ``--dla``); the memory plan
                  (planner.check_fits) runs before anything, and is recorded from the finished manifest
                  (``planner.plan_memory_from_manifest``: the KV dtype and buffering the bundle really has)
     manifest     written by ``edgevlm.bundle.BundleWriter``: atomic, nothing appears at ``out`` on failure
+
+Memory: the language model stays in its stored dtype (fp16 for a released checkpoint, and for random init of a model
+>= ``LARGE_MODEL_PARAMS``); both decoder graphs write each weight cast to float32 as they save it, the vision weights
+are freed once vision.onnx and its reference exist, and the PyTorch model is freed before the graphs are converted
+or loaded by ONNX Runtime. mobilevlm-v2-7b to an fp16 TensorRT bundle: the fp16 model plus one weight at a time.
 
     >>> from edgevlm.exporter.bundle_export import export_bundle
     >>> export_bundle("tiny-ldpnetv2", "out/tiny", random_init=True)              # a few seconds

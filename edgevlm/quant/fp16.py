@@ -36,7 +36,8 @@ import numpy as np
 
 from edgevlm.errors import QuantizationError
 
-__all__ = ["convert_fp16", "convert_fp16_file", "convert_fp16_file_loaded", "stream_fp16_file", "to_float16", "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
+__all__ = ["convert_fp16", "convert_fp16_file", "convert_fp16_file_loaded", "stream_fp16_file", "to_float16",
+           "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
 
 #: float16's smallest normal number: scales below it lose precision (subnormal) or become 0 in fp16.
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -287,7 +288,8 @@ def convert_fp16_file(path: str | os.PathLike, cfg: Any = None, *, in_place_data
     plus one weight chunk in memory; mobilevlm-v2-7b's 26 GB float32 decoder in a few hundred MB). The converted
     data are written over the float32 data file (``in_place_data``) when that is safe (one data file, not
     hard-linked elsewhere, the fp16 layout never overtakes what is still to be read), else into a new file that
-    replaces it. A graph without external data goes through the loaded-graph path (``convert_fp16_file_loaded``);
+    replaces it; in place, a failure midway leaves the graph unusable (the exporter converts inside the bundle's
+    temporary directory, which a failure discards). A graph without external data goes through the loaded-graph path (``convert_fp16_file_loaded``);
     both give the same nodes and the same initializer values (tests/test_fp16_stream.py)."""
     import onnx
     from pathlib import Path
@@ -337,8 +339,8 @@ _MIN_POSITIVE, _MAX_FINITE = 5.96e-08, 65504.0
 
 def to_float16(a: np.ndarray) -> np.ndarray:
     """float32 -> float16 exactly as ``onnxruntime.transformers.float16.convert_np_to_float16`` (with the defaults
-    ``convert_float_to_float16`` uses) casts an initializer: non-zero values closer to 0 than 5.96e-08 become +-5.96e-08,
-    finite values beyond +-65504 become +-65504; 0, inf and NaN are kept. The plain cast is the same everywhere
+    ``convert_float_to_float16`` uses) casts an initializer: non-zero values closer to 0 than 5.96e-08 become
+    +-5.96e-08, finite values beyond +-65504 become +-65504; 0, inf and NaN are kept. The plain cast is the same everywhere
     else, so only the elements that need the clamp go through ORT's function (about 10x faster on weights)."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
@@ -369,7 +371,7 @@ def _not_streamable(model: Any, base: Path) -> str | None:
         return "Q/DQ graph (its scales are floored with the weights loaded)"
     for t in external:
         info = _ext_info(t)
-        if "location" not in info or "length" not in info or "checksum" in info:
+        if "location" not in info or "length" not in info:
             return f"tensor '{t.name}' has external data without location / length"
         loc = (base / info["location"]).resolve()
         if base.resolve() not in loc.parents or not loc.is_file():
@@ -486,10 +488,8 @@ def stream_fp16_file(path: str | os.PathLike, *, in_place_data: bool = True) -> 
     finally:
         for fd in fds.values():
             os.close(fd)
-    if not in_place:
+    if not in_place:                                           # (other data files the source used are left alone)
         os.replace(tmp_path, data_path)                        # a new inode: hard links elsewhere keep the old data
-        for loc in locations - {out_name}:
-            (path.parent / loc).unlink(missing_ok=True)
     for s in ordered:
         t = inits[s.name]
         del t.dims[:]
