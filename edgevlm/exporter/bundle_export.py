@@ -12,14 +12,20 @@ One function, ``export_bundle``, runs the stages (each timed, reported to an opt
     tokenizer    the checkpoint's tokenizer, or a stand-in trained on the synthetic data (random init)
     reference    PyTorch outputs for the parity inputs; then the PyTorch model is freed (peak RSS = max, not sum)
     postprocess  float precisions other than fp32 (fp16): the conversion hook the caller passes rewrites the
-                 saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s); quantized precisions are
-                 the quantization stage's (``edgevlm.quant``, composed by ``edgevlm.pipeline``)
+                 saved graphs (``edgevlm.pipeline`` passes ``edgevlm.quant.fp16``'s, which streams: the weights are
+                 never loaded); quantized precisions are the quantization stage's (``edgevlm.quant``, composed by
+                 ``edgevlm.pipeline``)
     parity       ONNX Runtime CPU vs the PyTorch reference; ``ExportMismatch`` beyond tolerance
     tensorrt     TensorRT targets only: standard-ops / opset / Q-DQ / finite-mask check of every graph, engine build plan
                  (build_plan.json + build_engines.sh; GPU only unless ``dla=True`` / ``--dla``); the memory plan
                  (planner.check_fits) runs before anything, and is recorded from the finished manifest
                  (``planner.plan_memory_from_manifest``: the KV dtype and buffering the bundle really has)
     manifest     written by ``edgevlm.bundle.BundleWriter``: atomic, nothing appears at ``out`` on failure
+
+Memory: the language model stays in its stored dtype (fp16 for a released checkpoint, and for random init of a model
+>= ``LARGE_MODEL_PARAMS``); both decoder graphs write each weight cast to float32 as they save it, the vision weights
+are freed once vision.onnx and its reference exist, and the PyTorch model is freed before the graphs are converted
+or loaded by ONNX Runtime. mobilevlm-v2-7b to an fp16 TensorRT bundle: the fp16 model plus one weight at a time.
 
     >>> from edgevlm.exporter.bundle_export import export_bundle
     >>> export_bundle("tiny-ldpnetv2", "out/tiny", random_init=True)              # a few seconds
@@ -511,32 +517,30 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
     with BundleWriter(out, overwrite=overwrite) as w:
         root = w.root
 
-        # -- model. With the ORT decoder builder (gqa) the language model stays in its stored dtype (a released
-        # fp16 checkpoint; random init of a model >= LARGE_MODEL_PARAMS is built in fp16 like one): the builder
-        # casts each weight to float32 as it writes it, the reference runs under float32_forward. The vision part
-        # is float32 (torch.onnx exports what it is given).
+        # -- model. The language model stays in its stored dtype (a released fp16 checkpoint; random init of a
+        # model >= LARGE_MODEL_PARAMS is built in fp16 like one): the ORT decoder builder (gqa) casts each weight to
+        # float32 as it writes it, the portable export traces float32 stand-ins and writes each weight cast from
+        # the model's tensor (onnx_export._float32_stand_ins); the reference runs under float32_forward. No float32
+        # copy of the language model exists (mobilevlm-v2-7b: 14 GB held, not 28). The vision part is float32
+        # (torch.onnx exports what it is given; 0.3B parameters).
         def build():
             import torch
 
             if kind == "in-memory":
                 return model, cfg
-            keep = graph_kind == "gqa"
             if kind == "checkpoint":
                 from edgevlm.model import load_checkpoint
 
-                m, c = load_checkpoint(checkpoint, dtype=None if keep else torch.float32)
+                m, c = load_checkpoint(checkpoint, dtype=None)
                 if cfg is not None:
                     _check_same_architecture(cfg, c, Path(checkpoint))
             else:
                 from edgevlm.model import build_model
 
                 torch.manual_seed(seed)
-                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if keep and large else torch.float32), cfg
-            if keep:
-                m.vision_tower.float()
-                m.mm_projector.float()
-            else:
-                m.float()
+                m, c = build_model(cfg, seed=seed, dtype=torch.float16 if large else torch.float32), cfg
+            m.vision_tower.float()
+            m.mm_projector.float()
             return m.eval(), c
 
         large = _is_large(cfg) if cfg is not None else False       # random init always has cfg
@@ -557,7 +561,7 @@ def export_bundle(model_name_or_cfg: str | ModelConfig | None, out: str | os.Pat
             # one at a time; a second image only re-checks batching, at a CLIP-L pass in PyTorch and one in ORT)
             refs_vision = stages.run("reference_vision",
                                      lambda: P.vision_reference(vlm, batch=1 if large else 2, seed=seed))
-        if owned and graph_kind == "gqa":                   # the builder reads vlm.llm only
+        if owned:                                             # the decoder stages read vlm.llm only
             _drop_vision_weights(vlm)
         if graph_kind == "gqa":
             dec = stages.run("decoder", lambda: _export_gqa_decoder(vlm, root, mcfg))

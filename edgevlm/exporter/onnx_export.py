@@ -151,30 +151,41 @@ def release_exporter_state() -> int:
     return reset
 
 
-def _check_model(model) -> None:
+def _check_model(model, *, stored=None) -> None:
+    """The vision graph is traced from a float32 model on the CPU; the decoder (``stored``: the language model) may
+    keep fp16 / bf16 weights (a released checkpoint's dtype): they are traced as float32 stand-ins and written as
+    float32 (``_float32_stand_ins``)."""
     import torch
 
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        raise ConfigError(f"export traces a float32 model on the CPU, got {p.dtype} on {p.device}; call "
+    ok = (torch.float32,) if stored is None else (torch.float32, torch.float16, torch.bfloat16)
+    q = next((stored if stored is not None else model).parameters())
+    if q.device.type != "cpu" or q.dtype not in ok:
+        raise ConfigError(f"export traces a float32 model on the CPU, got {q.dtype} on {q.device}; call "
                           f"model.float().cpu() first (precision recipes are applied to the exported graphs)")
 
 
 def _export(module, args: tuple, kwargs: dict | None, path: Path, *, dynamic_shapes, input_names: list[str],
-            output_names: list[str], opset: int, external_data: bool, what: str) -> None:
+            output_names: list[str], opset: int, external_data: bool, what: str,
+            lazy_weights: bool = False) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` to ``path``. ``lazy_weights``: trace the weights as
+    ``_float32_stand_ins`` and write each from the module's own tensor as the file is written."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad(), _quiet_exporter():
-            program = torch.onnx.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
-                                        input_names=input_names, output_names=output_names, opset_version=opset,
-                                        dynamo=True, external_data=external_data, verbose=False, optimize=True)
-            if program is None:                               # pragma: no cover - dynamo=True always returns one
-                raise ExportError(f"torch.onnx.export returned no program for the {what}")
-            program.save(str(path), external_data=external_data)
-            del program
+            # the stand-ins stay in place until the file is written: the program's initializers hold the module's
+            # parameters themselves (float32 copies of small fp16 ones are read at save time)
+            with _float32_stand_ins(module) if lazy_weights else contextlib.nullcontext({}) as held:
+                program = torch.onnx.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                                            input_names=input_names, output_names=output_names, opset_version=opset,
+                                            dynamo=True, external_data=external_data, verbose=False, optimize=True)
+                if program is None:                           # pragma: no cover - dynamo=True always returns one
+                    raise ExportError(f"torch.onnx.export returned no program for the {what}")
+                _write_stand_ins_lazily(program, held, what)
+                program.save(str(path), external_data=external_data)
+                del program
     except ExportError:
         raise
     except (torch.onnx.errors.OnnxExporterError, RuntimeError, ValueError, TypeError, AssertionError,
@@ -185,6 +196,135 @@ def _export(module, args: tuple, kwargs: dict | None, path: Path, *, dynamic_sha
                           f"names the model line it could not trace") from exc
     finally:
         release_exporter_state()
+
+
+# ---- weights: traced as stand-ins, written one at a time from the model's own tensors ------------------------------
+#: 2-D weights with more elements than this are traced as float32 stand-ins that hold no memory (a row expanded with
+#: stride 0) and written at save time, one at a time, from the model's tensor (cast to float32, transposed where the
+#: exporter folded a Transpose into it). The exporter's optimizer (onnxscript) folds constants this large only
+#: through Transpose, and keeps them out of its value-based passes (deduplication stops at 1024 elements), so the
+#: graph is the one a float32 export writes, byte for byte (tests/test_export_lazy.py). Equal to
+#: ``onnxscript.optimizer``'s constant-folding input limit.
+STAND_IN_MIN_ELEMENTS = 8192
+
+
+@dataclass
+class _StandIn:
+    """One weight traced as a stand-in: ``source`` is the model's tensor (any float dtype)."""
+
+    name: str
+    source: Any
+    start: int                                   # address of the stand-in's row, and one past its end
+    end: int
+
+
+@contextlib.contextmanager
+def _float32_stand_ins(module, min_elements: int | None = None) -> Iterator[dict[int, _StandIn]]:
+    """Trace ``module`` as a float32 module without a float32 copy of its weights: every 2-D parameter with more
+    than ``min_elements`` (default ``STAND_IN_MIN_ELEMENTS``) elements gets a stand-in (``torch.arange(cols)``
+    expanded over the rows: stride 0, one row of memory; a view of it says whether the exporter transposed it), any
+    other non-float32 float parameter or buffer a float32 copy. Yields ``{row address: _StandIn}``; the module's
+    own tensors are back on exit, also after an exception. A float32 module gets stand-ins too (its export then holds
+    no transposed copy of its weights either)."""
+    import torch
+
+    limit = STAND_IN_MIN_ELEMENTS if min_elements is None else min_elements
+    held: dict[int, _StandIn] = {}
+    restore: list[tuple[Any, Any]] = []
+    try:
+        for name, p in module.named_parameters():
+            if p.ndim == 2 and p.numel() > limit and p.is_floating_point():
+                row = torch.arange(p.shape[1], dtype=torch.float32)
+                restore.append((p, p.data))
+                held[row.data_ptr()] = _StandIn(name, p.data, row.data_ptr(), row.data_ptr() + 4 * p.shape[1])
+                p.data = row.expand(p.shape[0], p.shape[1])
+            elif p.is_floating_point() and p.dtype != torch.float32:
+                restore.append((p, p.data))
+                p.data = p.data.to(torch.float32)
+        for b in module.buffers():
+            if b.is_floating_point() and b.dtype != torch.float32:
+                restore.append((b, b.data))
+                b.data = b.data.to(torch.float32)
+        yield held
+    finally:
+        for t, data in reversed(restore):
+            t.data = data
+
+
+def _address(tensor: Any) -> tuple[int, tuple[int, ...]] | None:
+    """(data address, byte strides) of an onnx_ir tensor backed by a torch tensor or a numpy array, else None."""
+    import torch
+
+    raw = getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.data_ptr(), tuple(s * raw.element_size() for s in raw.stride())
+    if isinstance(raw, np.ndarray):
+        return raw.__array_interface__["data"][0], tuple(raw.strides)
+    return None
+
+
+def _write_stand_ins_lazily(program, held: dict[int, _StandIn], what: str) -> int:
+    """Point every initializer the exporter made from a stand-in (the weight itself, or the Transpose it folded into
+    it) at a lazy tensor that casts (and transposes) the model's weight when the file is written. ``ExportError``
+    when a stand-in reached the graph any other way (its values would be the stand-in's). Returns the count."""
+    import onnx_ir as ir
+
+    if not held:
+        return 0
+    try:
+        from onnxscript.optimizer import FOLDED_FROM_KEY
+    except ImportError:                                   # onnxscript < 0.6 keeps it private
+        from onnxscript.optimizer._constant_folding import FOLDED_FROM_KEY
+
+    names = {h.name for h in held.values()}
+    ranges = sorted((h.start, h.end) for h in held.values())
+    swapped = 0
+    for graph in program.model.graphs():
+        for value in graph.initializers.values():
+            cv = value.const_value
+            where = _address(cv) if cv is not None else None
+            h = held.get(where[0]) if where is not None else None
+            if h is not None:
+                shape, strides = tuple(cv.shape), where[1]
+                src = tuple(h.source.shape)
+                if shape == src and strides == (0, 4):
+                    transposed = False
+                elif shape == src[::-1] and strides == (4, 0):
+                    transposed = True
+                else:
+                    raise ExportError(f"{what}: initializer '{value.name}' is a {shape} view (strides {strides}) of "
+                                      f"the traced stand-in for '{h.name}' {src}; only the weight or its transpose "
+                                      f"can be written lazily. This is an exporter bug, report it")
+                value.const_value = ir.LazyTensor(
+                    _lazy_float32(h.source, transposed), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape),
+                    name=cv.name, doc_string=cv.doc_string, metadata_props=dict(cv.metadata_props))
+                swapped += 1
+                continue
+            folded = value.meta.get(FOLDED_FROM_KEY, set()) if hasattr(value, "meta") else set()
+            inside = where is not None and any(lo <= where[0] < hi for lo, hi in ranges)
+            if inside or (names & set(folded)):
+                raise ExportError(f"{what}: initializer '{value.name}' was computed from a traced stand-in "
+                                  f"({sorted(names & set(folded)) or 'a view'}); this is an exporter bug, report it")
+    return swapped
+
+
+def _lazy_float32(source: Any, transposed: bool):
+    """A thunk: ``source`` (any float dtype) as a contiguous float32 onnx_ir tensor, transposed if asked; one
+    conversion pass, no second copy."""
+
+    def load():
+        import onnx_ir as ir
+        import torch
+
+        src = source.detach()
+        if src.dtype == torch.float32 and not transposed and src.is_contiguous():
+            return ir.tensor(src.numpy())
+        view = src.t() if transposed else src
+        out = torch.empty(tuple(view.shape), dtype=torch.float32)
+        out.copy_(view)
+        return ir.tensor(out.numpy())
+
+    return load
 
 
 @dataclass
@@ -215,8 +355,10 @@ def export_vision(model, path: str | os.PathLike, *, opset: int = S.DEFAULT_OPSE
 
 def export_decoder(model, path: str | os.PathLike, *, opset: int = S.DEFAULT_OPSET,
                    external_data: bool = True) -> "ExportedGraph":
-    """Export the decoder with explicit past KV to ``path`` (+ ``path.data``)."""
-    _check_model(model)
+    """Export the decoder with explicit past KV to ``path`` (+ ``path.data``). The language model may hold fp16 /
+    bf16 weights (a released checkpoint, or a large random-init model built in fp16): the graph is the float32 one
+    (its weights cast as they are written, ``_float32_stand_ins``), with no float32 copy of the model."""
+    _check_model(model, stored=model.llm)
     S.check_opset(opset)
     cfg = model.cfg
     spec = S.decoder_spec(cfg)
@@ -225,7 +367,8 @@ def export_decoder(model, path: str | os.PathLike, *, opset: int = S.DEFAULT_OPS
     try:
         _export(decoder_module(model), (), S.decoder_example_inputs(cfg), Path(path),
                 dynamic_shapes=S.decoder_dynamic_shapes(cfg.llm.num_layers), input_names=spec.input_names,
-                output_names=spec.output_names, opset=opset, external_data=external_data, what="decoder")
+                output_names=spec.output_names, opset=opset, external_data=external_data, what="decoder",
+                lazy_weights=True)
     finally:
         model.train(was_training)
     return ExportedGraph(Path(path), finalize_graph(path, spec))

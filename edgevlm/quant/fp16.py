@@ -14,21 +14,30 @@ precision), for the float parts of int8/int4 Q/DQ graphs (``edgevlm.quant.apply`
 re-quantized with the new scale), so no scale turns subnormal or zero in fp16 (TensorRT refuses non-positive
 scales).
 
+``convert_fp16_file`` (the exporter's fp16 hook) converts a saved graph with external data without loading its
+weights (``stream_fp16_file``): ``convert_fp16`` runs on the graph with empty stand-ins for the external
+initializers, then each weight is read with ``pread``, cast (``to_float16``: the converter's clamping) or copied,
+and written over the float32 data file where that is safe. mobilevlm-v2-7b's 26 GB float32 decoder converts in a
+few hundred MB of memory; the result is tensor-identical to the loaded-graph conversion (tests/test_fp16_stream.py).
+
     >>> model, info = convert_fp16(onnx.load("decoder.onnx"), source="decoder.onnx", block=["/lm_head/MatMul"])
     >>> info["fp32_islands"]         # {"count": 14, "kinds": {"rmsnorm": 5, "softmax": 2, ...}, "where": ...}
+    >>> convert_fp16_file("bundle/decoder.onnx")      # in place, streamed: {"streamed": True, "fp32_islands": ...}
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from edgevlm.errors import QuantizationError
 
-__all__ = ["convert_fp16", "convert_fp16_file", "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
+__all__ = ["convert_fp16", "convert_fp16_file", "convert_fp16_file_loaded", "stream_fp16_file", "to_float16",
+           "join_fp32_islands", "toposort", "floor_qdq_scales", "island_summary", "FP16_MIN_NORMAL", "WHERE"]
 
 #: float16's smallest normal number: scales below it lose precision (subnormal) or become 0 in fp16.
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -270,10 +279,33 @@ def convert_fp16(model: Any, *, source: str | os.PathLike | None = None, block: 
     return converted, info
 
 
-def convert_fp16_file(path: str | os.PathLike, cfg: Any = None) -> dict[str, Any]:
-    """Rewrite the saved float32 graph at ``path`` (and its ``.data``) in place as fp16 with ``convert_fp16``: the
-    exporter's fp16 conversion hook (``edgevlm.pipeline`` passes it as ``postprocess={"fp16": ...}``). Returns the
-    recipe details the manifest records. ``cfg`` (the model config) is accepted for the hook signature, unused."""
+def convert_fp16_file(path: str | os.PathLike, cfg: Any = None, *, in_place_data: bool = True) -> dict[str, Any]:
+    """Rewrite the saved float32 graph at ``path`` (and its external data) in place as fp16 with ``convert_fp16``:
+    the exporter's fp16 conversion hook (``edgevlm.pipeline`` passes it as ``postprocess={"fp16": ...}``). Returns
+    the recipe details the manifest records. ``cfg`` (the model config) is accepted for the hook signature, unused.
+
+    A graph with external data is converted without loading its weights (``stream_fp16_file``: the graph structure
+    plus one weight chunk in memory; mobilevlm-v2-7b's 26 GB float32 decoder in a few hundred MB). The converted
+    data are written over the float32 data file (``in_place_data``) when that is safe (one data file, not
+    hard-linked elsewhere, the fp16 layout never overtakes what is still to be read), else into a new file that
+    replaces it; in place, a failure midway leaves the graph unusable (the exporter converts inside the bundle's
+    temporary directory, which a failure discards). A graph without external data goes through the loaded-graph path (``convert_fp16_file_loaded``);
+    both give the same nodes and the same initializer values (tests/test_fp16_stream.py)."""
+    import onnx
+    from pathlib import Path
+
+    path = Path(path)
+    shell = onnx.load(str(path), load_external_data=False)
+    why = _not_streamable(shell, path.parent)
+    del shell
+    if why is None:
+        return stream_fp16_file(path, in_place_data=in_place_data)
+    return convert_fp16_file_loaded(path, cfg)
+
+
+def convert_fp16_file_loaded(path: str | os.PathLike, cfg: Any = None) -> dict[str, Any]:
+    """``convert_fp16_file`` on the loaded graph (weights included: the whole float32 graph and its fp16 copy sit in
+    memory): for graphs with embedded data, and the reference the streamed conversion is compared with."""
     import onnx
     from pathlib import Path
 
@@ -286,5 +318,224 @@ def convert_fp16_file(path: str | os.PathLike, cfg: Any = None) -> dict[str, Any
         data.unlink()                                         # onnx appends to an existing data file
     onnx.save(model16, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
+    return _recipe(info)
+
+
+def _recipe(info: dict[str, Any]) -> dict[str, Any]:
     return {"converter": "edgevlm.quant.fp16.convert_fp16 (onnxruntime.transformers.float16)", "keep_io_types": True,
-            "clamp_constants": 1e4, **info}
+            "clamp_constants": {"max_finite": 65504.0, "min_positive": 5.96e-08}, **info}
+
+
+# ---- the streamed conversion ------------------------------------------------------------------------------------
+#: tensors at least this large start at a 4 KiB boundary of the data file (as ``nbits_stream`` writes them), smaller
+#: ones at 64 bytes; initializers under 1 KiB stay inside the graph (``onnx.save``'s ``size_threshold`` of the
+#: loaded-graph path)
+_PAGE, _SMALL_ALIGN, _INLINE_MAX, _PAGE_ALIGN_MIN = 4096, 64, 1024, 1 << 20
+#: float32 values converted per step (a 16 MiB read): bounds the memory of the cast of one large weight
+_CHUNK_ELEMENTS = 1 << 22
+#: what ``convert_float_to_float16`` is called with (its defaults): the clamping the cast reproduces
+_MIN_POSITIVE, _MAX_FINITE = 5.96e-08, 65504.0
+
+
+def to_float16(a: np.ndarray) -> np.ndarray:
+    """float32 -> float16 exactly as ``onnxruntime.transformers.float16.convert_np_to_float16`` (with the defaults
+    ``convert_float_to_float16`` uses) casts an initializer: non-zero values closer to 0 than 5.96e-08 become
+    +-5.96e-08, finite values beyond +-65504 become +-65504; 0, inf and NaN are kept. The plain cast is the same everywhere
+    else, so only the elements that need the clamp go through ORT's function (about 10x faster on weights)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    with np.errstate(over="ignore"):                          # beyond 65504: fixed just below
+        out = a.astype(np.float16)
+    m = np.abs(a)
+    fix = ((m < np.float32(_MIN_POSITIVE)) & (m > 0)) | ((m > np.float32(_MAX_FINITE)) & (m < np.inf))
+    if fix.any():
+        out[fix] = convert_np_to_float16(a[fix], _MIN_POSITIVE, _MAX_FINITE)
+    return out
+
+
+def _ext_info(t: Any) -> dict[str, str]:
+    return {kv.key: kv.value for kv in t.external_data}
+
+
+def _not_streamable(model: Any, base: Path) -> str | None:
+    """Why ``model`` goes through the loaded-graph path (None: it can be streamed)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    if not external:
+        return "no external data"
+    if sum(t.data_location == TensorProto.EXTERNAL for t in _get_all_tensors(model)) != len(external):
+        return "external data outside the main graph's initializers"
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "Q/DQ graph (its scales are floored with the weights loaded)"
+    for t in external:
+        info = _ext_info(t)
+        if "location" not in info or "length" not in info:
+            return f"tensor '{t.name}' has external data without location / length"
+        loc = (base / info["location"]).resolve()
+        if base.resolve() not in loc.parents or not loc.is_file():
+            return f"tensor '{t.name}': external data '{info['location']}' is not a file beside the graph"
+    return None
+
+
+class _Source:
+    """One external float initializer of the source graph: where its bytes are and what it becomes."""
+
+    __slots__ = ("name", "location", "offset", "length", "dims", "data_type", "out_type", "out_length", "out_offset")
+
+    def __init__(self, t: Any) -> None:
+        info = _ext_info(t)
+        self.name, self.location = t.name, info["location"]
+        self.offset, self.length = int(info.get("offset", 0)), int(info["length"])
+        self.dims, self.data_type = list(t.dims), int(t.data_type)
+        self.out_type, self.out_length, self.out_offset = self.data_type, self.length, -1
+
+
+def _stand_in(t: Any) -> None:
+    """Replace an external initializer by an empty tensor of its type (no data: the converter retypes it, and a
+    float one it converts is recognizable by its new type); ``_Source`` remembers the rest."""
+    from onnx import TensorProto
+
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    del t.dims[:]
+    t.dims.append(0)
+    t.raw_data = b""
+
+
+def _align(pos: int, n: int) -> int:
+    a = _PAGE if n >= _PAGE_ALIGN_MIN else _SMALL_ALIGN
+    return pos + (-pos) % a
+
+
+def stream_fp16_file(path: str | os.PathLike, *, in_place_data: bool = True) -> dict[str, Any]:
+    """``convert_fp16_file`` for a graph with external data, without loading its weights.
+
+    The graph is read without its data; every external initializer is replaced by an empty stand-in (its location,
+    offset, length, dims and type remembered) and the weight-less graph goes through ``convert_fp16`` (the same
+    ``convert_float_to_float16`` call, islands and repairs as the loaded-graph path: that converter decides which
+    initializers become fp16 from the nodes that use them, never from their values). Then the data file is
+    written one tensor at a time, in source order, from ``pread`` chunks of the source: cast with ``to_float16``
+    (the converter's clamping) where the converter retyped the initializer, copied where it stayed float32 (used by
+    fp32 islands only) or is not a float. Offsets: 4 KiB aligned from 1 MiB, 64 bytes below; initializers the
+    converter left inline and that are 1 KiB or more move to the data file too (as ``onnx.save`` with
+    ``size_threshold=1024`` would). Returns the recipe details (``convert_fp16_file``) plus ``streamed: True``."""
+    import onnx
+    from onnx import TensorProto
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    why = _not_streamable(model, path.parent)
+    if why is not None:
+        raise QuantizationError(f"{path.name}: cannot stream the fp16 conversion ({why}); use convert_fp16_file")
+    sources: dict[str, _Source] = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            sources[t.name] = _Source(t)
+            _stand_in(t)
+    model16, info = convert_fp16(model, source=path)
+    del model
+    inits = {t.name: t for t in model16.graph.initializer}
+    ordered = sorted(sources.values(), key=lambda s: (s.location, s.offset))
+    for s in ordered:
+        t = inits.get(s.name)
+        if t is None:                                       # the converter drops no initializer; be safe anyway
+            continue
+        s.out_type = int(t.data_type)
+        if s.out_type != s.data_type:
+            if (s.data_type, s.out_type) != (TensorProto.FLOAT, TensorProto.FLOAT16) or s.length % 4:
+                raise QuantizationError(f"fp16 conversion retyped '{s.name}' from {s.data_type} to {s.out_type}; "
+                                        f"this is a recipe bug, report it")
+            s.out_length = s.length // 2
+    ordered = [s for s in ordered if s.name in inits]
+    inline = [t for t in model16.graph.initializer if t.name not in sources and t.data_location != TensorProto.EXTERNAL
+              and t.HasField("raw_data") and len(t.raw_data) >= _INLINE_MAX]
+    locations = {s.location for s in ordered}
+    src_data = path.parent / next(iter(locations)) if len(locations) == 1 else None
+    out_name = path.name + ".data"
+    pos = 0
+    for s in ordered:
+        s.out_offset = _align(pos, s.out_length)
+        pos = s.out_offset + s.out_length
+    in_place = bool(in_place_data and src_data is not None and src_data.name == out_name
+                    and os.stat(src_data).st_nlink == 1 and _overwrite_safe(ordered))
+    data_path = path.parent / out_name
+    tmp_path = data_path if in_place else path.parent / (out_name + ".fp16-tmp")
+    fds: dict[str, int] = {}
+    try:
+        for loc in locations:
+            fds[loc] = os.open(path.parent / loc, os.O_RDWR if in_place else os.O_RDONLY)
+        out_fd = fds[src_data.name] if in_place else os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for s in ordered:
+                _copy_tensor(fds[s.location], out_fd, s)
+            for t in inline:                                   # after every source byte was read
+                n = len(t.raw_data)
+                offset = _align(pos, n)
+                os.pwrite(out_fd, t.raw_data, offset)
+                pos = offset + n
+                t.ClearField("raw_data")
+                _point(t, out_name, offset, n)
+            os.ftruncate(out_fd, pos)
+        finally:
+            if not in_place:
+                os.close(out_fd)
+    except BaseException:
+        if not in_place:
+            tmp_path.unlink(missing_ok=True)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if not in_place:                                           # (other data files the source used are left alone)
+        os.replace(tmp_path, data_path)                        # a new inode: hard links elsewhere keep the old data
+    for s in ordered:
+        t = inits[s.name]
+        del t.dims[:]
+        t.dims.extend(s.dims)
+        t.ClearField("raw_data")
+        _point(t, out_name, s.out_offset, s.out_length)
+    onnx.save_model(model16, str(path))
+    return {**_recipe(info), "streamed": True, "data_in_place": in_place}
+
+
+def _overwrite_safe(ordered: list[_Source]) -> bool:
+    """Writing the fp16 layout over the source file in source order never overwrites a byte still to be read: each
+    output starts at or before its source (the write of a chunk then stays behind its read) and ends before the
+    next source begins; sources do not overlap."""
+    for k, s in enumerate(ordered):
+        nxt = ordered[k + 1].offset if k + 1 < len(ordered) else None
+        if s.out_offset > s.offset or s.out_length > s.length:
+            return False
+        if nxt is not None and (s.out_offset + s.out_length > nxt or s.offset + s.length > nxt):
+            return False
+    return True
+
+
+def _copy_tensor(src_fd: int, out_fd: int, s: _Source) -> None:
+    """One tensor from the source range to its output range, in chunks (cast to fp16 where it was retyped)."""
+    cast = s.out_type != s.data_type
+    step = _CHUNK_ELEMENTS * 4
+    done = written = 0
+    while done < s.length:
+        n = min(step, s.length - done)
+        data = os.pread(src_fd, n, s.offset + done)
+        if len(data) != n:
+            raise QuantizationError(f"tensor '{s.name}': its data file ends before offset {s.offset + done} + {n}; "
+                                    f"the graph's data file is truncated")
+        if cast:
+            data = to_float16(np.frombuffer(data, dtype="<f4")).tobytes()
+        os.pwrite(out_fd, data, s.out_offset + written)
+        done += n
+        written += len(data)
+
+
+def _point(t: Any, location: str, offset: int, length: int) -> None:
+    from onnx import TensorProto
+
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = TensorProto.EXTERNAL
