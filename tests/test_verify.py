@@ -237,3 +237,19 @@ def test_verify_compares_engines_through_the_decoder_loop(trt_bundle, tmp_path, 
     assert all(d["max_abs_diff"] <= 1e-4 and d["cosine"] > 0.99999 for d in data.values()), data
     assert "TensorRT vs ONNX Runtime" in report.check("engine:decoder").detail
     assert sys.modules["tensorrt"].cudart.mem == {}                    # runner, engine and stream all released
+
+
+def test_verify_skips_a_graph_that_cannot_fit_this_machine(cpu_bundle, monkeypatch):
+    """A graph whose CPU session would not fit (e.g. a 7B fp16 decoder, whose fp16 weights get float32 copies on the
+    CPU provider) is a skipped check naming the memory, not a bad_alloc failure; the run check is skipped with it."""
+    import psutil
+
+    class _Mem:
+        available = 1024                                   # bytes: nothing fits
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Mem())
+    report = verify_bundle(cpu_bundle, samples=1, seed=0)
+    st = _statuses(report)
+    assert st["onnx:decoder"] == "skip" and st["run:decoder"] == "skip"
+    msg = next(c.detail for c in report.checks if c.name == "onnx:decoder")
+    assert "GiB" in msg and "available" in msg

@@ -299,9 +299,29 @@ class _Verifier:
             raise BundleError(f"embedding table is {list(t.shape)}, the model needs {list(want)} (vocab, hidden)")
         self.add("embed" if name == "embed" else f"table:{name}", PASS, f"{t.dtype} {list(t.shape)}")
 
+    def _cpu_session_bytes(self, name: str, entry: Mapping[str, Any]) -> tuple[int, int]:
+        """(estimated bytes ONNX Runtime's CPU session of ``name`` holds, bytes available now). fp16 graphs cost
+        about three times their weights there: the CPU provider runs most fp16 ops through float32, so each fp16
+        weight gets a float32 copy next to it; other graphs about their size."""
+        import psutil
+
+        path = self.bundle.component_path(name)
+        files = [path] + [path.parent / f for f in entry.get("external_data") or []]
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        factor = 3.0 if entry.get("precision") == "fp16" else 1.25
+        return int(size * factor), int(psutil.virtual_memory().available)
+
     def _session(self, name: str, entry: Mapping[str, Any]) -> None:
         from edgevlm.runtime.backends import import_ort
 
+        need, avail = self._cpu_session_bytes(name, entry)
+        if need > 0.9 * avail:
+            self.add(f"onnx:{name}", SKIP, f"skipped: ONNX Runtime on this CPU would need ~{need / 2**30:.1f} GiB for "
+                     f"the {entry.get('precision', '?')} {name} graph ({avail / 2**30:.1f} GiB available"
+                     + ("; fp16 weights get float32 copies on the CPU provider" if entry.get("precision") == "fp16"
+                        else "") + "); verify it on the target device (TensorRT engine checks) or on a machine "
+                     "with more memory")
+            return
         ort = import_ort()
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
