@@ -133,9 +133,10 @@ def test_load_breakdown_sums_to_load(tmp_path_factory):
     path, _ = tiny_bundle(tmp_path_factory, "tiny-ldpnet")
     s = Session.from_bundle(path, threads=1, hash_stamps=None)
     b = s.load_breakdown
-    for key in ("read_bundle_s", "tokenizer_s", "embed_s", "vision_session_s", "decoder_session_s"):
+    for key in ("read_bundle_s", "tokenizer_s", "embed_s", "vision_wait_s", "decoder_session_s"):
         assert b[key] >= 0, key
     assert sum(b.values()) == pytest.approx(s.load_s, rel=1e-6, abs=1e-6)
+    assert 0 < s.load_overlapped["vision_session_s"] < s.load_s       # built beside the decoder, inside the load
 
 
 @pytest.mark.parametrize("name", ["tiny-mlp2x_gelu"])

@@ -109,6 +109,7 @@ class Session(SessionAttributes):
         self.providers, self.device_type, self.native_info = chosen.providers, chosen.device_type, chosen.native_info
         self.int8_warning: str | None = chosen.int8_warning
         breakdown.update(chosen.breakdown)
+        self.load_overlapped = dict(chosen.overlapped)   # e.g. the vision session, built beside the decoder's
         self.context_length = min(context, int(self.decoder.max_context))
         self.hidden_size, self.vocab_size = int(self.embed_table.shape[1]), int(self.embed_table.shape[0])
         if self.decoder.hidden_size != self.hidden_size:
