@@ -79,12 +79,13 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_DECODER_MODES = ("weight-only", "dynamic", "qdq")
 #: How an int8 vision tower is quantized on ONNX Runtime CPU targets (``int8_vision``; ``auto``: ``dynamic`` on CPU,
 #: ``static`` on TensorRT, which rejects DynamicQuantizeLinear / MatMulInteger). ``dynamic`` is the CPU default:
-#: measured on mobilevlm-1.7b's CLIP-L/336 + LDP graph (AMD EPYC Zen 4, 2 threads, ORT 1.32; the machine shared
-#: with other jobs, all three in one run): fp32 4950 ms, static QDQ 3332 ms, dynamic 2136 ms per image; cosine
-#: against fp32 on 4 held-out images 0.9981 (static, 8 calibration images) vs 0.99984 (dynamic); quantizing took
-#: 17 s at 3.7 GiB peak (dynamic) vs 80-126 s at 9.6 GiB (static: pre-processing, 8-32 calibration passes through an
-#: unoptimized augmented graph, then the QDQ pass). Per-tensor static activation ranges have to cover every image;
-#: dynamic scales fit each image. (benchmarks/vision_int8.py re-measures this on any bundle.)
+#: measured on mobilevlm-1.7b's CLIP-L/336 + LDP graph (benchmarks/results/vision_int8_mobilevlm-1.7b.json: idle
+#: AMD EPYC Zen 4, 2 threads, ORT 1.32, 8 held-out images): fp32 2145 ms, static QDQ 1637 ms, dynamic 712 ms per
+#: image (73 % of the tower's FLOPs at the int8 DynamicQuantizeMatMul rate measured in the same run); cosine against
+#: fp32 min 0.9979 (static, 32 calibration images) vs 0.9998 (dynamic); quantizing took 17 s at 3.7 GiB peak
+#: (dynamic) vs 107 s at 8.0 GiB (static: pre-processing, 32 calibration passes through an unoptimized augmented
+#: graph, then the QDQ pass). Per-tensor static activation ranges have to cover every image; dynamic scales fit each
+#: image. (``python benchmarks/vision_int8.py --bundle FP32_BUNDLE`` re-measures this on any bundle.)
 INT8_VISION_MODES = ("dynamic", "static")
 #: Output form of int4 weight-only quantization: contrib MatMulNBits (ORT) or blocked INT4 DequantizeLinear (TensorRT).
 INT4_FORMATS = ("matmulnbits", "qdq")
