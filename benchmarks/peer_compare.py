@@ -4,12 +4,14 @@ each run in a process of its own, medians over ``--repeats``, ratios, the decode
     python benchmarks/peer_compare.py --llama-build LLAMA_BUILD --checkpoint CKPT --repeats 3 --threads 2 \\
         --gguf-dir GGUF_DIR --bundle BUNDLE          # converts / exports what is missing, then measures
 
-**Inputs, nothing downloaded** (the conversion needs ``edgevlm[export]``: torch, transformers, safetensors, sentencepiece; the ``gguf`` package comes from the llama.cpp tree). ``--checkpoint``: a MobileVLM-1.7B checkpoint in the released format (config.json,
+**Inputs, nothing downloaded.** ``--checkpoint``: a MobileVLM-1.7B checkpoint in the released format (config.json,
 sharded fp16 safetensors, tokenizer). The committed result used random weights made by
 ``python benchmarks/export_full.py --model mobilevlm-1.7b --make-checkpoint CKPT`` (timing does not depend on the
 weights' values; the tokenizer is edgevlm's stand-in BPE). ``--llama-build``: a CMake build directory of llama.cpp
 with ``llama-bench``, ``llama-mtmd-cli`` and ``llama-quantize``; its source tree (found through ``CMakeCache.txt``, or
-``--llama-src``) provides the converters. llama.cpp is on PyPI as ``llama-cpp-python``, whose sdist vendors the tree:
+``--llama-src``) provides the converters and the ``gguf`` package (the conversion also needs ``edgevlm[export]``:
+torch, transformers, safetensors, sentencepiece). llama.cpp is on PyPI as ``llama-cpp-python``, whose sdist vendors
+the tree:
 
     pip download llama-cpp-python --no-binary :all: --no-deps -d SRC && tar xzf SRC/llama_cpp_python-*.tar.gz -C SRC
     cmake -S SRC/llama_cpp_python-*/vendor/llama.cpp -B LLAMA_BUILD -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
