@@ -1,5 +1,5 @@
-"""benchmarks/peer_compare.py without llama.cpp: its output parsers on captured output (trimmed from real runs of
-llama-mtmd-cli and llama-bench, llama.cpp 0c1e570, on the 2-core AMD EPYC), the median / ratio table, the
+"""benchmarks/peer_compare.py without llama.cpp: its output parsers on captured output (trimmed from a
+run's llama-mtmd-cli and llama-bench, llama.cpp 0c1e570, on the 2-core AMD EPYC), the median / ratio table, the
 tokenizer.json -> SentencePiece conversion, path scrubbing, the process timer. The test that needs a llama.cpp build
 runs only where ``EDGEVLM_LLAMA_BUILD`` names one.
 """
@@ -25,71 +25,71 @@ def pc():
     return mod
 
 
-# llama-mtmd-cli -lv 4 (stdout + stderr), from `load_tensors` on; the tensor listings are cut
+# llama-mtmd-cli -lv 4 (stdout + stderr), repetition 0 of a run of the script (192 positions, 64 new tokens),
+# from the threadpool line on; the CLIP loader's lines are cut, the model path is a placeholder
 MTMD_LOG = """\
-0.01.101.671 I cmn          init: llama threadpool init, n_threads = 2
-0.01.101.691 I cmn  common_init_: warming up the model with an empty run - please wait ... (--no-warmup to disable)
-0.02.126.551 I clip_model_loader: model name:   clip
-0.02.131.357 I clip_model_loader: description:  image encoder for LLaVA
-0.02.132.306 I load_hparams: projector:          ldp
-0.02.589.044 I get_dummy_batch: warmup with image size = 336 x 336
-0.02.591.740 I warmup: flash attention is enabled
-0.02.592.053 I mtmd_cli_context: chat template example:
+0.00.682.029 I cmn          init: llama threadpool init, n_threads = 2
+0.00.682.038 I cmn  common_init_: warming up the model with an empty run - please wait ... (--no-warmup to disable)
+0.01.074.530 I get_dummy_batch: warmup with image size = 336 x 336
+0.01.075.896 I get_dummy_batch: warmup with image size = 336 x 336
+0.01.076.941 I warmup: flash attention is enabled
+0.01.077.000 I mtmd_cli_context: chat template example:
 You are a helpful assistant### Instruction:
 Hello
 ### Response:
 
-0.02.592.088 I main: loading model: gguf/llm-q4_0.gguf
-0.02.592.364 W WARN: This is an experimental CLI for testing multimodal capability.
-0.02.592.380 W       For normal use cases, please use the standard llama-cli
-0.03.246.873 I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
-0.11.575.357 I mtmd batch encoding done in 8329 ms
-0.11.575.387 I decoding image batch 1/1, n_tokens_batch = 144
-0.14.971.937 I image decoded (batch 1/1) in 3396 ms
+0.01.077.291 I main: loading model: GGUF_DIR/llm-q4_0.gguf
+0.01.077.548 W WARN: This is an experimental CLI for testing multimodal capability.
+0.01.077.564 W       For normal use cases, please use the standard llama-cli
+0.01.255.602 I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
+0.04.067.987 I mtmd batch encoding done in 2813 ms
+0.04.068.023 I decoding image batch 1/1, n_tokens_batch = 144
+0.05.519.611 I image decoded (batch 1/1) in 1451 ms
 
 
 
-0.16.581.305 I llama_perf_context_print:        load time =    2057.34 ms
-0.16.581.307 I llama_perf_context_print: prompt eval time =   13217.89 ms /   188 tokens (   70.31 ms per token,    14.22 tokens per second)
-0.16.581.308 I llama_perf_context_print:        eval time =     654.40 ms /     7 runs   (   93.49 ms per token,    10.70 tokens per second)
-0.16.581.309 I llama_perf_context_print:       total time =   14455.25 ms /   195 tokens
-0.16.581.309 I llama_perf_context_print:    graphs reused =          7
+0.07.895.950 I llama_perf_context_print:        load time =     685.49 ms
+0.07.895.982 I llama_perf_context_print: prompt eval time =    4785.44 ms /   192 tokens (   24.92 ms per token,    40.12 tokens per second)
+0.07.896.031 I llama_perf_context_print:        eval time =    1988.03 ms /    63 runs   (   31.56 ms per token,    31.69 tokens per second)
+0.07.896.062 I llama_perf_context_print:       total time =    7152.49 ms /   255 tokens
+0.07.896.091 I llama_perf_context_print:    graphs reused =         63
 """
 
-# llama-bench -o json -r 1 -t 2 -p 0 -n 4 -d 0,16 (fields the script does not use cut), with a log line around it
+# llama-bench -o json -r 1 -t 2, the same repetition: `-p 0 -n 64 -d 0,192` then `-p 192 -n 0` (fields the script does
+# not use cut), with a log line in front
 BENCH_JSON = """\
 load_backend: loaded CPU backend
 [
   {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
    "model_type": "llama ?B Q4_0", "model_size": 784658432, "model_n_params": 1364297728, "n_threads": 2,
-   "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true, "n_prompt": 0, "n_gen": 4, "n_depth": 0,
-   "avg_ns": 575806384, "stddev_ns": 0, "avg_ts": 6.946780, "stddev_ts": 0.000000,
-   "samples_ns": [ 575806384 ], "samples_ts": [ 6.94678 ]},
+   "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true, "n_prompt": 0, "n_gen": 64, "n_depth": 0,
+   "avg_ns": 1742715131, "stddev_ns": 0, "avg_ts": 36.724304, "stddev_ts": 0.000000,
+   "samples_ns": [ 1742715131 ], "samples_ts": [ 36.7243 ]},
   {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
    "model_type": "llama ?B Q4_0", "model_size": 784658432, "model_n_params": 1364297728, "n_threads": 2,
-   "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true, "n_prompt": 0, "n_gen": 4, "n_depth": 16,
-   "avg_ns": 4371074947, "stddev_ns": 0, "avg_ts": 0.915107, "stddev_ts": 0.000000,
-   "samples_ns": [ 4371074947 ], "samples_ts": [ 0.915107 ]},
-  {"build_commit": "0c1e570", "build_number": 1, "n_prompt": 192, "n_gen": 0, "n_depth": 0, "avg_ts": 64.5,
-   "samples_ts": [ 64.5 ]}
+   "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": true, "n_prompt": 0, "n_gen": 64, "n_depth": 192,
+   "avg_ns": 1964826993, "stddev_ns": 0, "avg_ts": 32.572842, "stddev_ts": 0.000000,
+   "samples_ns": [ 1964826993 ], "samples_ts": [ 32.5728 ]},
+  {"build_commit": "0c1e570", "build_number": 1, "n_prompt": 192, "n_gen": 0, "n_depth": 0,
+   "avg_ns": 1916038318, "avg_ts": 100.206764, "samples_ns": [ 1916038318 ], "samples_ts": [ 100.207 ]}
 ]
 """
 
 
 def test_parse_mtmd_log(pc):
     r = pc.parse_mtmd_log(MTMD_LOG)
-    assert r["image_encode_ms"] == 8329 and r["image_encodes"] == 1
-    assert r["image_decode_ms"] == 3396
-    assert r["load_ms"] == pytest.approx(2057.34)
-    assert (r["prompt_tokens"], r["eval_runs"], r["total_tokens"]) == (188, 7, 195)
+    assert r["image_encode_ms"] == 2813 and r["image_encodes"] == 1
+    assert r["image_decode_ms"] == 1451
+    assert r["load_ms"] == pytest.approx(685.49)
+    assert (r["prompt_tokens"], r["eval_runs"], r["total_tokens"]) == (192, 63, 255)
     # llama_perf's prompt-eval window spans the CLIP encode: it is subtracted
-    assert r["prefill_excludes_encode"] and r["prefill_ms"] == pytest.approx(13217.89 - 8329)
-    assert r["prefill_tok_s"] == pytest.approx(188 / ((13217.89 - 8329) / 1e3))
-    assert r["decode_tok_s"] == pytest.approx(7 / 0.6544)
+    assert r["prefill_excludes_encode"] and r["prefill_ms"] == pytest.approx(4785.44 - 2813)
+    assert r["prefill_tok_s"] == pytest.approx(192 / ((4785.44 - 2813) / 1e3))
+    assert r["decode_tok_s"] == pytest.approx(63 / 1.98803)
 
 
 def test_parse_mtmd_log_older_helper_line_and_missing_parts(pc):
-    older = MTMD_LOG.replace("mtmd batch encoding done in 8329 ms", "image slice encoded in 2664 ms")
+    older = MTMD_LOG.replace("mtmd batch encoding done in 2813 ms", "image slice encoded in 2664 ms")
     assert pc.parse_mtmd_log(older)["image_encode_ms"] == 2664
     cut = MTMD_LOG.split("llama_perf_context_print")[0]                 # killed before the perf summary
     with pytest.raises(ValueError, match="prompt_eval_ms"):
@@ -107,10 +107,10 @@ def test_mtmd_ready_and_done_lines(pc):
 
 def test_parse_llama_bench_json(pc):
     rows = pc.parse_llama_bench_json(BENCH_JSON)
-    assert [r["test"] for r in rows] == ["tg4", "tg4@d16", "pp192"]
-    assert pc.bench_rate(rows, "tg4@d16") == pytest.approx(0.915107)
-    assert pc.bench_rate(rows, "pp192") == pytest.approx(64.5)
-    assert pc.bench_rate(rows, "tg64") is None
+    assert [r["test"] for r in rows] == ["tg64", "tg64@d192", "pp192"]
+    assert pc.bench_rate(rows, "tg64@d192") == pytest.approx(32.572842)
+    assert pc.bench_rate(rows, "pp192") == pytest.approx(100.206764)
+    assert pc.bench_rate(rows, "tg64@d64") is None
     assert rows[0]["build_commit"] == "0c1e570" and rows[0]["repack"] is True
     with pytest.raises(ValueError):
         pc.parse_llama_bench_json("error: failed to load model")
