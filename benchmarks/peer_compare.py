@@ -960,7 +960,7 @@ def cpu_slug(env: dict[str, Any]) -> str:
 
 def scrub(obj: Any, subs: Sequence[tuple[str, str]]) -> Any:
     """``obj`` with every machine path replaced by its placeholder: longest path first, and only where the path
-    stands alone or starts a longer path (``/tmp`` is not replaced inside ``/work/tmp/x``)."""
+    stands alone or starts a longer path (``/tmp`` is not replaced inside ``/srv/tmp/x``)."""
     pats = [(re.compile(r"(?<![\w./-])" + re.escape(str(a).rstrip("/")) + r"(?![\w.-])"), b)
             for a, b in sorted(((str(a), b) for a, b in subs if a and str(a) != "/"), key=lambda ab: -len(ab[0]))]
 
